@@ -1,0 +1,7 @@
+"""``python -m medseg`` (also the entry point for ``torchrun -m medseg train ...``)."""
+
+import sys
+
+from medseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,309 @@
+"""Typed configuration: YAML -> nested dataclasses.
+
+``load_config(path, overrides)`` reads a YAML file, applies ``section.key=value`` overrides
+(values parsed as YAML, so ``train.lr=1e-3`` is a float and ``model.channels=[8,16]`` a list),
+and returns a :class:`Config`. Unknown keys and wrong types raise :class:`ConfigError`
+naming the key's full path (``model.block_attention.name``). ``save_config`` writes the
+resolved config back as YAML next to whatever it produced.
+
+Each section belongs to one layer of the pipeline: ``data`` (dataset, preprocessing,
+patch sampling), ``model`` (the network), ``train`` (the engine), ``infer`` (the predictor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from medseg.errors import ConfigError
+
+__all__ = [
+    "AugmentConfig",
+    "BlockAttentionConfig",
+    "Config",
+    "DataConfig",
+    "InferConfig",
+    "ModelConfig",
+    "SkipFusionConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    """Dataset location, preprocessing plan choices and patch sampling."""
+
+    dataset: str = ""  # raw dataset folder (nnU-Net v2 / Decathlon / images+labels)
+    preprocessed: str = ""  # folder written by `medseg preprocess`
+    normalization: str = "ct"  # "ct" (clip to fg 0.5-99.5 pct, z-score) or "window"
+    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
+    target_spacing: Optional[list[float]] = None  # mm, (x, y, z); None = nnU-Net's rule
+    patch_size: Optional[list[int]] = None  # voxels, (x, y, z); None = from the plan
+    memory_budget_gb: float = 8.0  # GPU memory a suggested patch size may use
+    fold: int = 0
+    num_folds: int = 5
+    split_seed: int = 12345
+    val_cases: Optional[list[str]] = None  # explicit validation cases (overrides folds)
+    cache: str = "auto"  # auto | ram | disk | none
+    num_workers: int = 2  # data-loader worker processes
+    fg_oversample: float = 0.33  # fraction of each batch forced to contain foreground
+
+
+@dataclass
+class BlockAttentionConfig:
+    """Block attention (one input, same shape out) inside the U-Net stages."""
+
+    name: Optional[str] = None  # se | eca | cbam | bam | nonlocal | abn | None
+    where: str = "both"  # encoder | decoder | both
+    stages: Optional[list[bool]] = None  # per encoder stage on/off; None = all stages
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    bottleneck: Optional[str] = None  # extra block on the bottleneck only (e.g. nonlocal, abn)
+    bottleneck_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SkipFusionConfig:
+    """How a skip connection ``x`` is merged with the gating signal ``g``."""
+
+    name: str = "concat"  # concat | gate | aff | iaff
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The network. ``arch`` picks our U-Net or one of MONAI's as a baseline."""
+
+    arch: str = "unet"  # unet | monai_unet | monai_attention_unet | monai_dynunet
+    spatial_dims: int = 3
+    in_channels: int = 1
+    num_classes: int = 0  # 0 = take it from plans.json (background included)
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    strides: Optional[list[int]] = None  # per stage; None = [1, 2, 2, ...]
+    kernel_sizes: Optional[list[int]] = None  # per stage; None = 3 everywhere
+    convs_per_stage: int = 2
+    norm: str = "instance"  # instance | batch | group
+    act: str = "leakyrelu"  # leakyrelu | relu | prelu | gelu
+    residual: bool = False
+    deep_supervision: bool = False
+    block_attention: BlockAttentionConfig = field(default_factory=BlockAttentionConfig)
+    skip_fusion: SkipFusionConfig = field(default_factory=SkipFusionConfig)
+    slices: int = 1  # 2.5D: k adjacent axial slices as channels (odd); 1 = true 3D
+    slice_offset_mm: Optional[float] = None  # 2.5D: slice offsets in mm instead of slices
+
+
+@dataclass
+class AugmentConfig:
+    """nnU-Net-like augmentation, built from MONAI transforms; p_* are probabilities."""
+
+    p_rotate: float = 0.2
+    rotate_deg: float = 15.0
+    p_scale: float = 0.2
+    scale_range: list[float] = field(default_factory=lambda: [0.85, 1.25])
+    p_noise: float = 0.1
+    noise_std: float = 0.1
+    p_blur: float = 0.1
+    p_brightness: float = 0.15
+    p_contrast: float = 0.15
+    p_gamma: float = 0.15
+    p_mirror: float = 0.5
+    mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
+class TrainConfig:
+    """The training engine."""
+
+    epochs: int = 100
+    iters_per_epoch: int = 250
+    batch_size: int = 2
+    optimizer: str = "sgd"  # sgd (Nesterov, poly LR) | adamw (cosine)
+    lr: float = 1e-2
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    scheduler: str = "poly"  # poly | cosine | constant
+    grad_clip: float = 12.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:i
+    seed: int = 0
+    val_interval: int = 5  # epochs between full validations
+    checkpoint_interval: int = 1  # epochs between `latest` checkpoints
+    max_minutes: Optional[float] = None  # stop training after this wall time
+    loss: str = "dice_ce"
+    aux_loss_weight: float = 0.5  # weight of auxiliary losses declared by the model
+    tb_num_cases: int = 2  # fixed validation cases drawn in TensorBoard
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class InferConfig:
+    """Sliding-window inference defaults (CLI flags override)."""
+
+    overlap: float = 0.5
+    blend: str = "gaussian"  # gaussian | constant
+    sw_batch_size: int = 2
+    tta: bool = False
+    precision: str = "auto"
+    device: str = "auto"
+    checkpoint: str = "best"
+
+
+@dataclass
+class Config:
+    """The whole, resolved configuration of one run."""
+
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+# --------------------------------------------------------------------------- machinery
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return the converted value."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return _from_dict(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            valid = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{path}' (valid keys here: {valid})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict | None) -> Config:
+    """Build a :class:`Config` from a plain mapping, validating every key and type."""
+    return _from_dict(Config, data or {})
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The config as plain Python data (lists, dicts, scalars), ready for YAML or JSON."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...] | None) -> dict:
+    """Apply ``section.key=value`` strings to a nested mapping (values parsed as YAML)."""
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': cannot parse value: {err}") from None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, a key is unknown, a value has the wrong type.
+    """
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides)
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    from medseg.io import atomic_write_text
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return atomic_write_text(path, text)

@@ -1,0 +1,91 @@
+"""Device, precision, seeding and logging helpers shared by the engines."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from medseg.errors import ConfigError
+
+__all__ = ["autocast", "cpu_supports_bf16", "get_logger", "resolve_device", "resolve_precision", "seed_everything"]
+
+
+def get_logger(name: str = "medseg") -> logging.Logger:
+    """A logger that prints ``HH:MM:SS level message`` lines to stderr (configured once)."""
+    logger = logging.getLogger(name)
+    root = logging.getLogger("medseg")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(os.environ.get("MEDSEG_LOGLEVEL", "INFO"))
+        root.propagate = False
+    return logger
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda:i`` checked to exist."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device '{name}' is not valid (use auto, cpu, cuda or cuda:i)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{name}' requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (AVX512-BF16 / AMX), where bf16 autocast pays off."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in info or "amx_bf16" in info
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``name`` on ``device``; ``None`` means plain fp32.
+
+    ``auto``: bf16 on a CPU that supports it, fp16 on CUDA (bf16 where the GPU supports it
+    is available by asking for ``bf16``), fp32 otherwise.
+    """
+    name = (name or "auto").lower()
+    if name not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision '{name}' is not valid (use auto, fp32, bf16 or fp16)")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else None
+    if name == "fp32":
+        return None
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("precision 'fp16' needs a CUDA device (use bf16 on CPU)")
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
