@@ -1,0 +1,309 @@
+"""Per-case preprocessing and its inverse (nnU-Net's pipeline, Isensee et al., Nature Methods 2021).
+
+``preprocess_volume``: reorient to the closest RAS (pure axis permutation / flip, no
+interpolation) -> resample to the plan's target spacing (image cubic, label one-hot linear,
+align_corners=False) -> crop to the body box (``image > body_threshold`` HU, grown by a small
+margin, always containing the label's foreground) -> normalize (``ct``: clip to the foreground
+0.5-99.5 percentiles, z-score with the foreground mean / std; ``window``: clip to a HU window,
+scale to [-1, 1]).
+
+``restore_to_original`` undoes the geometry part for anything on the preprocessed grid
+(logits, probabilities, masks, gate maps) so that it lands on the original file's voxel grid.
+
+Dataset-level work (fingerprint, plan, parallel preprocessing) lives in
+:mod:`medseg.data.pipeline`; ``preprocess_dataset`` and ``load_case`` are re-exported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medseg.data.resample import apply_ornt, interpolate, resample_affine, resample_image, resample_label, resampled_shape
+from medseg.errors import GeometryError, InputError
+from medseg.io import Volume, _inverse_ornt, reorient, same_space, spacing_from_affine, strip_volume_suffix
+
+__all__ = [
+    "check_ct_intensities",
+    "check_label",
+    "load_case",
+    "normalize",
+    "preprocess_dataset",
+    "preprocess_volume",
+    "restore_to_original",
+]
+
+BODY_THRESHOLD_HU = -500.0
+CROP_MARGIN = 3  # voxels added around the body box (the "dilated a little")
+MAX_CLASS_LOCATIONS = 10_000
+
+
+# --------------------------------------------------------------------------- checks
+def check_ct_intensities(array: np.ndarray, name: str) -> None:
+    """Raise when a volume's intensities do not look like CT in Hounsfield units.
+
+    CT has air (about -1000 HU) around the body and soft tissue (-200..300 HU) inside it.
+    A minimum above -500, or (almost) no voxel in the air or the soft-tissue range, means MR,
+    PET, an unscaled CT (HU + 1024 stored without its rescale slope / intercept) or a mask.
+
+    Raises:
+        InputError: ``"<name>: intensities do not look like CT (min ..., max ...)"``.
+    """
+    lo, hi = float(np.min(array)), float(np.max(array))
+    sub = np.asarray(array[::2, ::2, ::2] if array.ndim == 3 else array)
+    air = float(np.mean(sub < -500)) if sub.size else 0.0
+    soft = float(np.mean((sub > -200) & (sub < 300))) if sub.size else 0.0
+    reasons = []
+    if lo > BODY_THRESHOLD_HU:
+        reasons.append("no air below -500 HU")
+    elif air < 1e-4:
+        reasons.append("almost no air voxels")
+    if soft < 0.01:
+        reasons.append("almost no soft tissue (-200..300 HU)")
+    if reasons:
+        hint = " Is it MR, or CT stored without its rescale intercept (HU + 1024)?" if lo >= -50 else ""
+        raise InputError(
+            f"{name}: intensities do not look like CT (min {lo:g}, max {hi:g}; {', '.join(reasons)}).{hint} "
+            "medseg's normalization expects CT in Hounsfield units."
+        )
+
+
+def check_label(label: Volume, image: Volume, values: Sequence[int] | None) -> None:
+    """Raise when ``label`` is not on ``image``'s grid or holds undeclared values.
+
+    Raises:
+        GeometryError: different shape or affine (names both files and both geometries).
+        InputError: label values outside ``values``.
+    """
+    if not same_space(image, label):
+        raise GeometryError(
+            f"{label.path}: label does not share physical space with image {image.path} "
+            f"(label shape {label.shape} {label.orientation} spacing {np.round(label.spacing, 4).tolist()} "
+            f"origin {np.round(label.affine[:3, 3], 3).tolist()}; image shape {image.shape} {image.orientation} "
+            f"spacing {np.round(image.spacing, 4).tolist()} origin {np.round(image.affine[:3, 3], 3).tolist()})"
+        )
+    arr = label.array
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
+        raise InputError(f"{label.path}: label holds non-integer values; expected integer class indices")
+    found = np.unique(arr).astype(np.int64)
+    if values is not None:
+        bad = sorted(set(found.tolist()) - {int(v) for v in values})
+        if bad:
+            raise InputError(
+                f"{label.path}: label values {bad[:10]} are not declared in dataset.json labels "
+                f"(declared: {sorted(int(v) for v in values)})"
+            )
+    if found.min() < 0 or found.max() > 255:
+        raise InputError(f"{label.path}: label values must lie in 0..255, found {found.min()}..{found.max()}")
+
+
+# --------------------------------------------------------------------------- normalization
+def normalize(image: np.ndarray, scheme: dict) -> np.ndarray:
+    """Intensity normalization of one channel (in place on a float32 array; also returned).
+
+    ``{"scheme": "ct", "clip": [lo, hi], "mean": m, "std": s}``: clip, then ``(x - m) / s``
+    (nnU-Net's CTNormalization). ``{"scheme": "window", "window": [lo, hi]}``: clip, then map
+    ``[lo, hi]`` linearly to ``[-1, 1]``.
+    """
+    name = scheme.get("scheme", "ct")
+    if name == "ct":
+        lo, hi = scheme["clip"]
+        np.clip(image, lo, hi, out=image)
+        image -= np.float32(scheme["mean"])
+        image /= np.float32(max(float(scheme["std"]), 1e-8))
+    elif name == "window":
+        lo, hi = scheme["window"]
+        np.clip(image, lo, hi, out=image)
+        image -= np.float32((lo + hi) / 2.0)
+        image /= np.float32(max((hi - lo) / 2.0, 1e-8))
+    elif name != "none":
+        raise InputError(f"plans.json: unknown normalization scheme '{name}' (expected ct, window or none)")
+    return image
+
+
+def _channel_schemes(plans: dict, n: int) -> list[dict]:
+    norm = plans.get("normalization", {"scheme": "none"})
+    schemes = list(norm) if isinstance(norm, list) else [norm] * n
+    if len(schemes) != n:
+        raise InputError(f"plans.json: {len(schemes)} normalization schemes for {n} image channels")
+    return schemes
+
+
+# --------------------------------------------------------------------------- crop
+def body_bbox(image: np.ndarray, label: np.ndarray | None, *, threshold: float = BODY_THRESHOLD_HU,
+              margin: int = CROP_MARGIN) -> list[list[int]]:
+    """``[[lo, hi), ...]`` per axis of ``image > threshold`` (any channel) grown by ``margin``,
+    united with the label's foreground box; the whole grid when nothing is above threshold.
+
+    Args:
+        image: ``(C, X, Y, Z)`` intensities before normalization.
+        label: ``(X, Y, Z)`` or ``None``.
+    """
+    shape = image.shape[1:]
+    mask = (image > threshold).any(axis=0)
+    if label is not None:
+        mask |= label > 0
+    if not mask.any():
+        return [[0, int(s)] for s in shape]
+    box = []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.flatnonzero(mask.any(axis=other))
+        box.append([max(0, int(idx[0]) - margin), min(int(shape[ax]), int(idx[-1]) + 1 + margin)])
+    return box
+
+
+def _crop(a: np.ndarray, bbox: Sequence[Sequence[int]]) -> np.ndarray:
+    sl = tuple(slice(lo, hi) for lo, hi in bbox)
+    return np.ascontiguousarray(a[(...,) + sl])
+
+
+def sample_class_locations(label: np.ndarray, values: Sequence[int], *, max_per_class: int = MAX_CLASS_LOCATIONS,
+                           seed: int = 1234) -> dict[str, list[list[int]]]:
+    """Up to ``max_per_class`` voxel coordinates ``[x, y, z]`` per foreground class (keys are ``str(value)``).
+
+    Used by the trainer's foreground oversampling (nnU-Net's ``class_locations``).
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[list[int]]] = {}
+    for v in values:
+        if int(v) == 0:
+            continue
+        coords = np.argwhere(label == v)
+        if len(coords) > max_per_class:
+            coords = coords[np.sort(rng.choice(len(coords), max_per_class, replace=False))]
+        out[str(int(v))] = coords.astype(int).tolist()
+    return out
+
+
+# --------------------------------------------------------------------------- forward
+def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volume | None = None, *,
+                      case: str | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Reorient, resample, crop and normalize one case.
+
+    Args:
+        image: a :class:`Volume` or a list of co-registered channel volumes.
+        plans: ``plans.json`` content; uses ``target_spacing``, ``normalization``, ``labels``
+            and optionally ``ct_check`` (default true) and ``body_threshold`` (HU).
+        label: label volume on the image's grid, or ``None``.
+        case: case name (default: the image file name without suffix).
+
+    Returns:
+        ``image (C, X, Y, Z) float32``, ``label (1, X, Y, Z) uint8 | None`` and the JSON-able
+        properties (see docs/architecture.md).
+
+    Raises:
+        InputError / GeometryError: non-CT intensities, channel / label grid mismatch,
+        undeclared label values.
+    """
+    chans = [image] if isinstance(image, Volume) else list(image)
+    ref = chans[0]
+    for ch in chans[1:]:
+        if not same_space(ref, ch):
+            raise GeometryError(f"{ch.path}: image channel does not share physical space with {ref.path}")
+    if plans.get("ct_check", True):
+        for ch in chans:
+            check_ct_intensities(ch.array, str(ch.path or "image"))
+    values = sorted(int(v) for v in plans.get("labels", {}).values()) or None
+    if label is not None:
+        check_label(label, ref, values)
+
+    # 1. reorient to the closest RAS (no interpolation)
+    ro, ornt = reorient(ref)
+    arrays = [ro.array] + [reorient(ch, ornt)[0].array for ch in chans[1:]]
+    lab = reorient(label, ornt)[0].array if label is not None else None
+    ro_shape = ro.shape
+
+    # 2. resample to the target spacing
+    spacing = spacing_from_affine(ro.affine)
+    target = plans.get("target_spacing") or spacing.tolist()
+    new_shape = resampled_shape(ro_shape, spacing, target)
+    img = resample_image(np.stack(arrays), new_shape)
+    del arrays
+    if lab is not None:
+        lab = resample_label(lab, new_shape, values=sorted(set(np.unique(lab).tolist()) | {0}))
+    res_affine = resample_affine(ro.affine, ro_shape, new_shape)
+
+    # 3. crop to the body box (HU threshold before normalization)
+    bbox = body_bbox(img, lab, threshold=float(plans.get("body_threshold", BODY_THRESHOLD_HU)))
+    img = _crop(img, bbox)
+    lab = _crop(lab, bbox) if lab is not None else None
+    shift = np.eye(4)
+    shift[:3, 3] = [lo for lo, _ in bbox]
+    final_affine = res_affine @ shift
+
+    # 4. normalize each channel
+    for c, scheme in enumerate(_channel_schemes(plans, img.shape[0])):
+        normalize(img[c], scheme)
+
+    name = case or (strip_volume_suffix(Path(ref.path).name) if ref.path else "case")
+    props = {
+        "case": name,
+        "source": [str(ch.path) for ch in chans] if len(chans) > 1 else str(ref.path),
+        "original_shape": list(ref.shape),
+        "original_affine": ref.affine.tolist(),
+        "original_spacing": spacing_from_affine(ref.affine).tolist(),
+        "ornt": np.asarray(ornt).tolist(),
+        "reoriented_shape": list(ro_shape),
+        "reoriented_affine": ro.affine.tolist(),
+        "resampled_shape": list(new_shape),
+        "bbox": bbox,
+        "shape": list(img.shape[1:]),
+        "affine": final_affine.tolist(),
+        "spacing": spacing_from_affine(final_affine).tolist(),
+        "class_locations": sample_class_locations(lab, values or np.unique(lab).tolist()) if lab is not None else {},
+    }
+    return img, (lab[None] if lab is not None else None), props
+
+
+# --------------------------------------------------------------------------- inverse
+def restore_to_original(data, properties: dict, *, mode: str = "linear", fill: Sequence[float] | float | None = None):
+    """Put a channel-first array on the preprocessed grid back on the original file's grid.
+
+    Un-crop (pad with ``fill[c]`` per channel, default 0) -> resample to the reoriented original
+    shape (``mode="linear"``: trilinear, ``"nearest"``: nearest voxel centre; align_corners=False)
+    -> undo the reorientation.
+
+    Args:
+        data: ``(C, X, Y, Z)`` numpy array or torch tensor with ``(X, Y, Z) == properties["shape"]``.
+        properties: the case's properties from :func:`preprocess_volume`.
+        mode: ``"linear"`` (logits, probabilities, gate maps) or ``"nearest"`` (label maps).
+        fill: value per channel outside the crop (e.g. a large background logit), or a scalar.
+
+    Returns:
+        Same type as ``data``, shape ``(C, *properties["original_shape"])``, in the original
+        file's voxel order (write it with ``properties["original_affine"]``). A tensor keeps
+        its device; its dtype too (integer data with ``mode="linear"`` comes back float32).
+    """
+    is_numpy = isinstance(data, np.ndarray)
+    t = torch.from_numpy(np.ascontiguousarray(data)) if is_numpy else data
+    if t.ndim != 4:
+        raise ValueError(f"restore_to_original expects (C, X, Y, Z) data, got shape {tuple(t.shape)}")
+    if list(t.shape[1:]) != list(properties["shape"]):
+        raise ValueError(f"data shape {tuple(t.shape[1:])} != preprocessed shape {properties['shape']} of case {properties.get('case')}")
+    c = t.shape[0]
+    fills = [0.0] * c if fill is None else ([float(fill)] * c if np.isscalar(fill) else [float(v) for v in fill])
+    if len(fills) != c:
+        raise ValueError(f"fill has {len(fills)} values for {c} channels")
+    full = torch.empty((c, *properties["resampled_shape"]), dtype=t.dtype, device=t.device)
+    for i, v in enumerate(fills):
+        full[i].fill_(v)
+    sl = tuple(slice(lo, hi) for lo, hi in properties["bbox"])
+    full[(slice(None),) + sl] = t
+    del t
+    out = interpolate(full, properties["reoriented_shape"], mode=mode)
+    del full
+    inv = _inverse_ornt(np.asarray(properties["ornt"], dtype=float))
+    out = apply_ornt(out, inv)
+    return out.cpu().numpy() if is_numpy else out
+
+
+def __getattr__(name: str):  # lazy re-export: the dataset runner imports this module
+    if name in ("preprocess_dataset", "load_case", "PreprocessReport"):
+        from medseg.data import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(name)
