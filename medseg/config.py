@@ -114,9 +114,15 @@ class AugmentConfig:
     p_noise: float = 0.1
     noise_std: float = 0.1
     p_blur: float = 0.1
+    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])  # voxels
     p_brightness: float = 0.15
+    brightness_range: list[float] = field(default_factory=lambda: [0.75, 1.25])  # multiplicative
     p_contrast: float = 0.15
+    contrast_range: list[float] = field(default_factory=lambda: [0.75, 1.25])  # around the mean
+    p_lowres: float = 0.125  # simulate low resolution (down, then up again)
+    lowres_zoom: list[float] = field(default_factory=lambda: [0.5, 1.0])
     p_gamma: float = 0.15
+    gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])
     p_mirror: float = 0.5
     mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
 
@@ -132,7 +138,8 @@ class TrainConfig:
     lr: float = 1e-2
     weight_decay: float = 3e-5
     momentum: float = 0.99
-    scheduler: str = "poly"  # poly | cosine | constant
+    scheduler: str = "poly"  # poly | cosine | constant (stepped per iteration)
+    poly_exponent: float = 0.9  # lr = lr0 * (1 - step / total) ** poly_exponent
     grad_clip: float = 12.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = False
@@ -141,7 +148,8 @@ class TrainConfig:
     val_interval: int = 5  # epochs between full validations
     checkpoint_interval: int = 1  # epochs between `latest` checkpoints
     max_minutes: Optional[float] = None  # stop training after this wall time
-    loss: str = "dice_ce"
+    loss: str = "dice_ce"  # dice_ce | dice | ce (monai.losses.DiceCELoss)
+    batch_dice: bool = True  # Dice over the whole batch (nnU-Net) instead of per sample
     aux_loss_weight: float = 0.5  # weight of auxiliary losses declared by the model
     tb_num_cases: int = 2  # fixed validation cases drawn in TensorBoard
     augment: AugmentConfig = field(default_factory=AugmentConfig)
