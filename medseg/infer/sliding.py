@@ -1,0 +1,236 @@
+"""Sliding-window inference over MONAI's ``sliding_window_inference``.
+
+The volume is cut into overlapping ``roi_size`` windows, each window is run through the
+model (optionally 8 times, mirrored along every subset of the 3 axes: nnU-Net's test-time
+augmentation, Isensee et al., Nature Methods 2021), and the window outputs are blended
+back with a Gaussian importance map (nnU-Net; MONAI ``mode="gaussian"``) or uniformly.
+
+Memory (what a 512x512x300 CT with 14 classes needs):
+
+- MONAI accumulates the stitched output in the **dtype of the input tensor**
+  (``compute_dtype = inputs.dtype`` in MONAI 1.6). Under fp16 / bf16 autocast we therefore
+  hand it the image already cast to the autocast dtype -- exactly the cast autocast makes
+  before the first convolution anyway -- and cast every window output to that dtype in
+  :class:`WindowPredictor`; the logit buffer is then half precision. Without autocast
+  everything stays float32. No float64 copy is ever made.
+- Windows run on ``device``; the stitching buffer lives on ``buffer_device``. ``None`` picks
+  the compute device when the estimated buffer fits into its free memory, the CPU otherwise
+  (MONAI's ``sw_device`` / ``device`` arguments).
+- Gate maps (``model(x, return_attention=True)``) come back at their own coarse resolution;
+  they are upsampled to the window size inside the window (trilinear, align_corners=False)
+  and stitched by the same call as the logits (MONAI takes dict outputs). Stitching them at
+  the coarse resolution would need every window start to be a multiple of the zoom factor,
+  which the last window of an axis rarely is (MONAI truncates the scaled slice bounds).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+
+from medseg.runtime import autocast, resolve_precision
+
+__all__ = ["WindowPredictor", "estimate_buffer_bytes", "pick_buffer_device", "round_roi", "sliding_window_predict"]
+
+LOGITS_KEY = "__logits__"
+MIRROR_AXES = (2, 3, 4)  # spatial axes of a (B, C, X, Y, Z) window
+
+
+def round_roi(roi_size: Sequence[int], divisor: Sequence[int] | int | None) -> tuple[int, ...]:
+    """Round each window size up to a multiple of the model's ``patch_divisor``."""
+    roi = [int(r) for r in roi_size]
+    if len(roi) != 3:
+        raise ValueError(f"roi_size must have 3 entries (x, y, z), got {roi_size}")
+    div = [1, 1, 1] if divisor is None else ([int(divisor)] * 3 if np.isscalar(divisor) else [int(d) for d in divisor])
+    return tuple(int(math.ceil(r / d) * d) for r, d in zip(roi, div))
+
+
+def _mirror_sets(tta: bool) -> list[tuple[int, ...]]:
+    """The flips of test-time mirroring: ``()`` alone, or all 8 subsets of the 3 spatial axes."""
+    if not tta:
+        return [()]
+    return [c for n in range(4) for c in itertools.combinations(MIRROR_AXES, n)]
+
+
+class WindowPredictor:
+    """The ``predictor`` handed to MONAI: one batch of windows in, stitchable outputs out.
+
+    Args:
+        model: ``model(x) -> (B, K, *roi)`` logits, or with ``return_attention`` a pair
+            ``(logits, {name: (B, 1, x, y, z)})`` with each map at its own resolution.
+        device: where the model runs.
+        amp_dtype: autocast dtype or ``None`` (fp32).
+        out_dtype: dtype of what MONAI accumulates (must equal the input window dtype).
+        tta: average over the 8 mirrorings (flip, predict, flip back).
+        return_attention: also return the gate maps, upsampled to the window size.
+        channels_last: feed windows in ``torch.channels_last_3d`` memory format.
+
+    Call: ``x (B, C, *roi)`` -> ``(B, K, *roi)`` tensor, or a dict ``{LOGITS_KEY: logits,
+    name: (B, 1, *roi)}`` when ``return_attention``; all in ``out_dtype``.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, device: torch.device, amp_dtype: torch.dtype | None,
+                 out_dtype: torch.dtype, tta: bool = False, return_attention: bool = False,
+                 channels_last: bool = False):
+        self.model = model
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.out_dtype = out_dtype
+        self.flips = _mirror_sets(tta)
+        self.return_attention = return_attention
+        self.channels_last = channels_last
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with autocast(self.device, self.amp_dtype):
+            out = self.model(x, return_attention=True) if self.return_attention else self.model(x)
+        logits, gates = out if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict) else (out, {})
+        if isinstance(logits, (list, tuple)):  # deep supervision left on: full resolution first
+            logits = logits[0]
+        return logits, gates
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        x = x.to(self.device, dtype=torch.float32)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        size = tuple(x.shape[2:])
+        logit_sum: torch.Tensor | None = None
+        gate_sum: dict[str, torch.Tensor] = {}
+        for axes in self.flips:
+            logits, gates = self._forward(torch.flip(x, axes) if axes else x)
+            logits = (torch.flip(logits, axes) if axes else logits).float()
+            logit_sum = logits if logit_sum is None else logit_sum + logits
+            for name, g in gates.items():
+                g = F.interpolate(g.float(), size=size, mode="trilinear", align_corners=False) if tuple(g.shape[2:]) != size else g.float()
+                g = torch.flip(g, axes) if axes else g
+                gate_sum[name] = g if name not in gate_sum else gate_sum[name] + g
+        n = float(len(self.flips))
+        logits = (logit_sum / n).to(self.out_dtype)
+        if not self.return_attention:
+            return logits
+        out = {LOGITS_KEY: logits}
+        out.update({name: (g / n).to(self.out_dtype) for name, g in gate_sum.items()})
+        return out
+
+
+def estimate_buffer_bytes(image_shape: Sequence[int], roi_size: Sequence[int], n_out_channels: int,
+                          n_maps: int, dtype: torch.dtype) -> int:
+    """Bytes MONAI allocates for stitching: output + count map per output, and the input copy.
+
+    ``n_out_channels`` logits plus ``n_maps`` one-channel gate maps, each output with its own
+    one-channel count map, on the grid padded to at least ``roi_size``.
+    """
+    vox = int(np.prod([max(int(s), int(r)) for s, r in zip(image_shape[-3:], roi_size)]))
+    item = torch.empty((), dtype=dtype).element_size()
+    return vox * item * (n_out_channels + 1 + 2 * n_maps)
+
+
+def pick_buffer_device(device: torch.device, needed_bytes: int, *, headroom: float = 0.8) -> torch.device:
+    """``device`` when ``needed_bytes`` fits into ``headroom`` x its free memory, else the CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu") if device.type == "cpu" else device
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cache is reusable
+    return device if needed_bytes <= headroom * free else torch.device("cpu")
+
+
+@torch.inference_mode()
+def _probe_outputs(window: WindowPredictor, image: torch.Tensor, roi: tuple[int, ...]) -> tuple[int, int]:
+    """(number of logit channels, number of gate maps) from one forward on an roi-size window."""
+    x = torch.zeros((1, image.shape[0], *roi), dtype=image.dtype)
+    flips, window.flips = window.flips, [()]
+    try:
+        out = window(x)
+    finally:
+        window.flips = flips
+    if isinstance(out, dict):
+        return int(out[LOGITS_KEY].shape[1]), len(out) - 1
+    return int(out.shape[1]), 0
+
+
+def sliding_window_predict(
+    model: torch.nn.Module,
+    image: torch.Tensor | np.ndarray,
+    *,
+    roi_size: Sequence[int],
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    sw_batch_size: int = 2,
+    precision: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    tta: bool = False,
+    return_attention: bool = False,
+    buffer_device: torch.device | str | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits (and gate maps) for a whole preprocessed volume.
+
+    Args:
+        model: network, ``(B, C, *roi) -> (B, K, *roi)`` logits (see :class:`WindowPredictor`);
+            put in eval mode for the call, its previous mode is restored afterwards.
+        image: ``(C, X, Y, Z)`` preprocessed image (float), numpy or torch, any device.
+        roi_size: window size ``(x, y, z)``; rounded up to ``model.patch_divisor`` when the model
+            has one. MONAI pads a volume smaller than a window and crops the result back.
+        overlap: fraction of overlap between neighbouring windows, in [0, 1).
+        blend: ``"gaussian"`` (nnU-Net's importance weighting, sigma = roi / 8) or ``"constant"``.
+        sw_batch_size: windows per forward pass.
+        precision: autocast dtype (``torch.bfloat16`` / ``torch.float16``), a name for
+            :func:`medseg.runtime.resolve_precision` (``"auto"``, ``"bf16"``, ...), or ``None``
+            / ``"fp32"``. The stitched buffers use this dtype too.
+        device: where the model runs (default: the device of its parameters).
+        tta: mirroring test-time augmentation (8 forward passes per window).
+        return_attention: also stitch the model's gate maps.
+        buffer_device: where the stitched output lives; ``None`` = ``device`` when it fits, else CPU.
+        channels_last: run windows in ``channels_last_3d`` memory format.
+        progress: tqdm bar over the windows.
+
+    Returns:
+        ``logits (K, X, Y, Z)`` in the precision's dtype (float32 without autocast) on the
+        buffer device; with ``return_attention`` also ``{name: (1, X, Y, Z)}`` gate maps.
+    """
+    if blend not in ("gaussian", "constant"):
+        raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+    if not 0.0 <= float(overlap) < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    img = torch.as_tensor(image)
+    if img.ndim != 4:
+        raise ValueError(f"image must be (C, X, Y, Z), got shape {tuple(img.shape)}")
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    amp_dtype = resolve_precision(precision, device) if isinstance(precision, str) else precision
+    compute_dtype = amp_dtype or torch.float32
+    roi = round_roi(roi_size, getattr(model, "patch_divisor", None))
+    window = WindowPredictor(model, device=device, amp_dtype=amp_dtype, out_dtype=compute_dtype, tta=tta,
+                             return_attention=return_attention, channels_last=channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        if buffer_device is None:
+            if device.type == "cuda":
+                n_out, n_maps = _probe_outputs(window, img, roi)
+                need = estimate_buffer_bytes(img.shape, roi, n_out, n_maps, compute_dtype)
+                need += img[:1].numel() * img.shape[0] * torch.empty((), dtype=compute_dtype).element_size()
+                buffer_device = pick_buffer_device(device, need)
+            else:
+                buffer_device = device
+        buffer_device = torch.device(buffer_device)
+        inputs = img.to(buffer_device, dtype=compute_dtype)[None]
+        with torch.inference_mode():
+            out: Any = sliding_window_inference(
+                inputs, roi, sw_batch_size, window, overlap=float(overlap), mode=blend,
+                sw_device=device, device=buffer_device, progress=progress,
+            )
+    finally:
+        model.train(was_training)
+    if isinstance(out, dict):
+        logits = out.pop(LOGITS_KEY)[0]
+        return logits, {name: m[0] for name, m in out.items()}
+    return out[0]
