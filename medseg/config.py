@@ -90,8 +90,8 @@ class ModelConfig:
     in_channels: int = 1
     num_classes: int = 0  # 0 = take it from plans.json (background included)
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
-    strides: Optional[list[int]] = None  # per stage; None = [1, 2, 2, ...]
-    kernel_sizes: Optional[list[int]] = None  # per stage; None = 3 everywhere
+    strides: Optional[list[Union[int, list[int]]]] = None  # per stage, int or per axis [x,y,z]; None = [1, 2, 2, ...]
+    kernel_sizes: Optional[list[Union[int, list[int]]]] = None  # per stage, int or per axis; None = 3 everywhere
     convs_per_stage: int = 2
     norm: str = "instance"  # instance | batch | group
     act: str = "leakyrelu"  # leakyrelu | relu | prelu | gelu

@@ -1,0 +1,105 @@
+"""Channel attention blocks: squeeze-and-excitation and efficient channel attention.
+
+Both re-weight channels with a gate computed from globally pooled features, so the gate is
+constant over space. Shapes: ``(B, C, *S) -> (B, C, *S)`` for ``S`` 2-D or 3-D.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg.nn.layers import check_positive_int, check_spatial_dims, conv_nd, spatial_mean
+from medseg.nn.registries import BLOCK_ATTENTION
+
+__all__ = ["EfficientChannelAttention", "SqueezeExcitation", "eca_kernel_size", "reduced_channels"]
+
+
+def reduced_channels(channels: int, reduction: int, min_channels: int = 8) -> int:
+    """Hidden width of a channel MLP: ``channels // reduction``, at least ``min(min_channels, channels)``."""
+    check_positive_int("reduction", reduction)
+    return max(channels // reduction, min(min_channels, channels))
+
+
+@BLOCK_ATTENTION.register("se")
+class SqueezeExcitation(nn.Module):
+    """Squeeze-and-excitation (Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018).
+
+    ``y = x * sigmoid(W2 relu(W1 avgpool(x)))`` with ``W1: C -> C/r``, ``W2: C/r -> C`` (1x1 convs).
+
+    Args:
+        channels: C.
+        spatial_dims: 2 or 3.
+        reduction: r, the reduction ratio (16 in the paper); the hidden width is at least
+            ``min(8, C)`` so that narrow stages keep a useful bottleneck.
+
+    Shapes: ``(B, C, *S) -> (B, C, *S)``.
+
+    Raises:
+        ValueError: non-positive ``channels`` / ``reduction`` or ``spatial_dims`` not 2/3.
+    """
+
+    def __init__(self, channels: int, *, spatial_dims: int = 3, reduction: int = 16):
+        super().__init__()
+        check_positive_int("channels", channels)
+        sd = check_spatial_dims(spatial_dims)
+        hidden = reduced_channels(channels, reduction)
+        self.fc1 = conv_nd(sd, channels, hidden, 1)
+        self.fc2 = conv_nd(sd, hidden, channels, 1)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel gate ``(B, C, 1, ...)`` in [0, 1]."""
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(spatial_mean(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
+    """ECA's adaptive kernel size ``k = |log2(C)/gamma + b/gamma|_odd`` (nearest odd, >= 1)."""
+    t = int(abs((math.log2(channels) + b) / gamma))
+    return t if t % 2 else t + 1
+
+
+@BLOCK_ATTENTION.register("eca")
+class EfficientChannelAttention(nn.Module):
+    """Efficient channel attention (Wang et al., "ECA-Net: Efficient Channel Attention for Deep
+    Convolutional Neural Networks", CVPR 2020).
+
+    ``y = x * sigmoid(conv1d_k(avgpool(x)))``: a 1-D convolution across the channel axis of the
+    pooled descriptor (local cross-channel interaction, no dimensionality reduction) with the
+    paper's adaptive kernel size :func:`eca_kernel_size` unless ``kernel_size`` is given.
+
+    Args:
+        channels: C.
+        spatial_dims: 2 or 3.
+        kernel_size: odd size of the 1-D conv; ``None`` = adaptive (gamma=2, b=1).
+        gamma, b: constants of the adaptive rule.
+
+    Shapes: ``(B, C, *S) -> (B, C, *S)``.
+
+    Raises:
+        ValueError: non-positive ``channels``, even / non-positive ``kernel_size``, bad ``spatial_dims``.
+    """
+
+    def __init__(self, channels: int, *, spatial_dims: int = 3, kernel_size: int | None = None, gamma: int = 2, b: int = 1):
+        super().__init__()
+        check_positive_int("channels", channels)
+        check_spatial_dims(spatial_dims)
+        k = eca_kernel_size(channels, gamma, b) if kernel_size is None else check_positive_int("kernel_size", kernel_size)
+        if k % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {k}")
+        self.kernel_size = k
+        self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The channel gate ``(B, C, 1, ...)`` in [0, 1]."""
+        pooled = spatial_mean(x)  # (B, C, 1, ...)
+        y = self.conv(pooled.flatten(1).unsqueeze(1))  # (B, 1, C)
+        return torch.sigmoid(y.reshape(pooled.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)

@@ -1,0 +1,209 @@
+"""Small building blocks shared by the attention blocks, the skip fusions and the U-Net.
+
+Everything here is N-d (``spatial_dims`` 2 or 3): tensors are ``(B, C, *spatial)`` and reductions
+run over ``tuple(range(2, x.ndim))``. Conv stages are MONAI blocks
+(:class:`monai.networks.blocks.Convolution`, :class:`~monai.networks.blocks.UnetResBlock`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, UnetResBlock
+from torch import nn
+
+__all__ = [
+    "NORMS",
+    "ACTS",
+    "check_positive_int",
+    "check_spatial_dims",
+    "conv_nd",
+    "conv_stage",
+    "act_spec",
+    "make_norm",
+    "match_size",
+    "norm_spec",
+    "spatial_amax",
+    "spatial_mean",
+    "to_tuple",
+    "Upsample",
+]
+
+NORMS = ("instance", "batch", "group")
+ACTS = ("leakyrelu", "relu", "prelu", "gelu")
+
+
+# --------------------------------------------------------------------------- argument checks
+def check_spatial_dims(spatial_dims: int) -> int:
+    """``spatial_dims`` must be 2 or 3; raises ValueError naming the argument."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return int(spatial_dims)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """A positive integer or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def to_tuple(value: int | Sequence[int], n: int, name: str = "value") -> tuple[int, ...]:
+    """An int broadcast to ``n`` axes, or a length-``n`` sequence checked and made a tuple."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        out = (value,) * n
+    else:
+        out = tuple(int(v) for v in value)
+        if len(out) != n:
+            raise ValueError(f"{name} must be an int or {n} values, got {value!r}")
+    if any(v < 1 for v in out):
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- norms / activations
+def norm_spec(name: str, channels: int | None = None) -> tuple:
+    """MONAI norm spec for ``name`` (instance with affine as nnU-Net; group with <= 8 groups)."""
+    key = str(name).lower()
+    if key == "instance":
+        return ("instance", {"affine": True})
+    if key == "batch":
+        return ("batch", {})
+    if key == "group":
+        groups = math.gcd(8, channels) if channels else 8
+        return ("group", {"num_groups": groups})
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {name!r}")
+
+
+def act_spec(name: str) -> tuple:
+    """MONAI activation spec for ``name``."""
+    key = str(name).lower()
+    if key == "leakyrelu":
+        return ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+    if key == "relu":
+        return ("relu", {"inplace": True})
+    if key == "prelu":
+        return ("prelu", {})
+    if key == "gelu":
+        return ("gelu", {})
+    raise ValueError(f"act must be one of {', '.join(ACTS)}, got {name!r}")
+
+
+def make_norm(name: str, channels: int, spatial_dims: int) -> nn.Module:
+    """A norm layer for ``(B, channels, *spatial)`` tensors."""
+    key = str(name).lower()
+    if key == "instance":
+        return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+    if key == "batch":
+        return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels)
+    if key == "group":
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {name!r}")
+
+
+# --------------------------------------------------------------------------- convolutions
+def conv_nd(spatial_dims: int, in_ch: int, out_ch: int, kernel_size=1, *, stride=1, padding=None, dilation=1, bias=True):
+    """``nn.Conv2d`` / ``nn.Conv3d`` with 'same' padding for odd kernels by default."""
+    cls = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    if padding is None:
+        ks = to_tuple(kernel_size, spatial_dims, "kernel_size")
+        padding = tuple((k - 1) // 2 * dilation for k in ks)
+    return cls(in_ch, out_ch, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=bias)
+
+
+def conv_stage(
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Sequence[int] = 3,
+    stride: int | Sequence[int] = 1,
+    n_convs: int = 2,
+    norm: str = "instance",
+    act: str = "leakyrelu",
+    residual: bool = False,
+) -> nn.Sequential:
+    """One U-Net stage: ``n_convs`` conv-norm-act layers, the first one strided.
+
+    Plain stages are MONAI :class:`Convolution` layers (conv -> norm -> act). Residual stages are
+    ``ceil(n_convs / 2)`` MONAI :class:`UnetResBlock` (two convs + identity / 1x1 projection each).
+
+    Shapes: ``(B, in_channels, *S) -> (B, out_channels, *ceil(S / stride))``.
+    """
+    check_positive_int("convs_per_stage", n_convs)
+    layers: list[nn.Module] = []
+    if residual:
+        for i in range((n_convs + 1) // 2):
+            layers.append(
+                UnetResBlock(
+                    spatial_dims,
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    kernel_size=kernel_size,
+                    stride=stride if i == 0 else 1,
+                    norm_name=norm_spec(norm, out_channels),
+                    act_name=act_spec(act),
+                )
+            )
+        return nn.Sequential(*layers)
+    for i in range(n_convs):
+        layers.append(
+            Convolution(
+                spatial_dims,
+                in_channels if i == 0 else out_channels,
+                out_channels,
+                strides=stride if i == 0 else 1,
+                kernel_size=kernel_size,
+                act=act_spec(act),
+                norm=norm_spec(norm, out_channels),
+                bias=True,
+            )
+        )
+    return nn.Sequential(*layers)
+
+
+class Upsample(nn.Module):
+    """Transposed convolution with kernel = stride = ``scale`` (nnU-Net's decoder upsampling).
+
+    Shapes: ``(B, in_channels, *S) -> (B, out_channels, *(S * scale))``; with ``size`` given, the
+    result is cropped / replicate-padded to it (odd input sizes).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, scale: int | Sequence[int] = 2):
+        super().__init__()
+        scale = to_tuple(scale, spatial_dims, "scale")
+        cls = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
+        self.scale = scale
+        self.conv = cls(in_channels, out_channels, kernel_size=scale, stride=scale, bias=False)
+
+    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        y = self.conv(x)
+        return y if size is None else match_size(y, size)
+
+
+# --------------------------------------------------------------------------- tensor helpers
+def match_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Crop (at the far end) or replicate-pad ``x`` so that ``x.shape[2:] == size``."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[2:]) == size:
+        return x
+    x = x[tuple([slice(None), slice(None)] + [slice(0, s) for s in size])]
+    pad: list[int] = []
+    for cur, want in zip(reversed(x.shape[2:]), reversed(size)):
+        pad += [0, max(0, want - cur)]
+    if any(pad):
+        x = F.pad(x, pad, mode="replicate")
+    return x
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Global average over all spatial axes, keeping dims: ``(B, C, *S) -> (B, C, 1, ...)``."""
+    return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+
+
+def spatial_amax(x: torch.Tensor) -> torch.Tensor:
+    """Global max over all spatial axes, keeping dims: ``(B, C, *S) -> (B, C, 1, ...)``."""
+    return x.amax(dim=tuple(range(2, x.ndim)), keepdim=True)

@@ -1,0 +1,203 @@
+"""Skip fusions: how a decoder level merges the encoder skip ``x`` with the gating signal ``g``.
+
+Every fusion is called as ``fusion(x, g)`` with ``x: (B, Cs, *S)`` (the skip, fine grid) and
+``g: (B, Cg, *S')`` (the output of the coarser decoder level or the bottleneck, ``S' ~ S / scale``),
+upsamples ``g`` itself (transposed conv, kernel = stride = ``scale``, cropped / padded to ``S``) and
+returns ``(B, fusion.out_channels, *S)``, the input of the decoder's conv stage.
+
+* ``concat``: ``[x, up(g)]`` (plain U-Net, Ronneberger et al. 2015).
+* ``gate``: additive attention gate (Oktay et al., "Attention U-Net: Learning Where to Look for the
+  Pancreas", MIDL 2018; grid attention): ``[x * alpha, up(g)]``.
+* ``aff`` / ``iaff``: attentional feature fusion with the multi-scale channel attention module
+  (Dai et al., "Attentional Feature Fusion", WACV 2021): ``x * M + up(g) * (1 - M)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg.nn.channel import reduced_channels
+from medseg.nn.layers import Upsample, check_positive_int, check_spatial_dims, conv_nd, make_norm, match_size, spatial_mean, to_tuple
+from medseg.nn.registries import SKIP_FUSION
+
+__all__ = ["AttentionGate", "AttentionalFeatureFusion", "ConcatFusion", "IterativeAFF", "MSCAM"]
+
+
+def _check(skip_channels: int, gating_channels: int, spatial_dims: int) -> int:
+    check_positive_int("skip_channels", skip_channels)
+    check_positive_int("gating_channels", gating_channels)
+    return check_spatial_dims(spatial_dims)
+
+
+@SKIP_FUSION.register("concat")
+class ConcatFusion(nn.Module):
+    """Plain U-Net skip: concatenate the skip with the upsampled gating signal.
+
+    Args:
+        skip_channels: Cs. gating_channels: Cg. spatial_dims: 2 or 3.
+        scale: upsampling factor from ``g``'s grid to ``x``'s (int or per axis), default 2.
+
+    Shapes: ``x (B, Cs, *S), g (B, Cg, *S') -> (B, 2 Cs, *S)``.
+
+    Raises:
+        ValueError: non-positive channel counts / scale, bad ``spatial_dims``.
+    """
+
+    def __init__(self, skip_channels: int, gating_channels: int, *, spatial_dims: int = 3, scale: int | Sequence[int] = 2):
+        super().__init__()
+        sd = _check(skip_channels, gating_channels, spatial_dims)
+        self.up = Upsample(sd, gating_channels, skip_channels, scale)
+        self.out_channels = 2 * skip_channels
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.up(g, x.shape[2:])], dim=1)
+
+
+@SKIP_FUSION.register("gate")
+class AttentionGate(nn.Module):
+    """Additive attention gate (Oktay et al. 2018), computed on the coarse (gating) grid.
+
+    ::
+
+        q     = relu(theta(x) + phi(g))        theta: conv k = stride = scale, Cs -> Ci, no bias
+                                               phi:   1x1 conv Cg -> Ci       (both on g's grid)
+        alpha = sigmoid(psi(q))                psi:   1x1 conv Ci -> 1
+        a     = upsample(alpha) to S           (bi/trilinear)
+        out   = [x * a, up(g)]
+
+    Only ``theta`` touches the fine grid (one strided conv), so the gate costs a few percent of a
+    decoder stage, unlike gates evaluated at full resolution. Oktay's optional output transform
+    ``W`` is left out so that the gated skip is exactly ``x * a``.
+
+    Args:
+        skip_channels: Cs. gating_channels: Cg. spatial_dims: 2 or 3.
+        scale: the resolution ratio between ``x`` and ``g`` (int or per axis), default 2.
+        inter_channels: Ci (default ``max(Cs // 2, 1)``).
+
+    Shapes: ``x (B, Cs, *S), g (B, Cg, *S') -> (B, 2 Cs, *S)``; with ``return_map=True`` also the
+    gate map ``a: (B, 1, *S)`` in [0, 1].
+
+    Raises:
+        ValueError: non-positive channel counts / scale / ``inter_channels``, bad ``spatial_dims``.
+    """
+
+    returns_map = True
+    map_prefix = "gate"
+
+    def __init__(
+        self,
+        skip_channels: int,
+        gating_channels: int,
+        *,
+        spatial_dims: int = 3,
+        scale: int | Sequence[int] = 2,
+        inter_channels: int | None = None,
+    ):
+        super().__init__()
+        sd = _check(skip_channels, gating_channels, spatial_dims)
+        ci = max(skip_channels // 2, 1) if inter_channels is None else check_positive_int("inter_channels", inter_channels)
+        s = to_tuple(scale, sd, "scale")
+        self.theta = conv_nd(sd, skip_channels, ci, s, stride=s, padding=0, bias=False)
+        self.phi = conv_nd(sd, gating_channels, ci, 1)
+        self.psi = conv_nd(sd, ci, 1, 1)
+        self.up = Upsample(sd, gating_channels, skip_channels, s)
+        self.out_channels = 2 * skip_channels
+        self._mode = "bilinear" if sd == 2 else "trilinear"
+
+    def gate(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The gate map ``(B, 1, *S)`` in [0, 1], computed on ``g``'s grid and upsampled to ``x``'s."""
+        q = F.relu(match_size(self.theta(x), g.shape[2:]) + self.phi(g))
+        alpha = torch.sigmoid(self.psi(q))
+        return F.interpolate(alpha, size=x.shape[2:], mode=self._mode, align_corners=False)
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor, return_map: bool = False):
+        a = self.gate(x, g)
+        out = torch.cat([x * a, self.up(g, x.shape[2:])], dim=1)
+        return (out, a) if return_map else out
+
+
+class MSCAM(nn.Module):
+    """Multi-scale channel attention module (Dai et al. 2021): ``sigmoid(L(X) + G(X))``.
+
+    ``L``: point-wise conv ``C -> C/r`` - norm - ReLU - point-wise conv ``C/r -> C`` - norm (local).
+    ``G``: the same on the globally average-pooled ``X`` (no norm: it would see one value per channel).
+
+    Shapes: ``(B, C, *S) -> (B, C, *S)`` weights in [0, 1].
+    """
+
+    def __init__(self, channels: int, *, spatial_dims: int = 3, reduction: int = 4, norm: str = "instance"):
+        super().__init__()
+        sd = spatial_dims
+        h = reduced_channels(channels, reduction)
+        self.local = nn.Sequential(
+            conv_nd(sd, channels, h, 1), make_norm(norm, h, sd), nn.ReLU(inplace=True), conv_nd(sd, h, channels, 1), make_norm(norm, channels, sd)
+        )
+        self.glob = nn.Sequential(conv_nd(sd, channels, h, 1), nn.ReLU(inplace=True), conv_nd(sd, h, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.local(x) + self.glob(spatial_mean(x)))
+
+
+@SKIP_FUSION.register("aff")
+class AttentionalFeatureFusion(nn.Module):
+    """Attentional feature fusion (Dai et al. 2021): ``Z = M(X + Y) * X + (1 - M(X + Y)) * Y``.
+
+    ``X`` is the skip and ``Y = up(g)`` the upsampled gating signal (both ``Cs`` channels).
+
+    Args:
+        skip_channels: Cs. gating_channels: Cg. spatial_dims: 2 or 3.
+        scale: resolution ratio between ``x`` and ``g``, default 2.
+        reduction: r of the MS-CAM (4 in the paper). norm: instance | batch | group (local branch).
+
+    Shapes: ``x (B, Cs, *S), g (B, Cg, *S') -> (B, Cs, *S)``; with ``return_map=True`` also the
+    channel-mean of ``M``, ``(B, 1, *S)`` in [0, 1] (the share of the skip in the fusion).
+
+    Raises:
+        ValueError: non-positive channel counts / scale / reduction, bad ``spatial_dims`` / ``norm``.
+    """
+
+    returns_map = True
+    map_prefix = "aff"
+    iterative = False
+
+    def __init__(
+        self,
+        skip_channels: int,
+        gating_channels: int,
+        *,
+        spatial_dims: int = 3,
+        scale: int | Sequence[int] = 2,
+        reduction: int = 4,
+        norm: str = "instance",
+    ):
+        super().__init__()
+        sd = _check(skip_channels, gating_channels, spatial_dims)
+        self.up = Upsample(sd, gating_channels, skip_channels, scale)
+        self.mscam = MSCAM(skip_channels, spatial_dims=sd, reduction=reduction, norm=norm)
+        if self.iterative:
+            self.mscam_init = MSCAM(skip_channels, spatial_dims=sd, reduction=reduction, norm=norm)
+        self.out_channels = skip_channels
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor, return_map: bool = False):
+        y = self.up(g, x.shape[2:])
+        init = x + y
+        if self.iterative:  # iAFF: the initial integration is itself an AFF
+            m0 = self.mscam_init(init)
+            init = y + (x - y) * m0
+        m = self.mscam(init)
+        z = y + (x - y) * m  # == x * m + y * (1 - m)
+        return (z, m.mean(dim=1, keepdim=True)) if return_map else z
+
+
+@SKIP_FUSION.register("iaff")
+class IterativeAFF(AttentionalFeatureFusion):
+    """Iterative attentional feature fusion (Dai et al. 2021): the initial integration ``X + Y`` is
+    replaced by a first AFF, ``Z = M(X (+) Y) * X + (1 - M(X (+) Y)) * Y`` with ``X (+) Y = AFF(X, Y)``.
+    Same arguments and shapes as :class:`AttentionalFeatureFusion`."""
+
+    map_prefix = "iaff"
+    iterative = True
