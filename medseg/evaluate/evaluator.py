@@ -1,0 +1,237 @@
+"""Folders of predicted and reference label maps -> nnU-Net-style ``summary.json`` dict.
+
+Layout (nnU-Net v2 ``evaluation/evaluate_predictions.py``, so its tooling reads it)::
+
+    {"metric_per_case": [{"prediction_file": .., "reference_file": .., "case": ..,
+                          "metrics": {"1": {"Dice": .., "IoU": .., "HD95": .., "ASSD": .., "NSD": ..,
+                                            "TP": .., "FP": .., "FN": .., "TN": .., "n_pred": .., "n_ref": ..}}}],
+     "mean": {"1": {...}},           # per class, over the cases that score it, NaN left out
+     "foreground_mean": {...},       # mean of the per-class means, NaN left out
+     "missing": ["case", ..],        # references without a prediction (never silently skipped)
+     "unmatched_predictions": [..], "label_names": {"1": "liver"}, "metrics": [..],
+     "nsd_tolerance_mm": 2.0, "dataset_json": path | null}
+
+Conventions: a class absent from both prediction and reference has Dice NaN (and every other
+metric NaN) and is left out of the means; HD95/ASSD are ``inf`` when exactly one of the two is
+empty (see :mod:`medseg.evaluate.metrics`). Missing cases are listed, not scored as 0, and do not
+enter the means. Prediction and reference must share a voxel grid up to an axis permutation /
+flip (e.g. LPS vs LAS of the same scan), which is undone without interpolation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from medseg.errors import GeometryError, InputError
+from medseg.evaluate.cases import DatasetInfo, find_dataset_json, load_dataset_json, match_cases, parse_label_list
+from medseg.evaluate.metrics import ALL_METRICS, compute_metrics
+from medseg.io import Volume, orientation_code, read_volume, reorient, same_space
+
+__all__ = ["align_to_reference", "evaluate_case", "evaluate_folders", "summarize"]
+
+log = logging.getLogger(__name__)
+
+
+def _label_array(vol: Volume) -> np.ndarray:
+    arr = vol.array
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr
+    rounded = np.rint(arr)
+    if not np.array_equal(rounded, arr):
+        raise InputError(f"{vol.path}: is not a label map (holds non-integer values)")
+    return rounded.astype(np.int64)
+
+
+def _grid(vol: Volume) -> str:
+    sp = ", ".join(f"{s:.4g}" for s in vol.spacing)
+    origin = ", ".join(f"{o:.4g}" for o in vol.affine[:3, 3])
+    return f"shape {vol.shape}, spacing ({sp}) mm, {vol.orientation}, origin ({origin})"
+
+
+def align_to_reference(pred: Volume, ref: Volume) -> np.ndarray:
+    """``pred``'s array on ``ref``'s voxel grid, undoing an axis permutation / flip (no interpolation).
+
+    Raises:
+        GeometryError: the two grids do not describe the same voxels in physical space
+            (the message names both files and both grids).
+    """
+    if same_space(pred, ref):
+        return pred.array
+    from nibabel.orientations import io_orientation, ornt_transform
+
+    ornt = ornt_transform(io_orientation(pred.affine), io_orientation(ref.affine))
+    moved, _ = reorient(pred, ornt)
+    if same_space(moved, ref):
+        return moved.array
+    raise GeometryError(
+        f"{pred.path} and {ref.path}: prediction and reference are on different voxel grids "
+        f"(prediction: {_grid(pred)}; reference: {_grid(ref)}); resample the prediction onto the reference grid"
+    )
+
+
+def _present(arr: np.ndarray) -> set[int]:
+    if arr.dtype in (np.uint8, np.uint16):
+        return {int(v) for v in np.flatnonzero(np.bincount(arr.ravel()))} - {0}
+    return {int(v) for v in np.unique(arr)} - {0}
+
+
+def evaluate_case(
+    pred_path: str | Path,
+    ref_path: str | Path,
+    *,
+    labels: Sequence[int] | None = None,
+    metrics: Iterable[str] = ("dice", "iou"),
+    nsd_tolerance_mm: float = 2.0,
+) -> dict:
+    """Score one case.
+
+    Args:
+        pred_path, ref_path: label maps ``(I, J, K)`` on the same grid (up to permutation / flip).
+        labels: classes to score; ``None`` = every non-zero value found in either file.
+        metrics, nsd_tolerance_mm: see :func:`medseg.evaluate.metrics.compute_metrics`.
+
+    Returns:
+        ``{"metrics": {label: {...}}, "ref_labels": [labels present in the reference], "n_voxels": int}``.
+    """
+    ref = read_volume(ref_path)
+    pred = read_volume(pred_path)
+    ref_arr = _label_array(ref)
+    pred_arr = _label_array(Volume(align_to_reference(pred, ref), ref.affine, pred.path))
+    ref_labels = _present(ref_arr)
+    wanted = sorted(ref_labels | _present(pred_arr)) if labels is None else sorted(labels)
+    spacing = ref.spacing
+    out = {lab: compute_metrics(pred_arr == lab, ref_arr == lab, spacing, metrics=metrics, nsd_tolerance_mm=nsd_tolerance_mm) for lab in wanted}
+    return {"metrics": out, "ref_labels": sorted(ref_labels), "n_voxels": int(ref_arr.size)}
+
+
+def _empty_result(metrics: Iterable[str], n_voxels: int) -> dict:
+    """The metrics of a class absent from both prediction and reference (no file read needed)."""
+    return compute_metrics(np.zeros(1, bool), np.zeros(1, bool), 1.0, metrics=metrics) | {"TN": n_voxels}
+
+
+def _mean(values: list[float]) -> float:
+    vals = [float(v) for v in values if not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarize(per_case: list[dict]) -> tuple[dict, dict]:
+    """``(mean, foreground_mean)`` from ``metric_per_case`` entries (NaN left out, inf kept)."""
+    by_label: dict[str, list[dict]] = {}
+    for case in per_case:
+        for lab, m in case["metrics"].items():
+            by_label.setdefault(lab, []).append(m)
+    mean = {lab: {k: _mean([m[k] for m in ms]) for k in ms[0]} for lab, ms in sorted(by_label.items(), key=lambda kv: int(kv[0]))}
+    keys = next(iter(mean.values())).keys() if mean else []
+    foreground = {k: _mean([m[k] for m in mean.values()]) for k in keys}
+    return mean, foreground
+
+
+def _resolve_dataset(dataset_json: str | Path | None, ref_dir: Path) -> DatasetInfo:
+    if dataset_json is None or str(dataset_json).lower() == "none":
+        return DatasetInfo()
+    path = find_dataset_json(ref_dir) if str(dataset_json) == "auto" else Path(dataset_json)
+    if path is None:
+        return DatasetInfo()
+    if not path.is_file():
+        raise InputError(f"{path}: dataset.json not found")
+    return load_dataset_json(path)
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    *,
+    labels: Sequence[int | str] | None = None,
+    metrics: Iterable[str] = ("dice", "iou"),
+    nsd_tolerance_mm: float = 2.0,
+    dataset_json: str | Path | None = "auto",
+    workers: int = 1,
+    progress: bool | None = None,
+) -> dict:
+    """Score every reference case in ``ref_dir`` against its prediction in ``pred_dir``.
+
+    Args:
+        pred_dir, ref_dir: folders of label maps, matched by case key (see :mod:`.cases`).
+        labels: classes to score (values, or class names from ``dataset.json``); default: the
+            non-background ``labels`` of ``dataset.json``, else every label found in the references.
+        metrics: names out of ``dice, iou, hd95, assd, nsd``; surface metrics are in mm.
+        nsd_tolerance_mm: NSD tolerance in mm.
+        dataset_json: ``"auto"`` (look in ``ref_dir`` and its parent), a path, or ``None``; gives
+            class names and per-case ``scored_labels``.
+        workers: processes (1 = in this process).
+        progress: tqdm bar over cases (``None``: only on a terminal).
+
+    Returns:
+        the summary dict described in the module docstring. References without a prediction are
+        listed in ``summary["missing"]`` and logged as a warning; the caller decides whether that fails.
+
+    Raises:
+        InputError / GeometryError: unreadable files, non-label data, or grids that differ.
+    """
+    from tqdm import tqdm
+
+    metrics = [m.lower() for m in metrics]
+    bad = [m for m in metrics if m not in ALL_METRICS]
+    if bad:
+        raise InputError(f"--metrics: unknown metric(s) {', '.join(bad)} (choose from {', '.join(ALL_METRICS)})")
+    ref_dir = Path(ref_dir)
+    info = _resolve_dataset(dataset_json, ref_dir)
+    match = match_cases(pred_dir, ref_dir)
+    for case, ref in match.missing:
+        log.warning("no prediction for reference case '%s' (%s) in %s", case, ref, pred_dir)
+    for p in match.unmatched:
+        log.warning("prediction %s has no reference in %s; not scored", p, ref_dir)
+    if labels:
+        label_set: list[int] | None = parse_label_list(list(labels), info.label_names, "--labels")
+    else:
+        label_set = sorted(info.label_names) or None
+
+    def wanted(case: str) -> list[int] | None:
+        scored = info.scored.get(case)
+        if scored is None:
+            return label_set
+        return scored if label_set is None else [lab for lab in label_set if lab in scored]
+
+    kw = {"metrics": metrics, "nsd_tolerance_mm": nsd_tolerance_mm}
+    results: dict[str, dict] = {}
+    bar = tqdm(total=len(match.pairs), desc="evaluate", unit="case", disable=(None if progress is None else not progress))
+    if workers <= 1 or len(match.pairs) <= 1:
+        for case, pred, ref in match.pairs:
+            results[case] = evaluate_case(pred, ref, labels=wanted(case), **kw)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(evaluate_case, pred, ref, labels=wanted(case), **kw): case for case, pred, ref in match.pairs}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                bar.update()
+    bar.close()
+
+    final = label_set if label_set is not None else sorted({lab for r in results.values() for lab in r["ref_labels"]})
+    per_case = []
+    for case, pred, ref in match.pairs:
+        res = results[case]
+        scored = [lab for lab in final if case not in info.scored or lab in info.scored[case]]
+        per_label = {str(lab): res["metrics"].get(lab) or _empty_result(metrics, res["n_voxels"]) for lab in scored}
+        per_case.append({"case": case, "prediction_file": str(pred), "reference_file": str(ref), "metrics": per_label})
+    mean, foreground = summarize(per_case)
+    return {
+        "metric_per_case": per_case,
+        "mean": mean,
+        "foreground_mean": foreground,
+        "missing": [case for case, _ in match.missing],
+        "unmatched_predictions": [str(p) for p in match.unmatched],
+        "label_names": {str(lab): info.label_names.get(lab, f"label_{lab}") for lab in final},
+        "metrics": metrics,
+        "nsd_tolerance_mm": float(nsd_tolerance_mm),
+        "dataset_json": str(info.path) if info.path else None,
+    }
