@@ -1,0 +1,257 @@
+"""Dataset discovery: nnU-Net v2, Medical Segmentation Decathlon, or a plain images/labels pair.
+
+Layouts understood by :func:`discover_cases`:
+
+- **nnU-Net v2** (Isensee et al. 2021): ``dataset.json`` with ``channel_names`` and ``labels``
+  ``{name: int}``; images ``imagesTr/<case>_<XXXX><file_ending>`` (one file per channel) and
+  ``labelsTr/<case><file_ending>``; optionally an explicit ``dataset`` mapping
+  ``{case: {"images": [...], "label": ...}}``. Images without the ``_XXXX`` channel suffix are
+  accepted as single-channel cases (as in ``../shared/data/real_ct``).
+- **Decathlon** (Antonelli et al. 2022): ``labels`` ``{"0": "background", ...}`` (int -> name),
+  ``modality`` instead of ``channel_names``, explicit ``training`` / ``test`` lists of
+  ``{"image": ..., "label": ...}`` paths relative to the root.
+- **Plain folders**: ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/`` without a
+  ``dataset.json``); classes are read from the label files.
+
+Test cases come from the ``test`` list or from ``imagesTs/`` + ``labelsTs/``. Any volume
+format :func:`medseg.io.read_volume` reads is accepted (NIfTI, NRRD, MHA, DICOM folders).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medseg.data.splits import load_or_make_splits, make_splits  # noqa: F401  (re-exported, see docs/architecture.md)
+from medseg.errors import InputError
+from medseg.io import find_volumes, read_volume, strip_volume_suffix
+
+__all__ = ["Case", "DatasetInfo", "build_dataset_json", "discover_cases", "load_dataset_json", "load_or_make_splits",
+           "make_splits"]
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+
+
+@dataclass
+class Case:
+    """One case: its channel images (in channel order) and its label file (or ``None``)."""
+
+    name: str
+    images: list[Path]
+    label: Path | None = None
+
+
+@dataclass
+class DatasetInfo:
+    """What :func:`discover_cases` found."""
+
+    root: Path
+    name: str
+    labels: dict[str, int]  # name -> value, background 0
+    channel_names: dict[str, str]  # "0" -> "CT"
+    cases: list[Case]
+    test_cases: list[Case] = field(default_factory=list)
+    layout: str = "nnunet"  # nnunet | decathlon | folders
+    dataset_json: dict | None = None  # the source dataset.json, if any
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including background (max label value + 1)."""
+        return max(self.labels.values()) + 1 if self.labels else 1
+
+
+def load_dataset_json(root: Path) -> dict | None:
+    """The parsed ``dataset.json`` of ``root``, or ``None`` when there is none."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def discover_cases(root: str | Path) -> DatasetInfo:
+    """Find the cases of a dataset folder (see the module docstring for the layouts).
+
+    Raises:
+        InputError: the folder or a listed file is missing, a label file is missing for an
+            image in ``imagesTr``, ``dataset.json`` is malformed, or no case was found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset folder not found")
+    meta = load_dataset_json(root)
+    if meta is None:
+        return _discover_plain(root)
+    where = root / "dataset.json"
+    labels, decathlon = _parse_labels(meta.get("labels"), where)
+    channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
+    if not isinstance(channels, dict):
+        raise InputError(f"{where}: 'channel_names' must map channel index to a name")
+    channels = {str(k): str(v) for k, v in channels.items()}
+    ending = meta.get("file_ending")
+    if isinstance(meta.get("dataset"), dict):
+        cases = [_case_from_entry(root, name, e, where) for name, e in meta["dataset"].items()]
+    elif isinstance(meta.get("training"), list) and meta["training"]:
+        cases = [_case_from_entry(root, None, e, where) for e in meta["training"]]
+    else:
+        cases = _scan_pair(root / "imagesTr", root / "labelsTr", ending, require_labels=True)
+    if isinstance(meta.get("test"), list) and meta["test"]:
+        tests = [_case_from_entry(root, None, e, where) for e in meta["test"]]
+    else:
+        tests = _scan_pair(root / "imagesTs", root / "labelsTs", ending, require_labels=False)
+    if not cases:
+        raise InputError(f"{root}: no training cases found (looked in dataset.json and imagesTr/)")
+    _check_unique(cases, root)
+    for c in cases:
+        if len(c.images) != len(channels):
+            raise InputError(f"{c.images[0]}: case '{c.name}' has {len(c.images)} channel file(s), dataset.json declares {len(channels)}")
+    name = str(meta.get("name") or root.name)
+    return DatasetInfo(root, name, labels, channels, cases, tests, "decathlon" if decathlon else "nnunet", meta)
+
+
+def build_dataset_json(info: DatasetInfo, *, description: str = "") -> dict:
+    """An nnU-Net v2 ``dataset.json`` for ``info`` with explicit ``training`` / ``test`` lists
+    (paths relative to ``info.root``, so files without the ``_0000`` suffix or in NRRD work)."""
+
+    def rel(p: Path) -> str:
+        try:
+            return "./" + Path(p).resolve().relative_to(Path(info.root).resolve()).as_posix()
+        except ValueError:
+            return str(p)
+
+    def entry(c: Case) -> dict:
+        e: dict = {"image": rel(c.images[0])} if len(c.images) == 1 else {"images": [rel(p) for p in c.images]}
+        if c.label is not None:
+            e["label"] = rel(c.label)
+        return e
+
+    first = str(info.cases[0].images[0]) if info.cases else ".nii.gz"
+    ending = next((s for s in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd") if first.lower().endswith(s)), "")
+    return {
+        "name": info.name,
+        "description": description,
+        "channel_names": dict(info.channel_names),
+        "labels": dict(sorted(info.labels.items(), key=lambda kv: kv[1])),
+        "file_ending": ending,
+        "numTraining": len(info.cases),
+        "training": [entry(c) for c in info.cases],
+        "test": [entry(c) for c in info.test_cases],
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+def _parse_labels(raw, where: Path) -> tuple[dict[str, int], bool]:
+    """``{name: int}`` (nnU-Net v2) or ``{"int": name}`` (Decathlon) -> ``{name: int}``, decathlon?"""
+    if not isinstance(raw, dict) or not raw:
+        raise InputError(f"{where}: 'labels' must be a non-empty mapping (e.g. {{\"background\": 0, \"liver\": 1}})")
+    if all(str(k).strip().isdigit() for k in raw) and all(isinstance(v, str) for v in raw.values()):
+        labels, decathlon = {str(v): int(k) for k, v in raw.items()}, True
+    else:
+        labels, decathlon = {}, False
+        for k, v in raw.items():
+            if isinstance(v, (list, tuple)):
+                raise InputError(f"{where}: label '{k}' is region-based ({v}); medseg supports one integer per class")
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 255:
+                raise InputError(f"{where}: label '{k}' must be an integer in 0..255, got {v!r}")
+            labels[str(k)] = v
+    values = sorted(labels.values())
+    if len(set(values)) != len(values):
+        raise InputError(f"{where}: two labels share one value ({labels})")
+    if 0 not in values:
+        raise InputError(f"{where}: labels must include background = 0 ({labels})")
+    return labels, decathlon
+
+
+def _resolve(root: Path, rel, where: Path, what: str) -> Path:
+    if not isinstance(rel, str) or not rel:
+        raise InputError(f"{where}: {what} must be a path string, got {rel!r}")
+    p = (root / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
+    if p.exists():
+        return p
+    # nnU-Net / Decathlon lists name the case file without the channel suffix
+    stem = strip_volume_suffix(p.name)
+    for cand in sorted(p.parent.glob(f"{stem}_0*")) if p.parent.is_dir() else []:
+        if _CHANNEL.match(strip_volume_suffix(cand.name)):
+            return p
+    raise InputError(f"{p}: file not found ({what} listed in {where})")
+
+
+def _case_from_entry(root: Path, name: str | None, entry, where: Path) -> Case:
+    """A case from a ``training`` / ``test`` list entry or a ``dataset`` mapping value."""
+    if isinstance(entry, str):
+        entry = {"image": entry}
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: case entry must be a path or an object, got {entry!r}")
+    imgs = entry.get("images", entry.get("image"))
+    imgs = imgs if isinstance(imgs, list) else [imgs]
+    paths = [_resolve(root, r, where, "image") for r in imgs]
+    if len(paths) == 1 and not paths[0].exists():  # 'case.nii.gz' listed, 'case_0000.nii.gz' on disk
+        stem = strip_volume_suffix(paths[0].name)
+        paths = sorted(p for p in paths[0].parent.glob(f"{stem}_0*") if _CHANNEL.match(strip_volume_suffix(p.name)))
+    label = _resolve(root, entry["label"], where, "label") if entry.get("label") else None
+    case = name or strip_volume_suffix(Path(imgs[0]).name)
+    return Case(str(case), paths, label)
+
+
+def _scan_pair(img_dir: Path, lab_dir: Path, ending: str | None, *, require_labels: bool) -> list[Case]:
+    """Group ``img_dir`` files into cases (``_XXXX`` channel suffix optional) and pair labels."""
+    if not img_dir.is_dir():
+        return []
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    for p in find_volumes(img_dir):
+        stem = strip_volume_suffix(p.name)
+        m = _CHANNEL.match(stem)
+        case, ch = (m["case"], int(m["ch"])) if m else (stem, 0)
+        groups.setdefault(case, []).append((ch, p))
+    labels = {strip_volume_suffix(p.name): p for p in find_volumes(lab_dir)} if lab_dir.is_dir() else {}
+    cases = []
+    for case, chans in sorted(groups.items()):
+        chans.sort()
+        if [c for c, _ in chans] != list(range(len(chans))):
+            raise InputError(f"{img_dir}: case '{case}' has channel files {[p.name for _, p in chans]}; expected _0000, _0001, ... without gaps")
+        label = labels.get(case)
+        if label is None and require_labels:
+            want = lab_dir / f"{case}{ending or '.nii.gz'}"
+            raise InputError(f"{want}: file not found (label for image {chans[0][1]})")
+        cases.append(Case(case, [p for _, p in chans], label))
+    return cases
+
+
+def _check_unique(cases: list[Case], root: Path) -> None:
+    seen: set[str] = set()
+    for c in cases:
+        if c.name in seen:
+            raise InputError(f"{root}: case name '{c.name}' appears twice")
+        seen.add(c.name)
+
+
+def _discover_plain(root: Path) -> DatasetInfo:
+    """``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``) without a dataset.json."""
+    for img_name, lab_name in (("images", "labels"), ("imagesTr", "labelsTr")):
+        if (root / img_name).is_dir():
+            cases = _scan_pair(root / img_name, root / lab_name, None, require_labels=(root / lab_name).is_dir())
+            tests = _scan_pair(root / "imagesTs", root / "labelsTs", None, require_labels=False)
+            break
+    else:
+        raise InputError(f"{root}: no dataset.json and no images/ (or imagesTr/) folder; "
+                         "see data_tools/make_dataset_json.py to describe a dataset")
+    if not cases:
+        raise InputError(f"{root}: no volumes found in {img_name}/")
+    _check_unique(cases, root)
+    values: set[int] = {0}
+    for c in cases:
+        if c.label is not None:
+            values |= set(np.unique(read_volume(c.label).array).astype(int).tolist())
+    labels = {"background": 0, **{f"label_{v}": v for v in sorted(values) if v != 0}}
+    nch = len(cases[0].images)
+    channels = {str(i): "CT" for i in range(nch)}
+    return DatasetInfo(root, root.name, labels, channels, cases, tests, "folders", None)

@@ -1,0 +1,144 @@
+"""The experiment plan (``plans.json``): target spacing, normalization and patch size.
+
+Target spacing follows nnU-Net's ``ExperimentPlanner.determine_fullres_target_spacing``
+(Isensee et al., Nature Methods 2021): the per-axis median of the case spacings, except for
+strongly anisotropic data (the coarsest median spacing is more than 3x the finest other axis
+AND that axis has more than 3x fewer voxels), where the coarse axis takes the 10th percentile
+of its spacings (no lower than the other axes' largest spacing) so that thin-slice cases are
+not thrown away.
+
+The suggested patch size keeps the aspect of the median case in mm (patch voxels proportional
+to the median resampled shape), fits ``data.memory_budget_gb`` at batch size 2 (about
+``BYTES_PER_VOXEL`` of training memory per patch voxel: nnU-Net's 128^3, batch 2 in 8 GB),
+is capped by the median shape and divisible by 16 (or by the model's total stride).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from medseg.errors import ConfigError
+
+__all__ = ["BYTES_PER_VOXEL", "make_plan", "suggest_patch_size", "target_spacing_nnunet"]
+
+ANISOTROPY_THRESHOLD = 3.0
+BYTES_PER_VOXEL = 1900.0  # training memory per patch voxel and sample (3D U-Net, 32 base features, AMP)
+PLAN_BATCH_SIZE = 2
+
+
+def target_spacing_nnunet(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> list[float]:
+    """nnU-Net's full-resolution target spacing from per-case spacings and (cropped) shapes, ``[x, y, z]`` mm."""
+    sp = np.asarray(spacings, dtype=np.float64)
+    target = np.percentile(sp, 50, axis=0)
+    size = np.percentile(np.asarray(shapes, dtype=np.float64), 50, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(3) if i != worst]
+    aniso_spacing = target[worst] > ANISOTROPY_THRESHOLD * max(target[i] for i in others)
+    aniso_voxels = size[worst] * ANISOTROPY_THRESHOLD < min(size[i] for i in others)
+    if aniso_spacing and aniso_voxels:
+        t = float(np.percentile(sp[:, worst], 10))
+        other_max = max(target[i] for i in others)
+        if t < other_max:
+            t = max(other_max, t) + 1e-5
+        target[worst] = t
+    return [float(v) for v in target]
+
+
+def suggest_patch_size(median_shape: Sequence[float], *, memory_budget_gb: float, divisor: int | Sequence[int] = 16,
+                       batch_size: int = PLAN_BATCH_SIZE) -> list[int]:
+    """Largest patch with the median case's aspect that fits the memory budget (see module docstring).
+
+    Args:
+        median_shape: median case shape in voxels at the target spacing ``(x, y, z)``.
+        memory_budget_gb: GPU memory the training step may use.
+        divisor: what each patch axis must be divisible by (int or one per axis).
+
+    Returns:
+        ``[x, y, z]`` patch size in voxels, each a multiple of its divisor (>= the divisor).
+    """
+    med = np.maximum(np.asarray(median_shape, dtype=np.float64), 1.0)
+    div = np.broadcast_to(np.asarray(divisor, dtype=np.int64), (3,))
+    max_vox = memory_budget_gb * 1e9 / (batch_size * BYTES_PER_VOXEL)
+    scale = min(1.0, (max_vox / float(np.prod(med))) ** (1.0 / 3.0))
+    ideal = med * scale
+    patch = np.array([
+        int(math.ceil(ideal[i] / div[i]) * div[i]) if scale >= 1.0 else max(int(div[i]), int(ideal[i] // div[i]) * int(div[i]))
+        for i in range(3)
+    ])
+    while np.prod(patch) > max_vox and np.any(patch > div):
+        ratio = np.where(patch > div, patch / med, -np.inf)
+        patch[int(np.argmax(ratio))] -= div[int(np.argmax(ratio))]
+    return [int(v) for v in patch]
+
+
+def _validated(values, n: int, kind: type, key: str):
+    if values is None:
+        return None
+    if len(values) != n or any(v is None or v <= 0 for v in values):
+        raise ConfigError(f"{key}: expected {n} positive values (x, y, z), got {values}")
+    return [kind(v) for v in values]
+
+
+def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] = 16) -> dict:
+    """Turn a fingerprint (:func:`medseg.data.fingerprint.compute_fingerprint`) into ``plans.json``.
+
+    Args:
+        fingerprint: the dataset fingerprint (also carries ``dataset_name``, ``labels``, ``channel_names``).
+        data_cfg: :class:`medseg.config.DataConfig` (``normalization``, ``hu_window``,
+            ``target_spacing``, ``patch_size``, ``memory_budget_gb``); ``None`` = defaults.
+        divisor: the model's total stride per axis (patch sizes are multiples of it).
+
+    Raises:
+        ConfigError: unknown normalization, malformed spacing / patch size / window.
+    """
+    from medseg.config import DataConfig
+
+    cfg = data_cfg or DataConfig()
+    spacing = _validated(cfg.target_spacing, 3, float, "data.target_spacing") or target_spacing_nnunet(
+        fingerprint["spacings"], fingerprint["shapes_after_crop"])
+    resampled = [np.asarray(sh, float) * np.asarray(sp) / np.asarray(spacing)
+                 for sh, sp in zip(fingerprint["shapes_after_crop"], fingerprint["spacings"])]
+    median_shape = np.median(np.asarray(resampled), axis=0)
+    patch = _validated(cfg.patch_size, 3, int, "data.patch_size") or suggest_patch_size(
+        median_shape, memory_budget_gb=cfg.memory_budget_gb, divisor=divisor)
+    labels = dict(fingerprint.get("labels") or {"background": 0})
+    props = fingerprint["foreground_intensity_properties_per_channel"]
+    return {
+        "dataset_name": fingerprint.get("dataset_name", ""),
+        "labels": labels,
+        "num_classes": max(labels.values()) + 1,
+        "channel_names": fingerprint.get("channel_names", {"0": "CT"}),
+        "target_spacing": [float(v) for v in spacing],
+        "normalization": _normalization(cfg, props),
+        "patch_size": patch,
+        "median_shape": [float(v) for v in median_shape],
+        "batch_size": PLAN_BATCH_SIZE,
+        "axis_order": "RAS",
+        "ct_check": True,
+        "body_threshold": -500.0,
+        "fingerprint": {k: v for k, v in fingerprint.items() if k not in ("labels", "channel_names")},
+        "data_config": plan_request(cfg),
+    }
+
+
+def _normalization(cfg, props: dict) -> dict | list[dict]:
+    if cfg.normalization == "window":
+        win = list(cfg.hu_window or [])
+        if len(win) != 2 or not win[1] > win[0]:
+            raise ConfigError(f"data.hu_window: expected [low, high] with low < high, got {cfg.hu_window}")
+        return {"scheme": "window", "window": [float(win[0]), float(win[1])]}
+    if cfg.normalization != "ct":
+        raise ConfigError(f"data.normalization: '{cfg.normalization}' is not one of ct, window")
+    schemes = [{"scheme": "ct", "clip": [p["percentile_00_5"], p["percentile_99_5"]], "mean": p["mean"],
+                "std": max(p["std"], 1e-8)} for _, p in sorted(props.items(), key=lambda kv: int(kv[0]))]
+    return schemes[0] if len(schemes) == 1 else schemes
+
+
+def plan_request(cfg) -> dict:
+    """The data-config values a plan depends on (a re-run with other values needs a new plan)."""
+    return {"normalization": cfg.normalization, "hu_window": list(cfg.hu_window),
+            "target_spacing": cfg.target_spacing, "patch_size": cfg.patch_size,
+            "memory_budget_gb": cfg.memory_budget_gb}
