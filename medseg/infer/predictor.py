@@ -1,0 +1,323 @@
+"""The run-directory predictor: volumes in, masks / probabilities / gate maps out, in the input's grid.
+
+``Predictor.from_run(run_dir)`` reads what ``medseg train`` wrote (``config.yaml``,
+``plans.json``, ``checkpoints/<name>.pt``) and rebuilds the network with deep supervision off.
+``predict(path)`` then runs nnU-Net's inference recipe (Isensee et al., Nature Methods 2021):
+preprocess exactly as in training -> Gaussian-weighted sliding window (optionally mirrored) ->
+softmax on the preprocessed grid -> probabilities back to the original grid (un-crop, linear
+resampling, undo the reorientation: ``medseg.data.preprocess.restore_to_original``) -> arg-max
+there. The class dimension is processed in chunks so that no full-resolution float32 copy of
+all classes is needed; nothing is ever float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.config import Config, load_config
+from medseg.errors import ConfigError, InputError
+from medseg.infer.postprocess import apply_postprocess
+from medseg.infer.sliding import sliding_window_predict
+from medseg.io import Volume, read_volume, strip_volume_suffix
+from medseg.runtime import get_logger, resolve_device, resolve_precision
+
+__all__ = ["CHECKPOINT_NAMES", "PredictionResult", "Predictor", "case_name", "check_not_label", "load_run"]
+
+CHECKPOINT_NAMES = ("best", "final", "latest")
+RESTORE_BUDGET_BYTES = 512 * 2**20  # float32 bytes per chunk of classes on the original grid
+log = get_logger(__name__)
+
+
+@dataclass
+class PredictionResult:
+    """What :meth:`Predictor.predict` returns, everything in the input's own voxel grid.
+
+    Attributes:
+        case: case name (input file name without suffix and nnU-Net's ``_0000``).
+        mask: ``uint8`` label map, the input's shape and affine.
+        probabilities: ``(K, I, J, K)`` float16 softmax probabilities (channel ``c`` = label
+            value ``c``), or ``None`` unless requested.
+        gates: gate maps ``{name: Volume}`` (float32 in [0, 1]), empty unless requested.
+        properties: the preprocessing properties of the case.
+    """
+
+    case: str
+    mask: Volume
+    probabilities: np.ndarray | None = None
+    gates: dict[str, Volume] = field(default_factory=dict)
+    properties: dict = field(default_factory=dict)
+
+
+def case_name(path: str | Path) -> str:
+    """``ct_0000.nii.gz`` -> ``ct``; a DICOM folder -> the folder name."""
+    name = strip_volume_suffix(Path(path).name)
+    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        name = name[:-5]
+    return name
+
+
+def check_not_label(vol: Volume, num_classes: int) -> None:
+    """Refuse a label map passed as the image: integer values in ``0..num_classes`` and no air.
+
+    Raises:
+        InputError: ``"<path>: looks like a label map ..."``.
+    """
+    arr = vol.array
+    if float(arr.min()) < -500:  # CT has air at about -1000 HU
+        return
+    sub = arr[::2, ::2, ::2]
+    if np.issubdtype(sub.dtype, np.floating) and not np.array_equal(sub, np.round(sub)):
+        return
+    values = np.unique(sub)
+    if len(values) <= max(num_classes, 2) and values.min() >= 0 and values.max() <= max(num_classes, 2):
+        raise InputError(
+            f"{vol.path}: looks like a label map, not a CT image (only the integer values "
+            f"{values.astype(int).tolist()}, no air below -500 HU); pass the image file instead"
+        )
+
+
+# --------------------------------------------------------------------------- run directory
+def _strip_prefixes(state: dict) -> dict:
+    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` key prefixes."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_run(run_dir: str | Path, checkpoint: str | None = "best", overrides: list[str] | None = None,
+             map_location: str | torch.device = "cpu") -> tuple[Config, dict, dict, Path]:
+    """``(config, plans, model state dict, checkpoint path)`` of a run directory.
+
+    ``checkpoint=None`` takes the config's ``infer.checkpoint``.
+
+    Raises:
+        InputError: a missing run directory, ``config.yaml``, ``plans.json`` or checkpoint
+            (the message names the file and lists the checkpoints that exist), or a checkpoint
+            without a ``model`` entry.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise InputError(f"{run}: run directory not found")
+    cfg_path, plans_path = run / "config.yaml", run / "plans.json"
+    for p in (cfg_path, plans_path):
+        if not p.is_file():
+            raise InputError(f"{p}: missing; a run directory needs config.yaml, plans.json and checkpoints/<name>.pt")
+    cfg = load_config(cfg_path, overrides)
+    checkpoint = checkpoint or cfg.infer.checkpoint
+    if checkpoint not in CHECKPOINT_NAMES:
+        raise InputError(f"checkpoint '{checkpoint}' is not valid (use one of {', '.join(CHECKPOINT_NAMES)})")
+    ckpt = run / "checkpoints" / f"{checkpoint}.pt"
+    if not ckpt.is_file():
+        have = sorted(p.stem for p in (run / "checkpoints").glob("*.pt")) if (run / "checkpoints").is_dir() else []
+        raise InputError(f"{ckpt}: checkpoint not found (available: {', '.join(have) or 'none'})")
+    try:
+        plans = json.loads(plans_path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{plans_path}: not valid JSON: {err}") from None
+    try:
+        payload = torch.load(ckpt, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt or unsafe file
+        raise InputError(f"{ckpt}: cannot load checkpoint: {err}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        raise InputError(f"{ckpt}: not a medseg checkpoint (no 'model' state dict)")
+    return cfg, plans, _strip_prefixes(payload["model"]), ckpt
+
+
+def build_inference_model(cfg: Config, plans: dict, state: dict, source: str = "checkpoint") -> torch.nn.Module:
+    """The network of ``cfg.model`` with deep supervision off, weights loaded, in eval mode.
+
+    Keys that only a deep-supervision head has are tolerated when the run trained with one;
+    any other mismatch raises :class:`InputError` naming ``source``.
+    """
+    from medseg.nn import build_model
+
+    model_cfg = dataclasses.replace(cfg.model, deep_supervision=False)
+    num_classes = cfg.model.num_classes or int(plans["num_classes"])
+    model = build_model(model_cfg, num_classes=num_classes, spacing=plans.get("target_spacing"))
+    result = model.load_state_dict(state, strict=False)
+    unexpected = list(result.unexpected_keys) if cfg.model.deep_supervision else []
+    bad_unexpected = [] if cfg.model.deep_supervision else list(result.unexpected_keys)
+    if result.missing_keys or bad_unexpected:
+        raise InputError(
+            f"{source}: weights do not match the model in config.yaml "
+            f"(missing: {result.missing_keys[:5]}, unexpected: {bad_unexpected[:5]})"
+        )
+    if unexpected:
+        log.debug("ignored %d deep-supervision keys of %s", len(unexpected), source)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- predictor
+class Predictor:
+    """Segment volumes with one network and its plans.
+
+    Args:
+        model: the network (eval mode is set), or ``None`` when a subclass overrides
+            :meth:`predict_preprocessed` (e.g. an oracle in tests).
+        plans: ``plans.json`` content (spacing, normalization, ``patch_size``, ``num_classes``).
+        roi_size: sliding-window size (default: ``plans["patch_size"]``).
+        device / precision: ``auto`` or explicit (see :mod:`medseg.runtime`).
+        overlap, blend, sw_batch_size, tta, channels_last: see :func:`sliding_window_predict`.
+        postprocess: ``None`` / ``"none"`` or ``"largest-component"``.
+        progress: tqdm bar over the windows of each case.
+    """
+
+    def __init__(self, model: torch.nn.Module | None, plans: dict, *, roi_size=None, device: str = "auto",
+                 precision: str = "auto", overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 2,
+                 tta: bool = False, channels_last: bool = False, postprocess: str | None = None,
+                 progress: bool = False):
+        if not 0.0 <= float(overlap) < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+        if blend not in ("gaussian", "constant"):
+            raise ConfigError(f"blend must be gaussian or constant, got {blend!r}")
+        if int(sw_batch_size) < 1:
+            raise ConfigError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        self.plans = plans
+        self.num_classes = int(plans["num_classes"])
+        self.device = resolve_device(device)
+        self.amp_dtype = resolve_precision(precision, self.device)
+        self.roi_size = list(roi_size or plans["patch_size"])
+        self.overlap, self.blend, self.sw_batch_size = float(overlap), blend, int(sw_batch_size)
+        self.tta, self.channels_last, self.postprocess, self.progress = tta, channels_last, postprocess, progress
+        try:
+            apply_postprocess(np.zeros((1, 1, 1), np.uint8), postprocess)  # fail early on a bad name
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.model = model
+        if model is not None:
+            model.to(self.device).eval()
+            if channels_last:
+                model.to(memory_format=torch.channels_last_3d)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, checkpoint: str | None = "best", device: str | None = "auto",
+                 precision: str | None = "auto", overlap: float | None = None, blend: str | None = None, sw_batch_size: int | None = None,
+                 tta: bool | None = None, overrides: list[str] | None = None, **kwargs: Any) -> "Predictor":
+        """A predictor for a training run directory; options given as ``None`` come from the run's
+        ``infer`` section (after ``overrides``), the window size from ``data.patch_size`` or the plans.
+
+        Raises:
+            InputError: missing ``config.yaml`` / ``plans.json`` / checkpoint, or mismatched weights.
+        """
+        cfg, plans, state, ckpt = load_run(run_dir, checkpoint, overrides)
+        model = build_inference_model(cfg, plans, state, source=str(ckpt))
+        inf = cfg.infer
+        roi = kwargs.pop("roi_size", None) or cfg.data.patch_size or plans["patch_size"]
+        return cls(model, plans, roi_size=roi, device=device or inf.device, precision=precision or inf.precision,
+                   overlap=inf.overlap if overlap is None else overlap, blend=blend or inf.blend,
+                   sw_batch_size=sw_batch_size or inf.sw_batch_size, tta=inf.tta if tta is None else tta, **kwargs)
+
+    # ------------------------------------------------------------------ public API
+    def predict(self, path: str | Path, *, probabilities: bool = False, gates: bool = False) -> PredictionResult:
+        """Segment one volume file or DICOM folder (see :meth:`predict_volume`)."""
+        return self.predict_volume(read_volume(path), case=case_name(path), probabilities=probabilities, gates=gates)
+
+    def predict_array(self, array: np.ndarray, affine: np.ndarray, *, probabilities: bool = False,
+                      gates: bool = False, case: str = "array") -> PredictionResult:
+        """Segment an ``(I, J, K)`` array in HU with its voxel -> RAS+ mm ``affine``."""
+        return self.predict_volume(Volume(np.asarray(array), np.asarray(affine, dtype=np.float64), case),
+                                   case=case, probabilities=probabilities, gates=gates)
+
+    def predict_volume(self, vol: Volume, *, case: str | None = None, probabilities: bool = False,
+                       gates: bool = False) -> PredictionResult:
+        """Mask (and optionally probabilities and gate maps) of ``vol``, on ``vol``'s own grid.
+
+        Raises:
+            InputError: the volume looks like a label map or not like CT (see preprocessing).
+        """
+        from medseg.data.preprocess import preprocess_volume
+
+        case = case or (case_name(vol.path) if vol.path else "case")
+        check_not_label(vol, self.num_classes)
+        image, _, props = preprocess_volume(vol, self.plans, case=case)
+        logits, gate_maps = self.predict_preprocessed(image, props, gates)
+        del image
+        mask, probs = self.logits_to_original(logits, props, keep_probabilities=probabilities)
+        del logits
+        mask = apply_postprocess(mask, self.postprocess)
+        affine = vol.affine.copy()
+        gate_vols = {name: Volume(self._restore_map(g, props), affine.copy(), vol.path) for name, g in gate_maps.items()}
+        return PredictionResult(case, Volume(mask, affine, vol.path), probs, gate_vols, props)
+
+    # ------------------------------------------------------------------ steps
+    def predict_preprocessed(self, image: np.ndarray, properties: dict,
+                             gates: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits ``(K, X, Y, Z)`` and gate maps ``{name: (1, X, Y, Z)}`` on the preprocessed grid.
+
+        The hook a test oracle overrides; the default runs :func:`sliding_window_predict`.
+        """
+        if self.model is None:
+            raise RuntimeError("Predictor has no model; pass one or override predict_preprocessed")
+        out = sliding_window_predict(
+            self.model, torch.from_numpy(image), roi_size=self.roi_size, overlap=self.overlap, blend=self.blend,
+            sw_batch_size=self.sw_batch_size, precision=self.amp_dtype, device=self.device, tta=self.tta,
+            return_attention=gates, channels_last=self.channels_last, progress=self.progress,
+        )
+        return out if gates else (out, {})
+
+    @torch.inference_mode()
+    def logits_to_original(self, logits: torch.Tensor, properties: dict, *,
+                           keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Softmax on the preprocessed grid, probabilities back to the original grid, arg-max there.
+
+        Args:
+            logits: ``(K, X, Y, Z)`` on the preprocessed grid (any float dtype / device); the
+                softmax is written into it in slabs along X.
+            properties: the case's preprocessing properties.
+            keep_probabilities: also return ``(K, I, J, K)`` float16 probabilities.
+
+        Returns:
+            ``uint8`` mask ``(I, J, K)`` and the probabilities or ``None``.
+        """
+        from medseg.data.preprocess import restore_to_original
+
+        probs = _softmax_inplace(logits)
+        k = probs.shape[0]
+        shape = tuple(int(s) for s in properties["original_shape"])
+        n_vox = int(np.prod(shape))
+        chunk = max(1, min(k, RESTORE_BUDGET_BYTES // max(1, 4 * n_vox)))
+        best_val = torch.full(shape, -1.0, dtype=torch.float32, device=probs.device)
+        best_idx = torch.zeros(shape, dtype=torch.uint8, device=probs.device)
+        kept = np.empty((k, *shape), dtype=np.float16) if keep_probabilities else None
+        for c0 in range(0, k, chunk):
+            c1 = min(k, c0 + chunk)
+            fill = [1.0 if c == 0 else 0.0 for c in range(c0, c1)]  # outside the crop: background
+            restored = restore_to_original(probs[c0:c1].float(), properties, mode="linear", fill=fill)
+            for i in range(c1 - c0):
+                better = restored[i] > best_val
+                best_val = torch.where(better, restored[i], best_val)
+                best_idx[better] = c0 + i
+            if kept is not None:
+                kept[c0:c1] = restored.to(torch.float16).cpu().numpy()
+            del restored
+        return best_idx.cpu().numpy(), kept
+
+    @staticmethod
+    @torch.inference_mode()
+    def _restore_map(gate: torch.Tensor, properties: dict) -> np.ndarray:
+        """A ``(1, X, Y, Z)`` gate map on the original grid, float32 clipped to [0, 1]."""
+        from medseg.data.preprocess import restore_to_original
+
+        out = restore_to_original(gate.float(), properties, mode="linear", fill=0.0)[0]
+        return out.clamp_(0.0, 1.0).cpu().numpy()
+
+
+def _softmax_inplace(logits: torch.Tensor, slab_voxels: int = 2**24) -> torch.Tensor:
+    """Softmax over channels, computed in float32 slabs along X and written back into ``logits``."""
+    k, nx = logits.shape[0], logits.shape[1]
+    step = max(1, slab_voxels // max(1, k * int(np.prod(logits.shape[2:]))))
+    for x0 in range(0, nx, step):
+        sl = logits[:, x0:x0 + step]
+        sl.copy_(torch.softmax(sl.float(), dim=0))
+    return logits
