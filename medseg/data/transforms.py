@@ -1,0 +1,170 @@
+"""MONAI transform chains for training patches (nnU-Net-like augmentation).
+
+A training sample is cut in two steps (see :mod:`medseg.train.data`):
+
+1. a region of :func:`crop_extent` voxels is cut around a chosen centre (:func:`crop_patch`,
+   padded where it leaves the volume) -- larger than the patch when rotation / scaling is on,
+   so that the rotated patch never samples outside the region;
+2. :func:`build_train_transforms` turns it into a ``patch_size`` patch: a joint random
+   rotation + scaling (:class:`RandRotateScaled`, one resampling, image trilinear / label
+   nearest) or a centre crop, then MONAI's intensity transforms and mirroring.
+
+The set and the default probabilities follow nnU-Net's default augmentation (Isensee et al.,
+"nnU-Net", Nature Methods 2021, supplementary note 4): rotation, scaling, Gaussian noise,
+Gaussian blur, multiplicative brightness, contrast, simulated low resolution, gamma, mirroring.
+Every probability and range lives in ``config.train.augment`` (:class:`medseg.config.AugmentConfig`).
+
+Arrays are channel-first ``(C, X, Y, Z)`` (image float32, label ``(1, X, Y, Z)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Affine,
+    CenterSpatialCrop,
+    Compose,
+    MapTransform,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandomizableTransform,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandSimulateLowResolutiond,
+)
+
+from medseg.config import AugmentConfig
+
+__all__ = ["RandRotateScaled", "build_train_transforms", "crop_extent", "crop_patch"]
+
+KEYS = ("image", "label")
+
+
+def crop_extent(patch_size: Sequence[int], aug: AugmentConfig) -> list[int]:
+    """Size of the region to cut so that a rotated / scaled ``patch_size`` patch stays inside it.
+
+    The patch box is rotated by up to ``rotate_deg`` about each axis in turn (bounding box of
+    the rotated box, capped at the box's diagonal) and scaled by the largest scale factor.
+    """
+    ext = np.asarray(patch_size, dtype=float)
+    if aug.p_rotate > 0 and aug.rotate_deg > 0:
+        a = math.radians(min(abs(aug.rotate_deg), 90.0))
+        c, s = math.cos(a), math.sin(a)
+        diag = float(np.linalg.norm(ext))
+        for axis in range(3):
+            i, j = [k for k in range(3) if k != axis]
+            ext[i], ext[j] = ext[i] * c + ext[j] * s, ext[j] * c + ext[i] * s
+        ext = np.minimum(ext, diag)
+    if aug.p_scale > 0:
+        ext = ext * max(1.0, float(max(aug.scale_range)))
+    return [int(math.ceil(e)) for e in ext]
+
+
+def crop_patch(arrays: Sequence[np.ndarray], center: Sequence[int], size: Sequence[int],
+               fill: Sequence[float] | None = None) -> list[np.ndarray]:
+    """Cut a ``size`` box centred on ``center`` from channel-first arrays, padding outside the volume.
+
+    Args:
+        arrays: ``(C, X, Y, Z)`` arrays on the same grid (memory-mapped ones are fine: only the
+            box is read).
+        center: voxel ``[x, y, z]``; the box is ``[center - size // 2, center - size // 2 + size)``.
+        size: box size ``[x, y, z]``.
+        fill: constant per array for the padded part (default 0).
+
+    Returns:
+        new contiguous arrays ``(C, *size)`` of the input dtypes.
+    """
+    shape = arrays[0].shape[1:]
+    lo = [int(c) - int(s) // 2 for c, s in zip(center, size)]
+    src = tuple(slice(max(0, l), min(n, l + s)) for l, s, n in zip(lo, size, shape))
+    dst = tuple(slice(sl.start - l, sl.stop - l) for sl, l in zip(src, lo))
+    out = []
+    for k, a in enumerate(arrays):
+        box = np.full((a.shape[0], *size), 0 if fill is None else fill[k], dtype=a.dtype)
+        if all(sl.stop > sl.start for sl in src):
+            box[(slice(None),) + dst] = a[(slice(None),) + src]
+        out.append(box)
+    return out
+
+
+class RandRotateScaled(RandomizableTransform, MapTransform):
+    """Random rotation and isotropic scaling of image and label in ONE resampling, output ``spatial_size``.
+
+    As nnU-Net's spatial transform: rotation (probability ``p_rotate``, uniform angle in
+    ``[-deg, deg]`` about each axis) and scaling (probability ``p_scale``, one factor from
+    ``scale_range`` applied to the sampling grid, so > 1 zooms out) are drawn independently;
+    when either fires, MONAI's :class:`~monai.transforms.Affine` resamples the centre of the
+    region (image: trilinear, label: nearest, zeros outside); otherwise the centre is cropped
+    without interpolation.
+
+    Input ``{"image": (C, *region), "label": (1, *region)}`` -> the same keys, ``(C, *spatial_size)``.
+    """
+
+    def __init__(self, spatial_size: Sequence[int], *, p_rotate: float, rotate_deg: float,
+                 p_scale: float, scale_range: Sequence[float]):
+        RandomizableTransform.__init__(self, prob=1.0)
+        MapTransform.__init__(self, KEYS)
+        self.spatial_size = [int(s) for s in spatial_size]
+        self.p_rotate, self.rotate_rad = float(p_rotate), math.radians(float(rotate_deg))
+        self.p_scale, self.scale_range = float(p_scale), (float(min(scale_range)), float(max(scale_range)))
+        self._angles: list[float] | None = None
+        self._scale: float | None = None
+
+    def randomize(self, data=None) -> None:
+        rotate = self.R.rand() < self.p_rotate
+        scale = self.R.rand() < self.p_scale
+        self._angles = [float(self.R.uniform(-self.rotate_rad, self.rotate_rad)) for _ in range(3)] if rotate else None
+        self._scale = float(self.R.uniform(*self.scale_range)) if scale else None
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize()
+        d = dict(data)
+        if self._angles is None and self._scale is None:
+            crop = CenterSpatialCrop(self.spatial_size)
+            for key in self.key_iterator(d):
+                d[key] = crop(d[key])
+            return d
+        s = self._scale or 1.0
+        for key, mode in zip(KEYS, ("bilinear", "nearest")):
+            if key not in d:
+                continue
+            affine = Affine(rotate_params=self._angles, scale_params=[s, s, s], spatial_size=self.spatial_size,
+                            mode=mode, padding_mode="zeros", image_only=True)
+            d[key] = affine(d[key])
+        return d
+
+
+def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig) -> Compose:
+    """The training chain: region ``(C, *crop_extent)`` dict -> patch ``(C, *patch_size)`` dict.
+
+    Keys ``image`` (float) and ``label`` (float labels, nearest-resampled). Intensity transforms
+    touch the image only; mirroring flips both along each of ``mirror_axes`` with ``p_mirror``.
+    """
+    lo_b, hi_b = sorted(aug.brightness_range)
+    lo_c, hi_c = sorted(aug.contrast_range)
+    sig = tuple(sorted(aug.blur_sigma))
+    chain = [
+        RandRotateScaled(patch_size, p_rotate=aug.p_rotate, rotate_deg=aug.rotate_deg,
+                         p_scale=aug.p_scale, scale_range=aug.scale_range),
+        RandGaussianNoised("image", prob=aug.p_noise, std=aug.noise_std),
+        RandGaussianSmoothd("image", sigma_x=sig, sigma_y=sig, sigma_z=sig, prob=aug.p_blur),
+        RandScaleIntensityd("image", factors=(lo_b - 1.0, hi_b - 1.0), prob=aug.p_brightness),
+        RandScaleIntensityFixedMeand("image", factors=(lo_c - 1.0, hi_c - 1.0), preserve_range=True,
+                                     prob=aug.p_contrast),
+        RandSimulateLowResolutiond("image", zoom_range=tuple(sorted(aug.lowres_zoom)), prob=aug.p_lowres),
+        RandAdjustContrastd("image", gamma=tuple(sorted(aug.gamma_range)), retain_stats=True, prob=aug.p_gamma),
+    ]
+    chain += [RandFlipd(KEYS, prob=aug.p_mirror, spatial_axis=int(ax)) for ax in aug.mirror_axes]
+    return Compose(chain)
+
+
+def as_plain_tensor(x) -> torch.Tensor:
+    """A MONAI ``MetaTensor`` / numpy array as a plain, contiguous ``torch.Tensor``."""
+    t = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+    return t.contiguous()

@@ -1,0 +1,75 @@
+"""Up-front checks of the config values the training engine uses (types are checked by medseg.config).
+
+Every failure is a :class:`~medseg.errors.ConfigError` whose message starts with the key.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from medseg.config import Config
+from medseg.errors import ConfigError
+from medseg.train.data import CACHE_MODES
+from medseg.train.losses import LOSSES
+from medseg.train.optim import OPTIMIZERS, SCHEDULERS
+
+__all__ = ["check_config", "resolve_patch_size"]
+
+
+def _require(ok: bool, key: str, msg: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}, got {value!r}")
+
+
+def _choice(value: str, key: str, options: Sequence[str]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}: '{value}' is not valid (use {', '.join(options)})")
+
+
+def _pair(values: Sequence[float], key: str, positive: bool = True) -> None:
+    _require(len(values) == 2, key, "expected two numbers [low, high]", values)
+    if positive:
+        _require(min(values) > 0, key, "expected numbers > 0", values)
+
+
+def check_config(cfg: Config) -> None:
+    """Raise ConfigError for values the engine cannot use (names, ranges, lengths)."""
+    t, d, a = cfg.train, cfg.data, cfg.train.augment
+    for key in ("epochs", "iters_per_epoch", "batch_size", "val_interval", "checkpoint_interval"):
+        _require(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
+    _require(t.lr > 0, "train.lr", "must be > 0", t.lr)
+    for key in ("weight_decay", "momentum", "grad_clip", "aux_loss_weight", "poly_exponent"):
+        _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0", getattr(t, key))
+    _require(t.tb_num_cases >= 0, "train.tb_num_cases", "must be >= 0", t.tb_num_cases)
+    _require(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", "must be > 0 (or null)", t.max_minutes)
+    _choice(t.optimizer, "train.optimizer", OPTIMIZERS)
+    _choice(t.scheduler, "train.scheduler", SCHEDULERS)
+    _choice(t.loss, "train.loss", tuple(LOSSES))
+    _choice(d.cache, "data.cache", CACHE_MODES)
+    _require(0.0 <= d.fg_oversample <= 1.0, "data.fg_oversample", "must be in [0, 1]", d.fg_oversample)
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    if d.patch_size is not None:
+        _require(len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size",
+                 "expected three positive integers [x, y, z]", d.patch_size)
+    for key in ("p_rotate", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma", "p_mirror"):
+        _require(0.0 <= getattr(a, key) <= 1.0, f"train.augment.{key}", "must be a probability in [0, 1]", getattr(a, key))
+    for key in ("scale_range", "blur_sigma", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range"):
+        _pair(getattr(a, key), f"train.augment.{key}")
+    _require(all(ax in (0, 1, 2) for ax in a.mirror_axes), "train.augment.mirror_axes", "axes must be 0, 1 or 2",
+             a.mirror_axes)
+    _require(a.noise_std >= 0, "train.augment.noise_std", "must be >= 0", a.noise_std)
+
+
+def resolve_patch_size(cfg: Config, plans: dict, divisor: Sequence[int] | None) -> list[int]:
+    """``data.patch_size`` (must be divisible by the model's ``patch_divisor``) or the plan's, rounded up."""
+    div = [int(v) for v in (divisor or (1, 1, 1))]
+    if cfg.data.patch_size is not None:
+        patch = [int(p) for p in cfg.data.patch_size]
+        bad = [p for p, q in zip(patch, div) if p % q]
+        if bad:
+            raise ConfigError(f"data.patch_size: {patch} must be divisible by the model's patch_divisor {div} per axis")
+        return patch
+    plan_patch = plans.get("patch_size")
+    if not plan_patch or len(plan_patch) != 3:
+        raise ConfigError("data.patch_size: not set and plans.json has no 'patch_size' [x, y, z]")
+    return [-(-int(p) // q) * q for p, q in zip(plan_patch, div)]

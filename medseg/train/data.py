@@ -1,0 +1,183 @@
+"""Training data: preprocessed cases in a MONAI dataset, patches with foreground oversampling.
+
+- **Cases**: ``{"case": name}`` items loaded by :class:`LoadCased` (``load_case`` of the data
+  layer) inside a MONAI dataset chosen by ``data.cache``: ``ram`` = :class:`monai.data.CacheDataset`
+  (every case decoded once, shared copy-on-write with the loader workers), ``disk`` = the
+  preprocessed ``.npy`` files memory-mapped (the preprocessed folder *is* the persistent cache:
+  only the voxels of each patch are read), ``none`` = read the case at every access; ``auto``
+  = ``ram`` when the cases take less than half of the available memory, else ``disk``.
+- **Patches** (:class:`PatchDataset`): sample ``i`` of the run is drawn from its own generator
+  seeded by ``(seed, rank, i)``, so a batch does not depend on the number of loader workers,
+  each DDP rank sees different patches, and a resumed run draws the very patches it would
+  have drawn. Foreground oversampling as nnU-Net: in each batch the last
+  ``batch_size - round(batch_size * (1 - fg_oversample))`` samples are centred on a voxel of a
+  random foreground class present in the case (``properties["class_locations"]``); with a
+  batch of 1 the sample is forced with probability ``fg_oversample``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset
+from monai.transforms import Compose, MapTransform
+
+from medseg.config import Config
+from medseg.data.transforms import as_plain_tensor, build_train_transforms, crop_extent, crop_patch
+from medseg.errors import ConfigError, InputError
+from medseg.train.signals import ignore_in_worker
+
+__all__ = ["LoadCased", "PatchDataset", "case_dataset", "check_foreground", "list_cases", "make_train_loader",
+           "read_plans", "resolve_cache_mode", "train_val_cases"]
+
+CACHE_MODES = ("auto", "ram", "disk", "none")
+
+
+def read_plans(pre_dir: str | Path) -> dict:
+    """``plans.json`` of a preprocessed folder (InputError when the folder is missing or not one)."""
+    from medseg.data.pipeline import load_plans
+
+    pre = Path(pre_dir)
+    if not pre.is_dir():
+        raise InputError(f"{pre}: preprocessed folder not found (run `medseg preprocess` first, or set data.preprocessed)")
+    return load_plans(pre)
+
+
+def list_cases(pre_dir: str | Path) -> list[str]:
+    """Names of the complete cases (``cases/<case>.json`` is written last), sorted."""
+    pre = Path(pre_dir)
+    names = sorted(p.name[: -len(".json")] for p in (pre / "cases").glob("*.json"))
+    if not names:
+        raise InputError(f"{pre}: holds no preprocessed cases (cases/*.json); run `medseg preprocess` into it")
+    return names
+
+
+def train_val_cases(pre_dir: str | Path, cfg: Config, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(train, val)`` case names: ``data.val_cases`` when given, else fold ``data.fold`` of ``splits.json``."""
+    from medseg.data.splits import fold_cases, load_or_make_splits
+
+    d = cfg.data
+    if d.val_cases:
+        unknown = sorted(set(d.val_cases) - set(names))
+        if unknown:
+            raise ConfigError(f"data.val_cases: {unknown} are not preprocessed cases in {pre_dir}")
+        train = [n for n in names if n not in set(d.val_cases)] or list(names)
+        return train, list(d.val_cases)
+    folds = load_or_make_splits(Path(pre_dir) / "splits.json", names, d.num_folds, d.split_seed)
+    train, val = fold_cases(folds, d.fold)
+    missing = sorted(set(train + val) - set(names))
+    if missing:
+        raise InputError(f"{Path(pre_dir) / 'splits.json'}: lists cases that are not preprocessed: {missing[:5]}")
+    return train, val
+
+
+class LoadCased(MapTransform):
+    """``{"case": name}`` -> ``{"case", "image" (C,X,Y,Z) float32, "label" (1,X,Y,Z) uint8,
+    "fg": {class: (N, 3) int32 voxel coordinates}, "spacing": [x, y, z]}``."""
+
+    def __init__(self, pre_dir: str | Path, *, mmap: bool = False):
+        super().__init__(keys=["case"])
+        self.pre_dir, self.mmap = Path(pre_dir), mmap
+
+    def __call__(self, data: dict) -> dict:
+        from medseg.data.preprocess import load_case
+
+        name = data["case"]
+        image, label, props = load_case(self.pre_dir, name, mmap=self.mmap)
+        if label is None:
+            raise InputError(f"{self.pre_dir}: case '{name}' has no label; cannot train on it")
+        fg = {int(k): np.asarray(v, dtype=np.int32).reshape(-1, 3) for k, v in props.get("class_locations", {}).items()}
+        return {"case": name, "image": image, "label": label, "fg": {k: v for k, v in fg.items() if len(v)},
+                "spacing": [float(s) for s in props.get("spacing", [1.0, 1.0, 1.0])]}
+
+
+def _case_bytes(pre_dir: Path, names: Sequence[str]) -> int:
+    return sum(p.stat().st_size for n in names for p in (pre_dir / "cases").glob(f"{n}_*.npy"))
+
+
+def resolve_cache_mode(mode: str, pre_dir: str | Path, names: Sequence[str], *, copies: int = 1) -> str:
+    """``auto`` -> ``ram`` when ``copies`` x the case files fit in half the available memory, else ``disk``."""
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"data.cache: '{mode}' is not valid (use {', '.join(CACHE_MODES)})")
+    if mode != "auto":
+        return mode
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return "disk"
+    return "ram" if copies * _case_bytes(Path(pre_dir), names) < 0.5 * avail else "disk"
+
+
+def case_dataset(pre_dir: str | Path, names: Sequence[str], mode: str, *, workers: int = 0,
+                 progress: bool = False) -> Dataset:
+    """MONAI dataset of the cases ``names`` for a resolved cache ``mode`` (``ram`` / ``disk`` / ``none``)."""
+    items = [{"case": n} for n in names]
+    if mode == "ram":
+        return CacheDataset(items, Compose([LoadCased(pre_dir)]), cache_rate=1.0, num_workers=max(workers, 1),
+                            progress=progress, copy_cache=False)
+    return Dataset(items, Compose([LoadCased(pre_dir, mmap=(mode == "disk"))]))
+
+
+def check_foreground(cases: Dataset, pre_dir: str | Path) -> None:
+    """InputError when no training case has any foreground voxel (nothing to learn)."""
+    if not any(cases[i]["fg"] for i in range(len(cases))):
+        raise InputError(f"{pre_dir}: no training case has foreground labels (class_locations are all empty)")
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Random training patches; item ``i`` is fully determined by ``(seed, rank, i)``.
+
+    Returns ``{"image": (C, *patch) float32, "label": (1, *patch) uint8}``. The length is
+    nominal (``10**12``): the loader's sampler says which items an epoch takes.
+    """
+
+    def __init__(self, cases: Dataset, patch_size: Sequence[int], cfg: Config, *, rank: int = 0):
+        self.cases, self.patch = cases, [int(p) for p in patch_size]
+        self.batch_size, self.fg = int(cfg.train.batch_size), float(cfg.data.fg_oversample)
+        self.seed, self.rank = int(cfg.train.seed), int(rank)
+        self.extent = crop_extent(self.patch, cfg.train.augment)
+        self.transforms = build_train_transforms(self.patch, cfg.train.augment)
+        self.n_random = round(self.batch_size * (1.0 - self.fg))
+
+    def __len__(self) -> int:
+        return 10**12
+
+    def force_foreground(self, index: int, rng: np.random.Generator) -> bool:
+        if self.batch_size == 1:
+            return bool(rng.random() < self.fg)
+        return index % self.batch_size >= self.n_random
+
+    def _center(self, case: dict, forced: bool, rng: np.random.Generator) -> list[int]:
+        if forced and case["fg"]:
+            classes = sorted(case["fg"])
+            locs = case["fg"][classes[int(rng.integers(len(classes)))]]
+            return [int(v) for v in locs[int(rng.integers(len(locs)))]]
+        return [int(rng.integers(n)) for n in case["image"].shape[1:]]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, int(index)])
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        center = self._center(case, self.force_foreground(int(index), rng), rng)
+        image, label = crop_patch([case["image"], case["label"]], center, self.extent)
+        self.transforms.set_random_state(seed=int(rng.integers(2**31)))
+        d = self.transforms({"image": torch.from_numpy(image.astype(np.float32, copy=False)),
+                             "label": torch.from_numpy(label.astype(np.float32))})
+        return {"image": as_plain_tensor(d["image"]).float(),
+                "label": as_plain_tensor(d["label"]).round().to(torch.uint8)}
+
+
+def make_train_loader(patches: PatchDataset, *, start_batch: int, end_batch: int, num_workers: int,
+                      pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """One loader over batches ``[start_batch, end_batch)`` of the run (a resumed run starts later)."""
+    bs = patches.batch_size
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=2, persistent_workers=False, worker_init_fn=ignore_in_worker)
+        if "fork" in torch.multiprocessing.get_all_start_methods():
+            kwargs["multiprocessing_context"] = "fork"  # share cached cases copy-on-write
+    return torch.utils.data.DataLoader(patches, batch_size=bs, sampler=range(start_batch * bs, end_batch * bs),
+                                       num_workers=num_workers, pin_memory=pin_memory, drop_last=False, **kwargs)

@@ -1,0 +1,112 @@
+"""Data-parallel training with ``torchrun`` (single node or multi-node rendezvous).
+
+``torchrun --nproc_per_node=N -m medseg train ...`` sets ``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE`` and the rendezvous address in the environment; :func:`init_distributed` reads
+them, joins the process group (NCCL on GPUs, gloo on CPU) and pins each process to
+``cuda:LOCAL_RANK``. Without those variables everything degrades to one process and the
+helpers below are no-ops. Multi-node: the same command on every node with torchrun's
+``--nnodes``, ``--node_rank`` / ``--rdzv_backend=c10d --rdzv_endpoint=HOST:PORT`` flags.
+
+Conventions used by the engine: each rank draws its own patches (seed + rank), the batch size
+in the config is per rank (global batch = ``batch_size * world_size``), validation cases are
+shared out across ranks and their metrics gathered, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from medseg.runtime import resolve_device
+
+__all__ = ["DistInfo", "all_gather_objects", "barrier", "broadcast_flag", "cleanup", "init_distributed", "mean_across", "wrap_ddp"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``rank`` of ``world_size``, ``local_rank`` on its node, its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto", *, timeout_min: float = 30.0) -> DistInfo:
+    """Join the ``torchrun`` process group when the environment says so; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(device=resolve_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(minutes=timeout_min)}
+        if device.type == "cuda":
+            kwargs["device_id"] = device
+        dist.init_process_group(**kwargs)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=device)
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``DistributedDataParallel`` around ``model`` when running distributed, else ``model``."""
+    if not info.enabled:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def mean_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of a (detached) tensor over all ranks; the tensor itself when not distributed."""
+    if not info.enabled:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / info.world_size
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` when not distributed."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_flag(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any rank (stop requests, divergence)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group (safe to call twice)."""
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,374 @@
+"""The training loop: ``train(cfg, out_dir, resume=False) -> dict``.
+
+One function and small helpers over a :class:`Context` of the run's objects. Per iteration:
+a batch of patches (:mod:`medseg.train.data`), forward under autocast
+(:func:`medseg.runtime.autocast`; bf16 on CPU, fp16 + ``GradScaler`` or bf16 on CUDA), Dice+CE with
+deep supervision plus the model's auxiliary loss (:mod:`medseg.train.losses`), backward,
+gradient clipping, optimizer step, per-iteration LR schedule (:mod:`medseg.train.optim`).
+Per epoch: scalars to TensorBoard and ``log.txt``; every ``train.val_interval`` epochs (and at
+the end) sliding-window validation (:mod:`medseg.train.validation`) with overlays and gate
+maps (:mod:`medseg.train.tensorboard`), ``best.pt`` on a new best mean foreground Dice; every
+``train.checkpoint_interval`` epochs ``latest.pt``; at the end ``final.pt``.
+
+Faults: a non-finite loss stops the run with :class:`TrainingDiverged` (nothing is saved after
+it, so ``latest.pt`` stays the last good state); Ctrl-C / SIGTERM finish the iteration, save
+``latest.pt`` and return with ``status = "interrupted"``; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from medseg.config import Config, config_from_dict, config_to_dict, save_config
+from medseg.errors import ConfigError, InputError, MedsegError
+from medseg.evaluate.report import write_summary
+from medseg.io import atomic_write_text
+from medseg.runtime import autocast, get_logger, resolve_precision, seed_everything
+from medseg.train import data as tdata
+from medseg.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, unwrap
+from medseg.train.checks import check_config, resolve_patch_size
+from medseg.train.distributed import DistInfo, all_gather_objects, cleanup, init_distributed, mean_across, wrap_ddp
+from medseg.train.losses import build_loss
+from medseg.train.optim import build_optimizer, build_scheduler, refresh_lr
+from medseg.train.signals import StopRequest
+from medseg.train.tensorboard import log_case_images, log_gate_histograms, render_case
+from medseg.train.validation import validate
+
+__all__ = ["TrainingDiverged", "train"]
+
+log = get_logger("medseg.train")
+
+
+class TrainingDiverged(MedsegError):
+    """The loss became NaN / inf; the message says where and which checkpoint is the last good one."""
+
+
+@dataclass
+class Context:
+    """The objects of one run that the loop helpers share (state lives in ``step``/``epoch``/``best``)."""
+
+    cfg: Config
+    info: DistInfo
+    run_dir: Path
+    pre_dir: Path
+    plans: dict
+    patch: list[int]
+    model: torch.nn.Module  # bare network
+    ddp: torch.nn.Module  # what the forward pass calls (DDP wrapper or the model)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    amp_dtype: torch.dtype | None
+    val_cases: list[str] = field(default_factory=list)
+    writer: SummaryWriter | None = None
+    total_epochs: int = 1  # may shrink under train.max_minutes
+    step: int = 0  # iterations done
+    epoch: int = -1  # last completed epoch
+    best: float = float("-inf")
+    history: list[dict] = field(default_factory=list)
+    final_summary: dict | None = None
+
+    @property
+    def iters(self) -> int:
+        return self.cfg.train.iters_per_epoch
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+# --------------------------------------------------------------------------- setup
+def _open_log(run_dir: Path, info: DistInfo) -> logging.Handler | None:
+    if not info.is_main:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt", mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger("medseg").addHandler(handler)
+    return handler
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if resume and not latest.is_file():
+        raise InputError(f"{run_dir}: --resume given but there is no checkpoints/latest.pt to resume from")
+    if not resume and any((run_dir / "checkpoints").glob("*.pt")):
+        raise InputError(f"{run_dir}: already holds checkpoints; pass --resume to continue it or choose another --out")
+
+
+def _build(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
+    from medseg.nn import build_model
+
+    if not cfg.data.preprocessed:
+        raise ConfigError("data.preprocessed: not set; pass --data PREPROCESSED_DIR or set it in the config")
+    pre_dir = Path(cfg.data.preprocessed).resolve()
+    plans = tdata.read_plans(pre_dir)
+    amp_dtype = resolve_precision(cfg.train.precision, info.device)
+    seed_everything(cfg.train.seed + info.rank)
+    model = build_model(cfg.model, in_channels=len(plans.get("channel_names", {})) or cfg.model.in_channels,
+                        num_classes=int(plans["num_classes"]), spacing=plans.get("target_spacing"))
+    patch = resolve_patch_size(cfg, plans, getattr(model, "patch_divisor", None))
+    cfg.data.patch_size, cfg.data.preprocessed = patch, str(pre_dir)
+    model = model.to(info.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = build_optimizer(model, cfg.train)
+    ctx = Context(cfg=cfg, info=info, run_dir=run_dir, pre_dir=pre_dir, plans=plans, patch=patch, model=model,
+                  ddp=model, optimizer=optimizer, scheduler=None,
+                  scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
+                  loss_fn=build_loss(cfg.train), amp_dtype=amp_dtype, total_epochs=cfg.train.epochs)
+    ctx.scheduler = build_scheduler(optimizer, cfg.train, lambda: ctx.total_epochs * ctx.iters)
+    return ctx
+
+
+def _resume(ctx: Context) -> None:
+    state = load_checkpoint(ctx.ckpt_dir / "latest.pt", map_location=ctx.info.device)
+    ctx.model.load_state_dict(state["model"])
+    ctx.optimizer.load_state_dict(state["optimizer"])
+    ctx.scheduler.load_state_dict(state["scheduler"])
+    ctx.scaler.load_state_dict(state["scaler"])
+    ctx.step, ctx.epoch = int(state["step"]), int(state["epoch"])
+    ctx.best, ctx.history = float(state["best_metric"]), list(state.get("history", []))
+    rng = state.get("rng") or []
+    if len(rng) > ctx.info.rank:
+        restore_rng(rng[ctx.info.rank])
+    refresh_lr(ctx.scheduler)  # the schedule's total may have changed (raised train.epochs)
+    if ctx.step >= ctx.total_epochs * ctx.iters:
+        log.warning("the checkpoint is at epoch %d already; raise train.epochs to train longer", ctx.epoch + 1)
+    log.info("resumed from %s at epoch %d (step %d, best mean fg Dice %.4f)", ctx.ckpt_dir / "latest.pt",
+             ctx.epoch + 1, ctx.step, ctx.best)
+
+
+def _write_run_files(ctx: Context) -> None:
+    if not ctx.info.is_main:
+        return
+    save_config(ctx.cfg, ctx.run_dir / "config.yaml")
+    atomic_write_text(ctx.run_dir / "plans.json", (ctx.pre_dir / "plans.json").read_text())
+
+
+def _train_loader(ctx: Context, train_cases: list[str]) -> torch.utils.data.DataLoader:
+    cfg, info = ctx.cfg, ctx.info
+    mode = tdata.resolve_cache_mode(cfg.data.cache, ctx.pre_dir, train_cases, copies=info.local_world_size)
+    cases = tdata.case_dataset(ctx.pre_dir, train_cases, mode, workers=cfg.data.num_workers, progress=info.is_main)
+    tdata.check_foreground(cases, ctx.pre_dir)
+    log.info("%d training cases (cache: %s), %d validation cases, patch %s, batch %d x %d rank(s)", len(train_cases),
+             mode, len(ctx.val_cases), ctx.patch, cfg.train.batch_size, info.world_size)
+    patches = tdata.PatchDataset(cases, ctx.patch, cfg, rank=info.rank)
+    return tdata.make_train_loader(patches, start_batch=ctx.step, end_batch=cfg.train.epochs * ctx.iters,
+                                   num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
+
+
+# --------------------------------------------------------------------------- loop helpers
+def _train_step(ctx: Context, batch: dict) -> torch.Tensor:
+    """One optimisation step; returns the detached ``[total, dice_ce, aux]`` losses."""
+    dev, t = ctx.info.device, ctx.cfg.train
+    x = batch["image"].to(dev, non_blocking=True)
+    y = batch["label"].to(dev, non_blocking=True).long()
+    if t.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    with autocast(dev, ctx.amp_dtype):
+        out = ctx.ddp(x)
+        aux = ctx.model.auxiliary_loss(y).float() if hasattr(ctx.model, "auxiliary_loss") else None
+    seg = ctx.loss_fn(out, y)
+    total = seg if aux is None else seg + t.aux_loss_weight * aux
+    ctx.scaler.scale(total).backward()
+    if t.grad_clip > 0:
+        ctx.scaler.unscale_(ctx.optimizer)
+        torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), t.grad_clip)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ctx.scheduler.step()
+    zero = seg.detach().new_zeros(())
+    return torch.stack([total.detach(), seg.detach(), zero if aux is None else aux.detach()])
+
+
+def _diverged(ctx: Context, epoch: int) -> TrainingDiverged:
+    latest = ctx.ckpt_dir / "latest.pt"
+    last = f"the last good checkpoint is {latest}" if latest.is_file() else "no checkpoint was written yet"
+    return TrainingDiverged(
+        f"loss became NaN/inf at epoch {epoch + 1}, step {ctx.step}; training stopped without saving ({last}). "
+        "Try a lower train.lr, train.precision=fp32 or a smaller train.grad_clip, and check the data."
+    )
+
+
+def _run_epoch(ctx: Context, batches, epoch: int, stop: StopRequest) -> dict | None:
+    """Iterations up to the end of ``epoch``; the epoch's mean losses, or None when a stop was requested."""
+    end = (epoch + 1) * ctx.iters
+    sums, n, t0 = torch.zeros(3, dtype=torch.float64), 0, time.perf_counter()
+    lr = ctx.optimizer.param_groups[0]["lr"]  # the epoch's first (largest) learning rate
+    bar = tqdm(total=end - ctx.step, desc=f"epoch {epoch + 1}/{ctx.total_epochs}", leave=False,
+               disable=not ctx.info.is_main or None)
+    try:
+        while ctx.step < end:
+            terms = _train_step(ctx, next(batches))
+            flag = torch.tensor([1.0 if stop.signum else 0.0], device=terms.device)
+            reduced = mean_across(torch.cat([terms.float(), flag]), ctx.info).cpu().double()
+            if not torch.isfinite(reduced[:3]).all():
+                raise _diverged(ctx, epoch)
+            ctx.step += 1
+            sums += reduced[:3]
+            n += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{reduced[0].item():.4f}")
+            if reduced[3] > 0:
+                return None
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    loss = (sums / max(n, 1)).tolist()
+    return {"epoch": epoch, "loss": loss[0], "dice_ce": loss[1], "aux": loss[2], "lr": lr,
+            "time_s": seconds, "patches_per_s": n * ctx.cfg.train.batch_size * ctx.info.world_size / max(seconds, 1e-9)}
+
+
+def _log_epoch(ctx: Context, rec: dict) -> None:
+    log.info("epoch %d/%d  loss %.4f (dice_ce %.4f, aux %.4f)  lr %.2e  %.1f s  %.1f patches/s", rec["epoch"] + 1,
+             ctx.total_epochs, rec["loss"], rec["dice_ce"], rec["aux"], rec["lr"], rec["time_s"], rec["patches_per_s"])
+    w, e = ctx.writer, rec["epoch"] + 1
+    if w is None:
+        return
+    w.add_scalar("loss/total", rec["loss"], e)
+    w.add_scalar("loss/dice_ce", rec["dice_ce"], e)
+    if hasattr(ctx.model, "auxiliary_loss"):
+        w.add_scalar("loss/aux", rec["aux"], e)
+    w.add_scalar("lr", rec["lr"], e)
+    w.add_scalar("speed/patches_per_s", rec["patches_per_s"], e)
+    w.add_scalar("time/epoch_s", rec["time_s"], e)
+
+
+def _validate(ctx: Context, epoch: int) -> float:
+    t0 = time.perf_counter()
+    res = validate(ctx.model, ctx.val_cases, ctx.pre_dir, ctx.cfg, patch_size=ctx.patch,
+                   num_classes=int(ctx.plans["num_classes"]), labels=ctx.plans.get("labels", {}), info=ctx.info,
+                   amp_dtype=ctx.amp_dtype, draw=ctx.cfg.train.tb_num_cases)
+    score, summary = res.mean_fg_dice, res.summary
+    summary["epoch"] = epoch + 1
+    ctx.final_summary = summary
+    names = summary["label_names"]
+    per_class = {names.get(k, k): v["Dice"] for k, v in summary["mean"].items()}
+    log.info("validation epoch %d: mean fg Dice %.4f (%s) in %.1f s", epoch + 1, score,
+             ", ".join(f"{k} {v:.3f}" for k, v in per_class.items()), time.perf_counter() - t0)
+    if ctx.info.is_main:
+        write_summary(summary, ctx.run_dir / "validation" / "summary.json")
+        if ctx.writer is not None:
+            for cls, v in per_class.items():
+                ctx.writer.add_scalar(f"val/dice/{cls}", v, epoch + 1)
+            ctx.writer.add_scalar("val/mean_fg_dice", score, epoch + 1)
+            for view in res.views:
+                renders = render_case(view.image, view.label, view.pred, view.gates, view.spacing)
+                log_case_images(ctx.writer, view.case, renders, epoch + 1)
+                log_gate_histograms(ctx.writer, view.gates, epoch + 1)
+            ctx.writer.flush()
+    return score
+
+
+def _state(ctx: Context) -> dict:
+    rngs = all_gather_objects(capture_rng(), ctx.info)
+    return {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
+            "scheduler": ctx.scheduler.state_dict(), "scaler": ctx.scaler.state_dict(), "epoch": ctx.epoch,
+            "step": ctx.step, "best_metric": ctx.best, "rng": rngs, "config": config_to_dict(ctx.cfg),
+            "plans": ctx.plans, "history": ctx.history}
+
+
+def _save(ctx: Context, *names: str) -> None:
+    state = _state(ctx)  # collective: every rank calls it
+    if ctx.info.is_main:
+        for name in names:
+            save_checkpoint(state, ctx.ckpt_dir / f"{name}.pt")
+
+
+def _update_budget(ctx: Context, t_start: float, epochs_run: int, val_seconds: float) -> None:
+    """Under ``train.max_minutes`` shrink ``total_epochs`` to what fits (the LR schedule follows)."""
+    if ctx.cfg.train.max_minutes is None or epochs_run == 0:
+        return
+    elapsed = time.perf_counter() - t_start
+    left = ctx.cfg.train.max_minutes * 60.0 - elapsed - val_seconds
+    fit = ctx.epoch + 1 + max(0, math.floor(left / (elapsed / epochs_run)))
+    fit = min(all_gather_objects(fit, ctx.info))  # every rank must stop at the same epoch
+    ctx.total_epochs = max(ctx.epoch + 1, min(ctx.cfg.train.epochs, fit))
+
+
+# --------------------------------------------------------------------------- main
+def _loop(ctx: Context, loader, stop: StopRequest) -> str:
+    batches = iter(loader)
+    t_start, epochs_run, val_seconds = time.perf_counter(), 0, 0.0
+    while ctx.step < ctx.total_epochs * ctx.iters:
+        epoch = ctx.step // ctx.iters
+        rec = _run_epoch(ctx, batches, epoch, stop)
+        if rec is None:
+            log.warning("%s received: saving checkpoints/latest.pt at step %d and stopping", stop.name, ctx.step)
+            _save(ctx, "latest")
+            return "interrupted"
+        ctx.epoch, epochs_run = epoch, epochs_run + 1
+        _log_epoch(ctx, rec)
+        _update_budget(ctx, t_start, epochs_run, val_seconds)
+        last = ctx.step >= ctx.total_epochs * ctx.iters
+        if (epoch + 1) % ctx.cfg.train.val_interval == 0 or last:
+            t0 = time.perf_counter()
+            rec["val_mean_fg_dice"] = score = _validate(ctx, epoch)
+            val_seconds = time.perf_counter() - t0
+            ctx.history.append(rec)
+            if score > ctx.best:
+                ctx.best = score
+                _save(ctx, "best")
+        else:
+            ctx.history.append(rec)
+        if (epoch + 1) % ctx.cfg.train.checkpoint_interval == 0 or last:
+            _save(ctx, "latest")
+    _save(ctx, "final", "latest")
+    return "finished"
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train ``cfg`` into the run directory ``out_dir`` (see the module docstring).
+
+    Returns:
+        ``{"status": "finished" | "interrupted", "signal": int | None, "run_dir", "epoch", "step",
+        "best_metric", "final_metric", "history"}`` (metrics are mean foreground Dice).
+
+    Raises:
+        ConfigError / InputError: bad config values, missing or empty preprocessed folder, no
+            foreground, ``--resume`` without a checkpoint; TrainingDiverged: NaN / inf loss.
+    """
+    cfg = config_from_dict(config_to_dict(cfg))  # private copy: resolved values are written into it
+    check_config(cfg)
+    run_dir = Path(out_dir)
+    info = init_distributed(cfg.train.device)
+    handler = None
+    try:
+        if info.is_main:
+            _check_run_dir(run_dir, resume)
+        handler = _open_log(run_dir, info)
+        ctx = _build(cfg, run_dir, info)
+        if resume:
+            _resume(ctx)
+        _write_run_files(ctx)
+        train_cases, ctx.val_cases = tdata.train_val_cases(ctx.pre_dir, cfg, tdata.list_cases(ctx.pre_dir))
+        loader = _train_loader(ctx, train_cases)
+        ctx.ddp = wrap_ddp(ctx.model, info)
+        ctx.loss_fn = ctx.loss_fn.to(info.device)
+        if info.is_main:
+            ctx.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=ctx.epoch + 2 if resume else None)
+        with StopRequest() as stop:
+            status = _loop(ctx, loader, stop)
+        return {"status": status, "signal": stop.signum, "run_dir": str(run_dir), "epoch": ctx.epoch, "step": ctx.step,
+                "best_metric": ctx.best, "final_summary": ctx.final_summary,
+                "final_metric": ctx.history[-1].get("val_mean_fg_dice") if ctx.history else None,
+                "history": ctx.history}
+    finally:
+        if "ctx" in locals() and ctx.writer is not None:
+            ctx.writer.close()
+        if handler is not None:
+            logging.getLogger("medseg").removeHandler(handler)
+            handler.close()
+        cleanup(info)

@@ -1,0 +1,74 @@
+"""Segmentation loss: Dice + cross-entropy with deep supervision, plus a model's auxiliary losses.
+
+- Dice + CE is MONAI's :class:`~monai.losses.DiceCELoss` (softmax, one-hot target, background
+  left out of the Dice term as in nnU-Net's ``DC_and_CE_loss``; batch Dice by default).
+- Deep supervision (Lee et al., "Deeply-Supervised Nets", AISTATS 2015; nnU-Net's weighting):
+  output ``i`` (resolution ``1/2^i``) gets weight ``1/2^i``, the lowest-resolution output gets
+  0, the weights are normalized to sum to 1. Targets are downsampled with nearest neighbour.
+- Models that declare ``auxiliary_loss(label)`` (the attention branch of ABN, Fukui et al.
+  CVPR 2019) add it with weight ``train.aux_loss_weight``.
+
+All terms are computed in float32, whatever the autocast dtype of the logits.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+
+from medseg.config import TrainConfig
+from medseg.errors import ConfigError
+
+__all__ = ["build_loss", "deep_supervision_weights", "SegmentationLoss"]
+
+LOSSES = {"dice_ce": (1.0, 1.0), "dice": (1.0, 0.0), "ce": (0.0, 1.0)}
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's weights for ``n`` outputs (full resolution first): ``1/2^i``, last 0, sum 1.
+
+    ``n == 1`` gives ``[1.0]``.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one output, got {n}")
+    w = [1.0 / 2**i for i in range(n)]
+    if n > 1:
+        w[-1] = 0.0
+    total = sum(w)
+    return [x / total for x in w]
+
+
+class SegmentationLoss(torch.nn.Module):
+    """Dice + CE over one logits tensor or a deep-supervision list.
+
+    Call: ``outputs`` = logits ``(B, K, X, Y, Z)`` or ``[(B, K, X, Y, Z), (B, K, X/2, ...), ...]``,
+    ``label (B, 1, X, Y, Z)`` integer -> scalar float32 loss.
+    """
+
+    def __init__(self, kind: str = "dice_ce", *, batch_dice: bool = True):
+        super().__init__()
+        if kind not in LOSSES:
+            raise ConfigError(f"train.loss: '{kind}' is not valid (use {', '.join(LOSSES)})")
+        lambda_dice, lambda_ce = LOSSES[kind]
+        self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
+                               lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+
+    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+        label = label.long()
+        total = outs[0].new_zeros((), dtype=torch.float32)
+        for w, logits in zip(deep_supervision_weights(len(outs)), outs):
+            target = label
+            if tuple(logits.shape[2:]) != tuple(label.shape[2:]):
+                target = F.interpolate(label.float(), size=logits.shape[2:], mode="nearest-exact").long()
+            # weight-0 outputs still enter the graph (DDP needs every head to receive a gradient)
+            total = total + w * self.loss(logits.float(), target)
+        return total
+
+
+def build_loss(train_cfg: TrainConfig) -> SegmentationLoss:
+    """The segmentation loss named by ``train.loss``."""
+    return SegmentationLoss(train_cfg.loss, batch_dice=train_cfg.batch_dice)

@@ -1,0 +1,108 @@
+"""Validation during training: full sliding-window inference on the validation cases.
+
+Each validation case is predicted whole with :func:`medseg.infer.sliding.sliding_window_predict`
+(the same code path as ``medseg infer``; window = the training patch, ``infer.overlap`` /
+``infer.blend`` / ``infer.sw_batch_size`` from the config) and scored on the **preprocessed
+grid** against its preprocessed label (Dice and IoU per class, :mod:`medseg.evaluate.metrics`).
+The summary has the layout of ``medseg evaluate``'s ``summary.json`` (nnU-Net's
+``metric_per_case`` / ``mean`` / ``foreground_mean``, built by :func:`medseg.evaluate.evaluator.summarize`).
+
+With DDP the cases are shared out over the ranks (``cases[rank::world]``) and the per-case
+results gathered on every rank. The first ``train.tb_num_cases`` cases of rank 0 also return
+their image, label, prediction and gate maps for the TensorBoard overlays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medseg.config import Config
+from medseg.evaluate.evaluator import summarize
+from medseg.evaluate.metrics import compute_metrics
+from medseg.infer.sliding import sliding_window_predict
+from medseg.train.distributed import DistInfo, all_gather_objects
+
+__all__ = ["CaseView", "ValidationResult", "mean_foreground_dice", "validate"]
+
+
+@dataclass
+class CaseView:
+    """What TensorBoard draws of one case: arrays on the preprocessed grid."""
+
+    case: str
+    image: np.ndarray  # (C, X, Y, Z)
+    label: np.ndarray  # (X, Y, Z)
+    pred: np.ndarray  # (X, Y, Z)
+    gates: dict[str, np.ndarray]  # name -> (X, Y, Z) in [0, 1]
+    spacing: tuple[float, float, float]
+
+
+@dataclass
+class ValidationResult:
+    summary: dict
+    views: list[CaseView] = field(default_factory=list)
+
+    @property
+    def mean_fg_dice(self) -> float:
+        return mean_foreground_dice(self.summary)
+
+
+def mean_foreground_dice(summary: dict) -> float:
+    """``foreground_mean.Dice`` of a summary; NaN (nothing to score) reads as 0."""
+    v = summary.get("foreground_mean", {}).get("Dice", float("nan"))
+    return 0.0 if v is None or math.isnan(v) else float(v)
+
+
+def _score(pred: np.ndarray, label: np.ndarray, classes: Sequence[int], spacing) -> dict:
+    return {str(c): compute_metrics(pred == c, label == c, spacing, metrics=("dice", "iou")) for c in classes}
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, cfg: Config, *,
+             patch_size: Sequence[int], num_classes: int, labels: dict[str, int], info: DistInfo,
+             amp_dtype: torch.dtype | None, draw: int = 0) -> ValidationResult:
+    """Predict and score ``cases``; returns the gathered summary and (on rank 0) ``draw`` case views.
+
+    Args:
+        model: the bare network (not the DDP wrapper); its train/eval mode is restored.
+        cases: validation case names (every rank passes the same list).
+        patch_size: sliding-window size ``(x, y, z)``.
+        num_classes: K, background included; classes ``1..K-1`` are scored.
+        labels: ``plans["labels"]`` (name -> value), for the summary's ``label_names``.
+    """
+    from medseg.data.preprocess import load_case
+
+    mine = list(cases)[info.rank::info.world_size]
+    classes = list(range(1, num_classes))
+    per_case, views = [], []
+    for i, name in enumerate(tqdm(mine, desc="validation", leave=False, disable=not info.is_main or None)):
+        image, label, props = load_case(Path(pre_dir), name)
+        want_gates = info.is_main and i < draw
+        out = sliding_window_predict(
+            model, torch.from_numpy(np.ascontiguousarray(image)), roi_size=patch_size, overlap=cfg.infer.overlap,
+            blend=cfg.infer.blend, sw_batch_size=cfg.infer.sw_batch_size, precision=amp_dtype, device=info.device,
+            return_attention=want_gates, channels_last=cfg.train.channels_last,
+        )
+        logits, gates = out if want_gates else (out, {})
+        pred = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        ref = np.asarray(label[0])
+        spacing = tuple(float(s) for s in props.get("spacing", [1.0, 1.0, 1.0]))
+        per_case.append({"case": name, "prediction_file": None, "reference_file": f"cases/{name}_label.npy",
+                         "metrics": _score(pred, ref, classes, spacing)})
+        if want_gates:
+            views.append(CaseView(name, np.asarray(image), ref, pred,
+                                  {k: g[0].float().cpu().numpy() for k, g in gates.items()}, spacing))
+    gathered = [c for part in all_gather_objects(per_case, info) for c in part]
+    gathered.sort(key=lambda c: c["case"])
+    mean, fg_mean = summarize(gathered)
+    names = {str(v): k for k, v in labels.items() if int(v) != 0}
+    summary = {"metric_per_case": gathered, "mean": mean, "foreground_mean": fg_mean, "label_names": names,
+               "metrics": ["dice", "iou"], "grid": "preprocessed"}
+    return ValidationResult(summary, views)
