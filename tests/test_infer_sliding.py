@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.infer.sliding import estimate_buffer_bytes, pick_buffer_device, round_roi, sliding_window_predict
+from medseg.infer.sliding import count_windows, estimate_buffer_bytes, pick_buffer_device, round_roi, sliding_window_predict
 
 
 class Pointwise(torch.nn.Module):
@@ -147,3 +147,13 @@ def test_bad_arguments():
         sliding_window_predict(Pointwise(), _image((8, 8, 8)), roi_size=(8, 8, 8), overlap=1.0, device="cpu")
     with pytest.raises(ValueError, match=r"\(C, X, Y, Z\)"):
         sliding_window_predict(Pointwise(), torch.zeros(8, 8, 8), roi_size=(8, 8, 8), device="cpu")
+
+
+@pytest.mark.parametrize("shape,overlap", [((37, 29, 23), 0.5), ((16, 40, 9), 0.25), ((64, 16, 33), 0.0)])
+def test_count_windows_matches_monai_and_progress_bar(shape, overlap, capsys):
+    model = Pointwise()
+    sliding_window_predict(model, _image(shape), roi_size=(16, 16, 16), overlap=overlap, sw_batch_size=1,
+                           device="cpu", progress="case_x")
+    assert len(model.seen_shapes) == count_windows(shape, (16, 16, 16), overlap)
+    err = capsys.readouterr().err
+    assert "case_x" in err and f"{len(model.seen_shapes)}/{len(model.seen_shapes)}" in err

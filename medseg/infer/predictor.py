@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ class PredictionResult:
             value ``c``), or ``None`` unless requested.
         gates: gate maps ``{name: Volume}`` (float32 in [0, 1]), empty unless requested.
         properties: the preprocessing properties of the case.
+        timings: wall seconds per stage: ``load`` (file reading, :meth:`Predictor.predict` only),
+            ``preprocess``, ``sliding_window``, ``restore`` (softmax, back to the original grid,
+            arg-max, post-processing, gate maps).
     """
 
     case: str
@@ -53,6 +57,7 @@ class PredictionResult:
     probabilities: np.ndarray | None = None
     gates: dict[str, Volume] = field(default_factory=dict)
     properties: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def case_name(path: str | Path) -> str:
@@ -170,7 +175,7 @@ class Predictor:
         device / precision: ``auto`` or explicit (see :mod:`medseg.runtime`).
         overlap, blend, sw_batch_size, tta, channels_last: see :func:`sliding_window_predict`.
         postprocess: ``None`` / ``"none"`` or ``"largest-component"``.
-        progress: tqdm bar over the windows of each case.
+        progress: a tqdm bar over the windows of each case (named after the case).
     """
 
     def __init__(self, model: torch.nn.Module | None, plans: dict, *, roi_size=None, device: str = "auto",
@@ -221,7 +226,12 @@ class Predictor:
     # ------------------------------------------------------------------ public API
     def predict(self, path: str | Path, *, probabilities: bool = False, gates: bool = False) -> PredictionResult:
         """Segment one volume file or DICOM folder (see :meth:`predict_volume`)."""
-        return self.predict_volume(read_volume(path), case=case_name(path), probabilities=probabilities, gates=gates)
+        t0 = time.perf_counter()
+        vol = read_volume(path)
+        load_s = time.perf_counter() - t0
+        result = self.predict_volume(vol, case=case_name(path), probabilities=probabilities, gates=gates)
+        result.timings = {"load": load_s, **result.timings}
+        return result
 
     def predict_array(self, array: np.ndarray, affine: np.ndarray, *, probabilities: bool = False,
                       gates: bool = False, case: str = "array") -> PredictionResult:
@@ -239,16 +249,20 @@ class Predictor:
         from medseg.data.preprocess import preprocess_volume
 
         case = case or (case_name(vol.path) if vol.path else "case")
+        t0 = time.perf_counter()
         check_not_label(vol, self.num_classes)
         image, _, props = preprocess_volume(vol, self.plans, case=case)
+        t1 = time.perf_counter()
         logits, gate_maps = self.predict_preprocessed(image, props, gates)
+        t2 = time.perf_counter()
         del image
         mask, probs = self.logits_to_original(logits, props, keep_probabilities=probabilities)
         del logits
         mask = apply_postprocess(mask, self.postprocess)
         affine = vol.affine.copy()
         gate_vols = {name: Volume(self._restore_map(g, props), affine.copy(), vol.path) for name, g in gate_maps.items()}
-        return PredictionResult(case, Volume(mask, affine, vol.path), probs, gate_vols, props)
+        timings = {"preprocess": t1 - t0, "sliding_window": t2 - t1, "restore": time.perf_counter() - t2}
+        return PredictionResult(case, Volume(mask, affine, vol.path), probs, gate_vols, props, timings)
 
     # ------------------------------------------------------------------ steps
     def predict_preprocessed(self, image: np.ndarray, properties: dict,
@@ -262,7 +276,8 @@ class Predictor:
         out = sliding_window_predict(
             self.model, torch.from_numpy(image), roi_size=self.roi_size, overlap=self.overlap, blend=self.blend,
             sw_batch_size=self.sw_batch_size, precision=self.amp_dtype, device=self.device, tta=self.tta,
-            return_attention=gates, channels_last=self.channels_last, progress=self.progress,
+            return_attention=gates, channels_last=self.channels_last,
+            progress=properties.get("case", True) if self.progress else False,
         )
         return out if gates else (out, {})
 

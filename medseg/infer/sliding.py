@@ -32,11 +32,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
+from tqdm.auto import tqdm
 
 from medseg.runtime import autocast, resolve_precision
 
-__all__ = ["WindowPredictor", "estimate_buffer_bytes", "pick_buffer_device", "round_roi", "sliding_window_predict"]
+__all__ = ["WindowPredictor", "count_windows", "estimate_buffer_bytes", "pick_buffer_device", "round_roi", "sliding_window_predict"]
 
 LOGITS_KEY = "__logits__"
 MIRROR_AXES = (2, 3, 4)  # spatial axes of a (B, C, X, Y, Z) window
@@ -77,7 +79,7 @@ class WindowPredictor:
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, amp_dtype: torch.dtype | None,
                  out_dtype: torch.dtype, tta: bool = False, return_attention: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, bar=None):
         self.model = model
         self.device = device
         self.amp_dtype = amp_dtype
@@ -85,6 +87,7 @@ class WindowPredictor:
         self.flips = _mirror_sets(tta)
         self.return_attention = return_attention
         self.channels_last = channels_last
+        self.bar = bar  # a tqdm bar advanced by the windows of each call
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with autocast(self.device, self.amp_dtype):
@@ -110,12 +113,21 @@ class WindowPredictor:
                 g = torch.flip(g, axes) if axes else g
                 gate_sum[name] = g if name not in gate_sum else gate_sum[name] + g
         n = float(len(self.flips))
+        if self.bar is not None:
+            self.bar.update(x.shape[0])
         logits = (logit_sum / n).to(self.out_dtype)
         if not self.return_attention:
             return logits
         out = {LOGITS_KEY: logits}
         out.update({name: (g / n).to(self.out_dtype) for name, g in gate_sum.items()})
         return out
+
+
+def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's ``sliding_window_inference`` visits (its scan-interval rule)."""
+    size = [max(int(s), int(r)) for s, r in zip(image_shape[-3:], roi_size)]
+    interval = [r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi_size)]
+    return len(dense_patch_slices(size, roi_size, interval))
 
 
 def estimate_buffer_bytes(image_shape: Sequence[int], roi_size: Sequence[int], n_out_channels: int,
@@ -167,7 +179,7 @@ def sliding_window_predict(
     return_attention: bool = False,
     buffer_device: torch.device | str | None = None,
     channels_last: bool = False,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits (and gate maps) for a whole preprocessed volume.
 
@@ -188,7 +200,7 @@ def sliding_window_predict(
         return_attention: also stitch the model's gate maps.
         buffer_device: where the stitched output lives; ``None`` = ``device`` when it fits, else CPU.
         channels_last: run windows in ``channels_last_3d`` memory format.
-        progress: tqdm bar over the windows.
+        progress: tqdm bar over the windows (a string: the bar's description, e.g. the case name).
 
     Returns:
         ``logits (K, X, Y, Z)`` in the precision's dtype (float32 without autocast) on the
@@ -210,6 +222,7 @@ def sliding_window_predict(
     roi = round_roi(roi_size, getattr(model, "patch_divisor", None))
     window = WindowPredictor(model, device=device, amp_dtype=amp_dtype, out_dtype=compute_dtype, tta=tta,
                              return_attention=return_attention, channels_last=channels_last)
+    bar = None
     was_training = model.training
     model.eval()
     try:
@@ -223,13 +236,18 @@ def sliding_window_predict(
                 buffer_device = device
         buffer_device = torch.device(buffer_device)
         inputs = img.to(buffer_device, dtype=compute_dtype)[None]
+        if progress:
+            desc = progress if isinstance(progress, str) else None
+            bar = window.bar = tqdm(total=count_windows(img.shape, roi, float(overlap)), desc=desc, unit="window")
         with torch.inference_mode():
             out: Any = sliding_window_inference(
                 inputs, roi, sw_batch_size, window, overlap=float(overlap), mode=blend,
-                sw_device=device, device=buffer_device, progress=progress,
+                sw_device=device, device=buffer_device,
             )
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     if isinstance(out, dict):
         logits = out.pop(LOGITS_KEY)[0]
         return logits, {name: m[0] for name, m in out.items()}

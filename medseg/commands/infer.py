@@ -1,0 +1,89 @@
+"""``medseg infer``: segment volumes with a trained run, in each input's own geometry.
+
+A thin layer over :class:`medseg.infer.predictor.Predictor` and
+:func:`medseg.infer.runner.run_inference` (the output layout is described there).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from medseg.infer.postprocess import POSTPROCESSORS
+from medseg.infer.runner import OUTPUT_FORMATS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "outputs in OUT_DIR, per case:\n"
+        "  <case>.nii.gz                uint8 mask, the input's exact shape and affine\n"
+        "  <case>_probabilities.nii.gz  (--save-probabilities) 4-D (I,J,K,C): volume c = P(label c),\n"
+        "                               uint16 with scl_slope 1/65535 (readers return floats in [0,1])\n"
+        "  <case>_gates/<name>.nii.gz   (--save-gates) each attention map, float32 in [0,1]\n"
+        "<case> is the input name without suffix and nnU-Net's _0000 tag (a DICOM folder: its name).\n"
+        "Options left unset come from the run's config.yaml `infer` section; trailing\n"
+        "section.key=value overrides (e.g. infer.overlap=0.25) apply to that config."
+    )
+    p.add_argument("--model", "-m", required=True, metavar="RUN_DIR",
+                   help="training run directory (config.yaml, plans.json, checkpoints/<name>.pt)")
+    p.add_argument("-i", "--input", required=True, metavar="INPUT",
+                   help="a volume file (.nii.gz, .nii, .nrrd, .mha, .mhd), a DICOM series folder, or a folder of them")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
+                   help="output folder (created; must not be the input folder)")
+    p.add_argument("--checkpoint", choices=("best", "final", "latest"), default=None,
+                   help="which checkpoint of the run to load (default: infer.checkpoint, normally best)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap fraction in [0, 1) (default: infer.overlap, normally 0.5)")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default=None,
+                   help="how overlapping windows are blended: Gaussian importance weights (default) or uniform")
+    p.add_argument("--sw-batch-size", type=int, default=None,
+                   help="windows per forward pass (default: infer.sw_batch_size); larger is faster on a GPU")
+    p.add_argument("--tta", action="store_true", default=None,
+                   help="test-time augmentation: average 8 mirrored predictions per window (8x slower)")
+    p.add_argument("--device", default=None,
+                   help="auto | cpu | cuda | cuda:i (default: infer.device, normally auto = CUDA when available)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                   help="autocast precision; auto = fp16 on CUDA, bf16 on a CPU with native bf16, else fp32")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run the network in channels_last_3d memory format (can be faster on recent GPUs)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <case>_probabilities.nii.gz (softmax, input grid)")
+    p.add_argument("--save-gates", action="store_true",
+                   help="also write every attention/gate map as <case>_gates/<name>.nii.gz in the input grid")
+    p.add_argument("--postprocess", choices=POSTPROCESSORS.names(), default="none",
+                   help="largest-component: keep the largest connected component of each class")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="nii.gz",
+                   help="mask file format; 'same' keeps the input's (DICOM -> nii.gz)")
+    p.add_argument("--num-parts", type=int, default=1,
+                   help="split the input folder into this many parts (one per machine / GPU)")
+    p.add_argument("--part-id", type=int, default=0, help="which part this process segments, 0..num-parts-1")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides applied to the run's config.yaml (e.g. infer.sw_batch_size=4)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medseg.infer.predictor import Predictor
+    from medseg.infer.runner import run_inference, select_part
+
+    select_part([], args.num_parts, args.part_id)  # validate before loading the model
+    predictor = Predictor.from_run(
+        args.model,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        precision=args.precision,
+        overlap=args.overlap,
+        blend=args.blend,
+        sw_batch_size=args.sw_batch_size,
+        tta=args.tta,
+        overrides=args.overrides,
+        channels_last=args.channels_last,
+        postprocess=args.postprocess,
+        progress=True,
+    )
+    written = run_inference(
+        predictor, args.input, args.output, output_format=args.output_format,
+        save_probabilities=args.save_probabilities, save_gates=args.save_gates,
+        num_parts=args.num_parts, part_id=args.part_id,
+    )
+    print(f"wrote {len(written)} file(s) to {args.output}")
+    return 0

@@ -1,0 +1,189 @@
+"""Folder-level inference: find the inputs, plan and guard the outputs, write every result.
+
+Output layout in ``OUT_DIR`` (one set per case; ``<case>`` is the input name without its
+suffix and nnU-Net's ``_0000`` channel tag, a DICOM series folder gives its folder name):
+
+- ``<case>.nii.gz``: the mask, ``uint8`` label values, the input's exact shape and affine
+  (``--output-format nrrd | mha | same`` changes the container; ``same`` keeps the input's
+  format, DICOM -> NIfTI, ``.mhd`` -> ``.mha``, ``.nhdr`` -> ``.nrrd``).
+- ``<case>_probabilities.nii.gz`` (``--save-probabilities``): one 4-D NIfTI ``(I, J, K, C)``
+  with the input's affine; volume ``c`` is the softmax probability of label value ``c``
+  (background first). Stored as ``uint16`` with ``scl_slope = 1/65535`` (NIfTI has no
+  float16): 2 bytes a voxel like float16, 1.5e-5 resolution, and every NIfTI reader that
+  applies the slope (nibabel, ITK, 3D Slicer) returns floats in [0, 1].
+- ``<case>_gates/<name>.nii.gz`` (``--save-gates``): each attention map (``gate/level2`` ->
+  ``gate_level2.nii.gz``), float32 in [0, 1], in the input's grid.
+
+Inputs are never overwritten: an output folder equal to the input folder is refused, and
+so is any planned output path that is an input. Writes are atomic (``medseg.io``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.errors import InputError, MedsegError
+from medseg.infer.predictor import PredictionResult, Predictor, case_name
+from medseg.io import atomic_write, find_volumes, is_dicom_dir, is_volume_path, write_volume
+from medseg.runtime import get_logger
+
+__all__ = ["OUTPUT_FORMATS", "CaseJob", "collect_inputs", "plan_jobs", "run_inference", "select_part",
+           "write_probabilities", "write_result"]
+
+OUTPUT_FORMATS = ("nii.gz", "nrrd", "mha", "same")
+_SAME_FORMAT = {".nii.gz": ".nii.gz", ".nii": ".nii", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha", ".mhd": ".mha"}
+log = get_logger(__name__)
+
+
+@dataclass
+class CaseJob:
+    """One input and the paths its outputs go to."""
+
+    case: str
+    source: Path
+    mask: Path
+    probabilities: Path
+    gates_dir: Path
+
+
+def collect_inputs(input_path: str | Path) -> list[Path]:
+    """The volumes named by ``input_path``: a volume file, a DICOM series folder, or a folder of them.
+
+    Raises:
+        InputError: missing path, a file that is not a volume, a folder without volumes.
+    """
+    p = Path(input_path)
+    if not p.exists():
+        raise InputError(f"{p}: input not found")
+    if p.is_file():
+        if not is_volume_path(p):
+            raise InputError(f"{p}: not a volume file (expected .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd or a DICOM folder)")
+        return [p]
+    if is_dicom_dir(p):
+        return [p]
+    found = find_volumes(p)
+    if not found:
+        raise InputError(f"{p}: no volume files (.nii.gz, .nii, .nrrd, .mha, ...) or DICOM series folders in this folder")
+    return found
+
+
+def _mask_suffix(source: Path, output_format: str) -> str:
+    if output_format not in OUTPUT_FORMATS:
+        raise InputError(f"output format '{output_format}' is not valid (use one of {', '.join(OUTPUT_FORMATS)})")
+    if output_format != "same":
+        return "." + output_format
+    if source.is_dir():
+        return ".nii.gz"
+    low = source.name.lower()
+    return next(v for k, v in _SAME_FORMAT.items() if low.endswith(k))
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a gate name: ``gate/level2`` -> ``gate_level2``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "map"
+
+
+def plan_jobs(inputs: list[Path], out_dir: str | Path, input_path: str | Path, *, output_format: str = "nii.gz") -> list[CaseJob]:
+    """Output paths for each input, refusing anything that could overwrite an input.
+
+    Raises:
+        InputError: ``out_dir`` is the input folder, two inputs give the same case name, or an
+            output path is one of the inputs.
+    """
+    out = Path(out_dir).resolve()
+    src = Path(input_path).resolve()
+    if src.is_dir() and out == src:
+        raise InputError(f"{out_dir}: output folder is the input folder; choose another so that no input can be overwritten")
+    jobs, seen = [], {}
+    for source in inputs:
+        case = case_name(source)
+        if case in seen:
+            raise InputError(f"{source}: gives the same case name '{case}' as {seen[case]}; rename one of them")
+        seen[case] = source
+        jobs.append(CaseJob(case, source, out / f"{case}{_mask_suffix(source, output_format)}",
+                            out / f"{case}_probabilities.nii.gz", out / f"{case}_gates"))
+    sources = {s.resolve() for s in inputs}
+    for job in jobs:
+        for target in (job.mask, job.probabilities, job.gates_dir):
+            if target in sources or any(s.is_relative_to(target) for s in sources):
+                raise InputError(f"{target}: output would overwrite the input {target}; choose another output folder")
+    return jobs
+
+
+def select_part(items: list, num_parts: int = 1, part_id: int = 0) -> list:
+    """Every ``num_parts``-th item starting at ``part_id`` (split a folder across machines).
+
+    Raises:
+        InputError: ``num_parts < 1`` or ``part_id`` outside ``0..num_parts-1``.
+    """
+    if num_parts < 1:
+        raise InputError(f"--num-parts must be >= 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise InputError(f"--part-id must be in 0..{num_parts - 1}, got {part_id}")
+    return items[part_id::num_parts]
+
+
+def write_probabilities(probs: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write ``(C, I, J, K)`` probabilities as a 4-D ``uint16`` NIfTI with ``scl_slope = 1/65535``."""
+    q = np.empty(probs.shape[1:] + probs.shape[:1], dtype=np.uint16)
+    for c in range(probs.shape[0]):  # one float32 channel at a time
+        q[..., c] = np.rint(np.clip(probs[c].astype(np.float32), 0.0, 1.0) * 65535.0)
+    img = nib.Nifti1Image(q, np.asarray(affine, dtype=np.float64))
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_slope_inter(1.0 / 65535.0, 0.0)
+    img.header["descrip"] = b"medseg softmax; volume c = label c"
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def write_result(result: PredictionResult, job: CaseJob) -> list[Path]:
+    """Write the mask, and the probabilities / gate maps when the result holds them."""
+    written = [write_volume(result.mask, job.mask)]
+    if result.probabilities is not None:
+        written.append(write_probabilities(result.probabilities, result.mask.affine, job.probabilities))
+    for name, vol in result.gates.items():
+        written.append(write_volume(vol, job.gates_dir / f"{safe_name(name)}.nii.gz"))
+    return written
+
+
+def run_inference(predictor: Predictor, input_path: str | Path, out_dir: str | Path, *, output_format: str = "nii.gz",
+                  save_probabilities: bool = False, save_gates: bool = False, num_parts: int = 1,
+                  part_id: int = 0) -> list[Path]:
+    """Segment every input of ``input_path`` (this machine's part of them) into ``out_dir``.
+
+    A case that fails with a user error is reported and skipped; the others still run, then
+    an :class:`InputError` lists the failed cases.
+
+    Returns:
+        The paths written.
+    """
+    inputs = collect_inputs(input_path)
+    jobs = select_part(plan_jobs(inputs, out_dir, input_path, output_format=output_format), num_parts, part_id)
+    log.info("%d case(s) to segment (part %d of %d) -> %s", len(jobs), part_id + 1, num_parts, out_dir)
+    written: list[Path] = []
+    failed: list[str] = []
+    for i, job in enumerate(jobs, 1):
+        log.info("[%d/%d] %s", i, len(jobs), job.source)
+        try:
+            result = predictor.predict(job.source, probabilities=save_probabilities, gates=save_gates)
+        except MedsegError as err:
+            if len(jobs) == 1:
+                raise
+            log.error("%s", err)
+            failed.append(f"{job.source} ({err})")
+            continue
+        if save_gates and not result.gates:
+            log.warning("%s: the model has no attention maps; nothing written for --save-gates", job.case)
+        written += write_result(result, job)
+    if failed:
+        raise InputError(f"{len(failed)} of {len(jobs)} case(s) failed: " + "; ".join(failed))
+    return written
