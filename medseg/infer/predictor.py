@@ -302,13 +302,15 @@ class Predictor:
         shape = tuple(int(s) for s in properties["original_shape"])
         n_vox = int(np.prod(shape))
         chunk = max(1, min(k, RESTORE_BUDGET_BYTES // max(1, 4 * n_vox)))
-        best_val = torch.full(shape, -1.0, dtype=torch.float32, device=probs.device)
-        best_idx = torch.zeros(shape, dtype=torch.uint8, device=probs.device)
+        # resample on the compute device even when the stitched buffer fell back to the CPU
+        work = self.device if self.device.type == "cuda" else probs.device
+        best_val = torch.full(shape, -1.0, dtype=torch.float32, device=work)
+        best_idx = torch.zeros(shape, dtype=torch.uint8, device=work)
         kept = np.empty((k, *shape), dtype=np.float16) if keep_probabilities else None
         for c0 in range(0, k, chunk):
             c1 = min(k, c0 + chunk)
             fill = [1.0 if c == 0 else 0.0 for c in range(c0, c1)]  # outside the crop: background
-            restored = restore_to_original(probs[c0:c1].float(), properties, mode="linear", fill=fill)
+            restored = restore_to_original(probs[c0:c1].to(work, torch.float32), properties, mode="linear", fill=fill)
             for i in range(c1 - c0):
                 better = restored[i] > best_val
                 best_val = torch.where(better, restored[i], best_val)
