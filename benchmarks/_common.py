@@ -1,0 +1,200 @@
+"""Helpers shared by the benchmark scripts: threads, machine and commit, peak RSS, child
+processes, synthetic CT, run directories and the ``benchmarks/results/<name>.{md,json}`` files.
+
+Every benchmark measures everything it compares in the same run and writes its table with the
+commit and the machine that produced it; ``benchmarks/update_readme.py`` splices those tables
+into README.md. Nothing here is timed by a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
+WIDTHS = (16, 32, 64, 128, 256)
+
+
+# --------------------------------------------------------------------------- process set-up
+def set_threads(n: int) -> None:
+    """Use ``n`` CPU threads in torch (and in the BLAS / OpenMP pools of child processes)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, GB (``ru_maxrss`` is in KiB on Linux)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * (1.0 if sys.platform != "darwin" else 1 / 1024) / 1024**2
+
+
+# --------------------------------------------------------------------------- provenance
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def commit() -> str:
+    """``git describe``-like id of the checkout: short hash, ``+dirty`` when tracked code changed."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "medseg", "benchmarks", "configs")
+    return sha + ("+dirty" if dirty else "")
+
+
+def machine(threads: int) -> dict[str, Any]:
+    """What produced the numbers: CPU, cores, threads, bf16 support, library versions."""
+    import monai
+    import torch
+
+    from medseg.runtime import cpu_supports_bf16
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "bf16_native": cpu_supports_bf16(),
+            "torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()}
+
+
+def provenance_line(meta: dict) -> str:
+    m = meta["machine"]
+    return (f"commit `{meta['commit']}`, {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads, "
+            f"native bf16: {'yes' if m['bf16_native'] else 'no'}), torch {m['torch']}, MONAI {m['monai']}, "
+            f"{meta['date']}")
+
+
+# --------------------------------------------------------------------------- child processes
+def run_child(argv: Sequence[str], *, timeout: float | None = None) -> dict:
+    """Run ``python <argv>`` and return the JSON object printed on its last stdout line.
+
+    Raises:
+        RuntimeError: the child failed or printed no JSON (its stderr tail is in the message).
+    """
+    proc = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    if proc.returncode != 0 or not lines or not lines[-1].lstrip().startswith("{"):
+        raise RuntimeError(f"child {' '.join(map(str, argv))} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------- synthetic CT
+def write_phantom_ct(path: Path, shape: Sequence[int] = (512, 512, 133), spacing: Sequence[float] = (0.7, 0.7, 2.5),
+                     seed: int = 0) -> Path:
+    """A phantom CT (``medseg.data.phantoms``) of ``shape`` voxels at ``spacing`` mm, LAS, as NIfTI.
+
+    Stands in for ``real_ct/organs/imagesTr/lidc0001_chest.nii.gz`` when that file is absent, and
+    for ``--quick`` runs (small shapes). Only its size and intensity range matter to a timing.
+    """
+    from medseg.data.phantoms import NOMINAL_SPACING, make_phantom_case
+    from medseg.io import write_volume
+
+    nominal = [round(n * s / ns) for n, s, ns in zip(shape, spacing, NOMINAL_SPACING)]  # field of view in nominal voxels
+    image, _ = make_phantom_case(seed, shape=nominal, orientation="LAS", spacing=spacing, noise_hu=15.0)
+    return write_volume(image, path)
+
+
+# --------------------------------------------------------------------------- run directories
+def make_run_dir(run_dir: Path, config: Path, plans: dict, *, overrides: Sequence[str] = (), seed: int = 0) -> Path:
+    """A run directory with an untrained network: ``config.yaml`` (``config`` + ``overrides``),
+    ``plans.json`` and ``checkpoints/best.pt`` -- exactly what ``Predictor.from_run`` reads."""
+    import torch
+
+    from medseg.config import load_config, save_config
+    from medseg.io import atomic_write_text
+    from medseg.nn import build_model
+
+    cfg = load_config(config, list(overrides))
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes=cfg.model.num_classes or plans["num_classes"],
+                        spacing=plans["target_spacing"])
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "plans.json", json.dumps(plans, indent=1))
+    torch.save({"model": model.state_dict()}, run_dir / "checkpoints" / "best.pt")
+    return run_dir
+
+
+def plan_for_image(image: Path, labels: dict[str, int], *, target_spacing: Sequence[float],
+                   patch_size: Sequence[int] | None = None, divisor: Sequence[int] | int = 16) -> dict:
+    """``plans.json`` for a one-image "dataset", made by the data layer (fingerprint -> ``make_plan``)
+    with a fixed target spacing and CT normalization (foreground = body, since there is no label)."""
+    from medseg.config import DataConfig
+    from medseg.data.datasets import Case, DatasetInfo
+    from medseg.data.fingerprint import compute_fingerprint
+    from medseg.data.plan import make_plan
+
+    info = DatasetInfo(root=image.parent, name="benchmark", labels=dict(labels), channel_names={"0": "CT"},
+                       cases=[Case("benchmark", [image], None)])
+    fp = compute_fingerprint(info, progress=False)
+    cfg = DataConfig(normalization="ct", target_spacing=[float(s) for s in target_spacing],
+                     patch_size=[int(p) for p in patch_size] if patch_size else None)
+    return make_plan(fp, cfg, divisor=divisor)
+
+
+def num_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """Windows MONAI's ``sliding_window_inference`` runs over ``shape`` (its scan-interval rule)."""
+    import math
+
+    n = 1
+    for s, r in zip(shape, roi):
+        if s <= r:
+            continue
+        step = max(int(r * (1 - overlap)), 1)
+        n *= math.ceil((s - r) / step) + 1
+    return n
+
+
+# --------------------------------------------------------------------------- output
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats with 3 significant digits (2 decimals from 10 on)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "n/a" if v != v else (f"{v:.2f}" if abs(v) >= 10 else f"{v:.3g}")
+        return str(v)
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write_results(name: str, title: str, body_md: str, data: dict, meta: dict, *, command: str,
+                  out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<name>.md`` (title, table, command, provenance) and ``<name>.json``."""
+    from medseg.io import atomic_write_text
+
+    md = (f"### {title}\n\n{body_md.strip()}\n\n"
+          f"Reproduce: `{command}`  \nMeasured on: {provenance_line(meta)}.\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path = atomic_write_text(out_dir / f"{name}.md", md)
+    js_path = atomic_write_text(out_dir / f"{name}.json", json.dumps({**data, "meta": meta}, indent=1, default=float))
+    return md_path, js_path
+
+
+def meta_now(threads: int, argv: Sequence[str] | None = None) -> dict:
+    """Commit, machine, date and command line of this run."""
+    import datetime
+
+    return {"commit": commit(), "machine": machine(threads),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "argv": list(sys.argv if argv is None else argv)}

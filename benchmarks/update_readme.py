@@ -1,0 +1,67 @@
+"""Splice the benchmark tables (``benchmarks/results/*.md``) into README.md.
+
+Everything between the lines ``<!-- perf:start -->`` and ``<!-- perf:end -->`` of README.md is
+replaced by the result files, in the order ``infer_speed``, ``train_speed``, ``real_ct_study``,
+then any other ``*.md`` alphabetically. Text outside the markers is left as it is; numbers are
+never typed in by hand. Exit 1 when the markers are missing (add them to the "Performance"
+section first).
+
+    python benchmarks/update_readme.py            # rewrite README.md in place
+    python benchmarks/update_readme.py --check    # exit 1 when README.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+ORDER = ("infer_speed", "train_speed", "real_ct_study")
+
+
+def result_files(results: Path) -> list[Path]:
+    """The ``*.md`` result files, in README order."""
+    files = {p.stem: p for p in sorted(results.glob("*.md"))}
+    return [files.pop(n) for n in ORDER if n in files] + list(files.values())
+
+
+def splice(readme: str, blocks: list[str]) -> str:
+    """``readme`` with the text between the markers replaced by ``blocks``.
+
+    Raises:
+        ValueError: the markers are missing or out of order.
+    """
+    i, j = readme.find(START), readme.find(END)
+    if i < 0 or j < 0 or j < i:
+        raise ValueError(f"README.md needs the markers {START} ... {END} (in that order)")
+    inner = "\n\n".join(b.strip() for b in blocks) or "_No benchmark results yet: run the scripts above._"
+    return readme[: i + len(START)] + "\n" + inner + "\n" + readme[j:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README to update (default README.md)")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="folder of result *.md files")
+    p.add_argument("--check", action="store_true", help="do not write; exit 1 when the README differs from the results")
+    args = p.parse_args(argv)
+    from medseg.io import atomic_write_text
+
+    old = args.readme.read_text()
+    try:
+        new = splice(old, [f.read_text() for f in result_files(args.results)])
+    except ValueError as err:
+        print(f"{args.readme}: {err}", file=sys.stderr)
+        return 1
+    if args.check:
+        print("README.md is up to date" if new == old else "README.md is out of date: run benchmarks/update_readme.py")
+        return int(new != old)
+    if new != old:
+        atomic_write_text(args.readme, new)
+    print(f"{args.readme}: {'updated' if new != old else 'unchanged'} ({len(result_files(args.results))} result file(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
