@@ -214,3 +214,22 @@ def test_help_explains_every_flag(capsys):
                  "--precision", "--checkpoint", "--save-probabilities", "--save-gates", "--postprocess",
                  "--num-parts", "--part-id", "--output-format", "_probabilities.nii.gz"):
         assert flag in out
+
+
+def test_real_dicom_series_folder(tmp_path, real_ct, run_dir):
+    """A DICOM series folder in, a NIfTI mask out on the series' own (LPS) grid."""
+    dicom = real_ct / "organs" / "dicom" / "ts_upperabd_dicom20"
+    if not dicom.is_dir():
+        pytest.skip("ts_upperabd_dicom20 is not present")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "checkpoints"):
+        (run / name).symlink_to(run_dir / name)
+    (run / "plans.json").write_text(json.dumps(dict(PLANS, target_spacing=[6.0, 6.0, 6.0])))  # coarse: fast
+    assert infer(run, dicom, tmp_path / "out", "--save-gates") == 0
+    ref = read_volume(dicom)
+    mask = read_volume(tmp_path / "out" / "ts_upperabd_dicom20.nii.gz")
+    assert mask.shape == ref.shape == (512, 512, 20) and np.allclose(mask.affine, ref.affine, atol=1e-4)
+    assert mask.orientation == "LPS"
+    gate = read_volume(tmp_path / "out" / "ts_upperabd_dicom20_gates" / "gate_level0.nii.gz")
+    assert gate.shape == ref.shape and np.allclose(gate.affine, ref.affine, atol=1e-4)

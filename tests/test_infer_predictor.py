@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from medseg.data.preprocess import preprocess_volume
 from medseg.errors import InputError
 from medseg.infer.predictor import Predictor, case_name, check_not_label
-from medseg.io import Volume, read_volume, reorient, same_space, undo_reorient, write_volume
+from medseg.io import (
+    Volume,
+    read_volume,
+    reorient,
+    same_space,
+    undo_reorient,
+    write_volume,
+)
 
 PLANS = {
     "dataset_name": "phantom",

@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.infer.sliding import count_windows, estimate_buffer_bytes, pick_buffer_device, round_roi, sliding_window_predict
+from medseg.infer.sliding import (
+    count_windows,
+    estimate_buffer_bytes,
+    pick_buffer_device,
+    round_roi,
+    sliding_window_predict,
+)
 
 
 class Pointwise(torch.nn.Module):

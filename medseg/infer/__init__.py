@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from medseg.infer.sliding import sliding_window_predict
 
-__all__ = ["Predictor", "PredictionResult", "predict_case_arrays", "sliding_window_predict"]
+__all__ = ["PredictionResult", "Predictor", "predict_case_arrays", "sliding_window_predict"]
 
 
 def predict_case_arrays(model, image, *, roi_size, **kwargs):

@@ -9,7 +9,7 @@ uses ``scipy.ndimage.label`` on each class's bounding box.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage

@@ -132,7 +132,7 @@ def load_run(run_dir: str | Path, checkpoint: str | None = "best", overrides: li
         raise InputError(f"{plans_path}: not valid JSON: {err}") from None
     try:
         payload = torch.load(ckpt, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several types for a corrupt or unsafe file
+    except Exception as err:  # noqa: BLE001  (torch raises several types for a corrupt or unsafe file)
         raise InputError(f"{ckpt}: cannot load checkpoint: {err}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         raise InputError(f"{ckpt}: not a medseg checkpoint (no 'model' state dict)")
@@ -208,7 +208,7 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str | None = "best", device: str | None = "auto",
                  precision: str | None = "auto", overlap: float | None = None, blend: str | None = None, sw_batch_size: int | None = None,
-                 tta: bool | None = None, overrides: list[str] | None = None, **kwargs: Any) -> "Predictor":
+                 tta: bool | None = None, overrides: list[str] | None = None, **kwargs: Any) -> Predictor:
         """A predictor for a training run directory; options given as ``None`` come from the run's
         ``infer`` section (after ``overrides``), the window size from ``data.patch_size`` or the plans.
 

@@ -29,7 +29,13 @@ import numpy as np
 
 from medseg.errors import InputError, MedsegError
 from medseg.infer.predictor import PredictionResult, Predictor, case_name
-from medseg.io import atomic_write, find_volumes, is_dicom_dir, is_volume_path, write_volume
+from medseg.io import (
+    atomic_write,
+    find_volumes,
+    is_dicom_dir,
+    is_volume_path,
+    write_volume,
+)
 from medseg.runtime import get_logger
 
 __all__ = ["OUTPUT_FORMATS", "CaseJob", "collect_inputs", "plan_jobs", "run_inference", "select_part",
