@@ -113,6 +113,8 @@ def test_tta_runs_eight_passes(tmp_path, run_dir):
         pred.model.register_forward_hook(lambda *a, key=key: calls.__setitem__(key, calls[key] + 1))
         res = pred.predict(src)
         assert res.mask.shape == read_volume(src).shape
+        assert set(res.timings) == {"load", "preprocess", "sliding_window", "restore"}
+        assert all(v >= 0 for v in res.timings.values())
     assert calls["plain"] > 0 and calls["tta"] == 8 * calls["plain"]
     assert infer(run_dir, src, tmp_path / "out", "--tta", "--overlap", "0.25", "--blend", "constant") == 0
     assert (tmp_path / "out" / "a.nii.gz").is_file()

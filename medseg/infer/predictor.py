@@ -254,6 +254,8 @@ class Predictor:
         image, _, props = preprocess_volume(vol, self.plans, case=case)
         t1 = time.perf_counter()
         logits, gate_maps = self.predict_preprocessed(image, props, gates)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # honest stage timings: wait for queued kernels
         t2 = time.perf_counter()
         del image
         mask, probs = self.logits_to_original(logits, props, keep_probabilities=probabilities)
