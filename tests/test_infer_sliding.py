@@ -114,12 +114,15 @@ def test_gate_maps_stitched_in_full_grid():
     assert np.corrcoef(g.flatten().numpy(), whole.flatten().numpy())[0, 1] > 0.95
 
 
-def test_bf16_buffers_are_half_precision_and_close():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_buffers_are_half_and_close(dtype):
+    """bf16 (CPU) and fp16 (CUDA; its stitching falls back to a CPU fp16 buffer) accumulate in half precision."""
     model = Pointwise()
     img = _image((24, 24, 24))
     ref = sliding_window_predict(model, img, roi_size=(16, 16, 16), device="cpu")
-    out = sliding_window_predict(model, img, roi_size=(16, 16, 16), device="cpu", precision=torch.bfloat16)
-    assert out.dtype == torch.bfloat16
+    out, gates = sliding_window_predict(model, img, roi_size=(16, 16, 16), device="cpu", precision=dtype,
+                                        return_attention=True)
+    assert out.dtype == dtype and gates["gate/level2"].dtype == dtype
     assert torch.mean(torch.abs(out.float() - ref)).item() < 0.05
     assert (out.float().argmax(0) == ref.argmax(0)).float().mean().item() > 0.97
 
@@ -137,13 +140,18 @@ def test_mode_restored_and_deep_supervision_list_handled():
     assert model.training and not any(model.calls_training)
 
 
-def test_buffer_estimate_and_cpu_fallback():
+def test_buffer_estimate_and_cpu_fallback(monkeypatch):
     need = estimate_buffer_bytes((100, 100, 50), (64, 64, 64), 14, 2, torch.float16)
     assert need == 100 * 100 * 64 * 2 * (14 + 1 + 4)
     assert pick_buffer_device(torch.device("cpu"), 10**15) == torch.device("cpu")
-    if torch.cuda.is_available():
-        assert pick_buffer_device(torch.device("cuda"), 10**15) == torch.device("cpu")
-        assert pick_buffer_device(torch.device("cuda"), 1024).type == "cuda"
+    # a GPU with 1 GiB free plus 0.5 GiB of torch's reusable cache (faked: no GPU needed)
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: gib // 2)
+    cuda = torch.device("cuda", 0)
+    assert pick_buffer_device(cuda, int(1.1 * gib)) == cuda  # 1.1 <= 0.8 * 1.5
+    assert pick_buffer_device(cuda, int(1.3 * gib)) == torch.device("cpu")
 
 
 def test_bad_arguments():
