@@ -297,7 +297,7 @@ def _read_nifti(p: Path) -> Volume:
         else:
             array = img.get_fdata(dtype=np.float32)
     except Exception as err:
-        raise InputError(f"{p}: cannot read voxel data (truncated or corrupt file?): {err}") from None
+        raise InputError(f"{p}: cannot read voxel data (truncated or corrupt file?): {' '.join(str(err).split())}") from None
     if array.ndim == 4:
         array = array[..., 0]
     return Volume(np.ascontiguousarray(array), np.asarray(img.affine, dtype=np.float64), str(p))
@@ -361,12 +361,18 @@ def write_volume(vol: Volume | np.ndarray, path: str | Path, affine: np.ndarray 
         array = array.astype(np.uint8)
     if array.dtype == np.float16:
         array = array.astype(np.float32)
+    if array.dtype in (np.int64, np.uint64):  # nibabel refuses 64-bit ints without an explicit dtype
+        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        for dt in (np.uint8, np.int16, np.int32):
+            if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+                array = array.astype(dt)
+                break
     affine = np.asarray(affine, dtype=np.float64)
     path = Path(path)
     name = path.name.lower()
     with atomic_write(path) as tmp:
         if name.endswith(NIFTI_SUFFIXES):
-            img = nib.Nifti1Image(array, affine)
+            img = nib.Nifti1Image(array, affine, dtype=array.dtype if array.dtype in (np.int64, np.uint64) else None)
             img.set_qform(affine, code=1)
             img.set_sform(affine, code=1)
             img.header.set_xyzt_units("mm", "sec")

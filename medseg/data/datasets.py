@@ -78,8 +78,11 @@ def load_dataset_json(root: Path) -> dict | None:
     return data
 
 
-def discover_cases(root: str | Path) -> DatasetInfo:
+def discover_cases(root: str | Path, *, ignore_dataset_json: bool = False) -> DatasetInfo:
     """Find the cases of a dataset folder (see the module docstring for the layouts).
+
+    ``ignore_dataset_json=True`` scans the folders as if there were no ``dataset.json``
+    (classes from the label files), e.g. to write a new one.
 
     Raises:
         InputError: the folder or a listed file is missing, a label file is missing for an
@@ -88,7 +91,7 @@ def discover_cases(root: str | Path) -> DatasetInfo:
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: dataset folder not found")
-    meta = load_dataset_json(root)
+    meta = None if ignore_dataset_json else load_dataset_json(root)
     if meta is None:
         return _discover_plain(root)
     where = root / "dataset.json"

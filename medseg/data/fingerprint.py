@@ -2,8 +2,8 @@
 
 Per case: spacing and shape in the closest-RAS axis order (the order of the preprocessed
 arrays), the shape of the body box (``image > -500 HU``), and up to 10,000 randomly sampled
-foreground intensities per channel (foreground = label > 0; the body when the label is empty
-or missing). Over the dataset: the pooled foreground intensity statistics per channel
+foreground intensities per channel (foreground = label > 0; the body (> -500 HU) for an
+unlabelled case; none for an empty label). Over the dataset: the pooled foreground intensity statistics per channel
 (``mean``, ``std``, ``median``, ``min``, ``max``, ``percentile_00_5``, ``percentile_99_5``) that
 the ``ct`` normalization uses, plus median spacing / shape.
 """
@@ -52,11 +52,10 @@ def case_fingerprint(case: Case, labels: dict[str, int] | None = None, *, ct_che
     label = read_volume(case.label) if case.label is not None else None
     stack = np.stack([c.array for c in chans])
     body_box = body_bbox(stack, None, threshold=BODY_THRESHOLD_HU, margin=0)
-    fg = None
-    if label is not None:
+    if label is not None:  # an empty label contributes no sample (its body is not foreground)
         check_label(label, ref, values)
         fg = label.array > 0
-    if fg is None or not fg.any():  # unlabelled or empty label: the body stands in for the foreground
+    else:  # unlabelled case: the body stands in for the foreground
         fg = (stack > BODY_THRESHOLD_HU).any(axis=0)
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))
     idx = np.flatnonzero(fg)

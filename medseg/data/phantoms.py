@@ -47,12 +47,23 @@ class _Blob:
     phases: np.ndarray  # (n,)
 
     def field(self, pts: np.ndarray) -> np.ndarray:
-        local = ((pts - self.center) @ self.rot) / self.radii
-        f = np.einsum("...i,...i->...", local, local)
-        return f + np.sin(pts @ self.waves.T + self.phases) @ self.amps
+        d = [pts[..., i] - self.center[i] for i in range(3)]
+        m = self.rot / self.radii[None, :]
+        f = sum((d[0] * m[0, j] + d[1] * m[1, j] + d[2] * m[2, j]) ** 2 for j in range(3))
+        for w, a, p in zip(self.waves, self.amps, self.phases):  # element-wise: no BLAS threads on tiny matrices
+            f += a * np.sin(pts[..., 0] * w[0] + pts[..., 1] * w[1] + pts[..., 2] * w[2] + p)
+        return f
 
-    def mask(self, pts: np.ndarray) -> np.ndarray:
-        return self.field(pts) < 1.0
+    def mask(self, pts: np.ndarray, level: float = 1.0) -> np.ndarray:
+        """``field < level``, evaluated only inside the blob's bounding box (the rest is False)."""
+        reach = np.sqrt(level + self.amps.sum()) * self.radii.max()
+        lo, hi = self.center - reach, self.center + reach
+        box = np.ones(pts.shape[:-1], bool)
+        for i in range(3):
+            box &= (pts[..., i] > lo[i]) & (pts[..., i] < hi[i])
+        out = np.zeros(pts.shape[:-1], bool)
+        out[box] = self.field(pts[box]) < level
+        return out
 
 
 def _rot_z(deg: float) -> np.ndarray:
@@ -94,7 +105,10 @@ def _render(pts: np.ndarray, rng: np.random.Generator, fov: np.ndarray) -> tuple
     r_body = (x / a) ** 2 + (y / b) ** 2
     hu = np.full(x.shape, -1000.0)
     lab = np.zeros(x.shape, np.uint8)
-    tex = sum(rng.uniform(5, 12) * np.sin(pts @ (rng.normal(size=3) * 0.35) + rng.uniform(0, 6.3)) for _ in range(3))
+    tex = 0.0
+    for _ in range(3):
+        amp, w, phase = rng.uniform(5, 12), rng.normal(size=3) * 0.35, rng.uniform(0, 6.3)
+        tex = tex + amp * np.sin(x * w[0] + y * w[1] + z * w[2] + phase)
     hu[r_body < 1] = -100.0  # subcutaneous fat
     muscle = (r_body < 0.86**2) & (r_body >= 0.78**2)
     hu[muscle] = 50.0
@@ -112,20 +126,19 @@ def _render(pts: np.ndarray, rng: np.random.Generator, fov: np.ndarray) -> tuple
         (2, 45.0, _blob(rng, (-0.45 * a, -0.28 * b, 0.16 * fz), (0.15 * a, 0.24 * b, 0.14 * fz))),
     ]
     for side in (1, -1):
-        c = (side * 0.36 * a, -0.42 * b, -0.16 * fz)
-        kid = _blob(rng, c, (0.11 * a, 0.16 * b, 0.15 * fz), wobble=0.08)
-        fat = kid.field(pts) < 1.6
+        c = (side * 0.42 * a, -0.4 * b, -0.16 * fz)
+        kid = _blob(rng, c, (0.17 * a, 0.2 * b, 0.15 * fz), wobble=0.08)
+        fat = kid.mask(pts, 1.6)
         hu[fat & inside & (lab == 0) & (sp >= 1)] = -80.0
         organs.append((3, 30.0, kid))
     for value, level, blob in organs:
         m = blob.mask(pts) & inside & (sp >= 1)
         hu[m] = level + 0.3 * tex[m]
         lab[m] = value
-    liver = lab == 1
-    n_les = rng.choice([0, 1, 2, 3], p=[0.15, 0.4, 0.3, 0.15])
-    idx = np.argwhere(liver)
-    for _ in range(n_les if len(idx) else 0):
-        c = pts[tuple(idx[rng.integers(len(idx))])]
+    liver, liver_blob = lab == 1, organs[0][2]
+    for _ in range(rng.choice([0, 1, 2, 3], p=[0.15, 0.4, 0.3, 0.15])):
+        u = rng.normal(size=3)  # a point at 0-60 % of the liver's radii, in world terms (orientation-free)
+        c = liver_blob.center + liver_blob.rot @ (liver_blob.radii * u / np.linalg.norm(u) * rng.uniform(0, 0.6))
         les = _blob(rng, c, rng.uniform(0.08, 0.15) * a * np.array([1.0, 1.0, 1.2]), wobble=0.1).mask(pts) & liver
         hu[les] = 25.0
         lab[les] = 4
@@ -148,10 +161,10 @@ def make_phantom_case(seed: int | Sequence[int], *, shape: Sequence[int] = (64, 
     """
     rng = np.random.default_rng(seed)
     fov = np.asarray(shape, float) * np.asarray(NOMINAL_SPACING)
-    code = orientation or str(rng.choice(ORIENTATIONS))
-    if spacing is None:
-        inplane = rng.uniform(0.8, 1.2)
-        spacing = (inplane, inplane, rng.uniform(1.5, 3.0))
+    # draw everything even when given, so that a seed gives the same anatomy in any orientation
+    drawn_code, inplane, thick = str(rng.choice(ORIENTATIONS)), rng.uniform(0.8, 1.2), rng.uniform(1.5, 3.0)
+    code = orientation or drawn_code
+    spacing = spacing if spacing is not None else (inplane, inplane, thick)
     # spacing is given per physical direction (R/L, A/P, S/I); map it to the array axes of `code`
     phys_sp = np.asarray(spacing, float)
     axis_sp = np.array([phys_sp[_DIRS[ch][0]] for ch in code.upper()])
@@ -159,14 +172,17 @@ def make_phantom_case(seed: int | Sequence[int], *, shape: Sequence[int] = (64, 
     grid = np.maximum(2, np.round(axis_fov / axis_sp)).astype(int)
     centre = rng.uniform(-30, 30, 3) + np.array([0.0, 0.0, rng.uniform(-200, 200)])  # scanner coordinates
     affine = orientation_affine(code, axis_sp, grid, centre, oblique_deg)
-    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in grid], indexing="ij"), -1)
-    world = ijk @ affine[:3, :3].T + affine[:3, 3]
     # pose: the anatomy is scaled, rotated about S and shifted relative to the scanner centre
     pose = _rot_z(rng.uniform(-8, 8)) * rng.uniform(0.92, 1.08)
-    pts = (world - centre - rng.uniform(-0.06, 0.06, 3) * fov) @ np.linalg.inv(pose).T
+    shift = centre + rng.uniform(-0.06, 0.06, 3) * fov
+    to_anat = np.linalg.inv(pose) @ affine[:3, :3]  # voxel index -> anatomy mm (element-wise below)
+    ijk = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in grid], indexing="ij")
+    off = np.linalg.inv(pose) @ (affine[:3, 3] - shift)
+    pts = np.stack([ijk[0] * to_anat[r, 0] + ijk[1] * to_anat[r, 1] + ijk[2] * to_anat[r, 2] + off[r] for r in range(3)], -1)
     hu, lab = _render(pts, rng, fov)
     hu = ndimage.gaussian_filter(hu, sigma=0.6, mode="nearest")  # partial volume
-    hu += rng.normal(0.0, noise_hu if noise_hu is not None else rng.uniform(10, 20), hu.shape)
+    sigma = rng.uniform(10, 20)
+    hu += rng.normal(0.0, noise_hu if noise_hu is not None else sigma, hu.shape)
     img = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     return Volume(img, affine, f"phantom{code}"), Volume(lab, affine.copy(), f"phantom{code}_seg")
 
