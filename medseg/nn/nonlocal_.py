@@ -59,7 +59,7 @@ class NonLocalBlock(nn.Module):
             return t
         k = tuple(min(2, s) for s in t.shape[2:])
         pool = F.max_pool2d if t.ndim == 4 else F.max_pool3d
-        return pool(t, kernel_size=k, stride=k)
+        return pool(t, kernel_size=k, stride=k, ceil_mode=True)  # odd sizes keep their last row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, *s = x.shape

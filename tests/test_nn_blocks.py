@@ -1,0 +1,179 @@
+"""Block attention (se, eca, cbam, bam, nonlocal, abn): shapes, gradients, the papers' equations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medseg.nn import BLOCK_ATTENTION, create_block_attention
+from medseg.nn.channel import eca_kernel_size
+
+NAMES = BLOCK_ATTENTION.names()
+SHAPES = {3: [(1, 16, 5, 7, 9), (2, 16, 4, 6, 3)], 2: [(1, 16, 5, 7), (2, 16, 6, 9)]}
+CASES = [(n, d, s) for n in NAMES for d in (2, 3) for s in SHAPES[d]]
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere (zero-initialised layers would hide a broken gradient path)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return module
+
+
+def test_registry_lists_every_block_and_rejects_unknown_names():
+    assert NAMES == ["abn", "bam", "cbam", "eca", "nonlocal", "se"]
+    with pytest.raises(ValueError, match="valid names: abn, bam, cbam, eca, nonlocal, se"):
+        create_block_attention("sse", 8)
+    assert isinstance(create_block_attention(None, 8), torch.nn.Identity)
+
+
+@pytest.mark.parametrize("name,dims,shape", CASES)
+def test_block_keeps_shape_and_gradients_reach_input_and_every_parameter(name, dims, shape):
+    torch.manual_seed(0)
+    block = randomize(create_block_attention(name, shape[1], spatial_dims=dims)).train()
+    x = torch.randn(shape, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+    loss = (y * torch.randn_like(y)).sum()
+    if hasattr(block, "auxiliary_loss"):
+        loss = loss + block.auxiliary_loss(torch.randint(0, 2, (shape[0], 1, *shape[2:])))
+    loss.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for pname, p in block.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient for {pname}"
+
+
+@pytest.mark.parametrize("name,dims,shape", [c for c in CASES if getattr(BLOCK_ATTENTION.get(c[0]), "returns_map", False)])
+def test_gate_maps_are_single_channel_and_in_unit_interval(name, dims, shape):
+    block = randomize(create_block_attention(name, shape[1], spatial_dims=dims)).eval()
+    x = torch.randn(shape) * 5
+    y, m = block(x, return_map=True)
+    assert torch.equal(y, block(x))
+    assert m.shape == (shape[0], 1, *shape[2:])
+    assert m.min() >= 0 and m.max() <= 1
+    assert m.std() > 0  # a spatial map, not a constant
+
+
+@pytest.mark.parametrize("name", ["se", "eca"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channel_gates_are_constant_over_space(name, dims):
+    shape = SHAPES[dims][0]
+    block = randomize(create_block_attention(name, shape[1], spatial_dims=dims)).eval()
+    x = torch.rand(shape) + 0.5  # no zeros: the ratio y / x is the gate
+    ratio = (block(x) / x).flatten(2)
+    assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio), atol=1e-5)
+    assert ratio.std(dim=1).mean() > 1e-3  # it differs between channels
+
+
+def test_cbam_channel_gate_is_constant_over_space_and_spatial_gate_over_channels():
+    block = randomize(create_block_attention("cbam", 16)).eval()
+    x = torch.rand(2, 16, 5, 7, 9) + 0.5
+    mc = block.channel_gate(x)
+    assert mc.shape == (2, 16, 1, 1, 1)
+    with torch.no_grad():
+        block.spatial_gate.conv.weight.zero_()  # Ms = sigmoid(0) = 0.5 everywhere
+    ratio = (block(x) / x).flatten(2)
+    assert torch.allclose(ratio, 0.5 * mc.flatten(2).expand_as(ratio), atol=1e-6)
+
+
+def cbam_reference(x, w0, b0, w1, b1, ws):
+    """Woo et al. 2018, eqs. (2)-(3), written directly on pooled vectors."""
+    dims = tuple(range(2, x.ndim))
+    avg, mx = x.mean(dims), x.amax(dims)  # (B, C)
+    mlp = lambda v: F.linear(F.relu(F.linear(v, w0, b0)), w1, b1)  # noqa: E731
+    mc = torch.sigmoid(mlp(avg) + mlp(mx)).reshape(*avg.shape, *([1] * len(dims)))
+    f1 = mc * x
+    desc = torch.cat([f1.mean(1, keepdim=True), f1.amax(1, keepdim=True)], 1)
+    conv = F.conv3d if x.ndim == 5 else F.conv2d
+    ms = torch.sigmoid(conv(desc, ws, padding=ws.shape[-1] // 2))
+    return ms * f1, ms
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_cbam_matches_the_papers_equations(dims):
+    torch.manual_seed(1)
+    block = randomize(create_block_attention("cbam", 16, spatial_dims=dims, reduction=4, kernel_size=7), seed=3).eval()
+    cg, sg = block.channel_gate, block.spatial_gate
+    x = torch.randn(SHAPES[dims][1])
+    ref, ref_map = cbam_reference(x, cg.fc1.weight.flatten(1), cg.fc1.bias, cg.fc2.weight.flatten(1), cg.fc2.bias, sg.conv.weight)
+    y, m = block(x, return_map=True)
+    assert sg.conv.weight.shape[-dims:] == (7,) * dims and sg.conv.bias is None
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m, ref_map, atol=1e-6, rtol=1e-5)
+
+
+def test_se_reduction_ratio_sets_the_hidden_width():
+    assert create_block_attention("se", 64, reduction=4).fc1.out_channels == 16
+    assert create_block_attention("se", 256).fc1.out_channels == 16  # r = 16 by default
+    assert create_block_attention("se", 16).fc1.out_channels == 8  # at least min(8, C)
+
+
+def test_eca_uses_the_adaptive_kernel_size_and_no_reduction():
+    assert [eca_kernel_size(c) for c in (16, 64, 128, 256, 512)] == [3, 3, 5, 5, 5]
+    block = create_block_attention("eca", 256)
+    assert block.conv.weight.shape == (1, 1, 5)
+    assert sum(p.numel() for p in block.parameters()) == 5  # one k-tap filter shared by all channels
+
+
+def test_bam_is_f_plus_f_times_sigmoid_of_branch_sum():
+    block = create_block_attention("bam", 16).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.zero_()  # Mc = Ms = 0 -> F + F * 0.5
+    x = torch.randn(1, 16, 5, 7, 9)
+    torch.testing.assert_close(block(x), 1.5 * x)
+    with torch.no_grad():
+        block.spatial[-1].bias.fill_(-1e4)  # spatial branch closes the gate -> identity
+    torch.testing.assert_close(block(x), x)
+
+
+def test_nonlocal_starts_as_identity_and_then_mixes_distant_positions():
+    block = create_block_attention("nonlocal", 16, subsample=True).eval()
+    x = torch.randn(1, 16, 5, 7, 9)
+    torch.testing.assert_close(block(x), x)
+    randomize(block)
+    x2 = x.clone()
+    x2[..., -1, -1, -1] += 10.0  # the far corner
+    assert (block(x2)[..., 0, 0, 0] - block(x)[..., 0, 0, 0]).abs().max() > 1e-4
+
+
+def test_abn_reweights_by_one_plus_foreground_and_its_loss_is_ce_on_downsampled_label():
+    torch.manual_seed(0)
+    block = create_block_attention("abn", 16, num_classes=3).train()
+    x = torch.randn(2, 16, 4, 4, 4)
+    y, a = block(x, return_map=True)
+    probs = torch.softmax(block.last_logits, 1)
+    torch.testing.assert_close(a, probs[:, 1:].sum(1, keepdim=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, x * (1 + a))
+    label = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
+    label[:, :, 8:] = 2  # upper half of x is class 2 -> coarse voxels 2..3 along x
+    expected_target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    expected_target[:, 2:] = 2
+    loss = block.auxiliary_loss(label)
+    torch.testing.assert_close(loss, F.cross_entropy(block.last_logits, expected_target))
+    assert loss.ndim == 0 and loss > 0
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,arg",
+    [
+        ("se", {"reduction": 0}, "reduction"),
+        ("se", {"spatial_dims": 4}, "spatial_dims"),
+        ("eca", {"kernel_size": 4}, "kernel_size"),
+        ("cbam", {"kernel_size": 6}, "kernel_size"),
+        ("cbam", {"reduction": -2}, "reduction"),
+        ("bam", {"dilation": 0}, "dilation"),
+        ("bam", {"norm": "layer"}, "norm"),
+        ("nonlocal", {"inter_channels": 0}, "inter_channels"),
+        ("abn", {"num_classes": 1}, "num_classes"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(name, kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        create_block_attention(name, 16, **kwargs)
+    with pytest.raises(ValueError, match="channels"):
+        create_block_attention(name, 0)

@@ -1,0 +1,160 @@
+"""The U-Net, build_model, the configs in configs/ and the MONAI baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medseg.config import ModelConfig, load_config
+from medseg.errors import ConfigError
+from medseg.nn import UNet, build_model, make_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SMALL = dict(spatial_dims=3, in_channels=1, num_classes=3, channels=[4, 8, 16])
+
+
+def model_cfg(**kw) -> ModelConfig:
+    return load_config(None, [f"model.{k}={v}" for k, v in kw.items()]).model
+
+
+def test_configs_folder_has_every_variant():
+    names = {p.stem for p in CONFIGS}
+    expected = {"unet3d", "attention_unet3d", "cbam_unet3d", "se_unet3d", "eca_unet3d", "bam_unet3d"}
+    assert expected | {"nonlocal_unet3d", "aff_unet3d", "unet25d", "attention_unet25d"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_builds_and_runs_a_forward_on_a_small_patch(path):
+    cfg = load_config(path)
+    if path.stem != "demo":
+        assert cfg.data.dataset == "" and cfg.data.preprocessed == ""
+    model = build_model(cfg.model, num_classes=2, spacing=(1.0, 1.0, 2.0)).eval()
+    x = torch.randn(1, cfg.model.in_channels, 32, 32, 16)  # instance norm needs > 1 voxel at the bottleneck
+    assert all(s % d == 0 for s, d in zip(x.shape[2:], model.patch_divisor))
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (1, 2, 32, 32, 16)
+    assert torch.isfinite(y).all()
+
+
+def test_default_unet_layout_and_patch_divisor():
+    model = build_model(ModelConfig(), num_classes=2)
+    assert isinstance(model, UNet)
+    assert model.patch_divisor == (16, 16, 16)
+    assert [m.out_channels for m in model.decoder.heads] == [2, 2, 2, 2]
+    aniso = make_unet(**SMALL, strides=[1, [2, 2, 1], 2])
+    assert aniso.patch_divisor == (4, 4, 2)
+    assert aniso(torch.randn(1, 1, 8, 8, 6)).shape == (1, 3, 8, 8, 6)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_deep_supervision_outputs_count_and_shapes(dims):
+    model = make_unet(**{**SMALL, "spatial_dims": dims, "channels": [4, 8, 16, 32]}, deep_supervision=True).train()
+    x = torch.randn(2, 1, *([16] * dims))
+    out = model(x)
+    assert isinstance(out, list) and len(out) == 3  # len(channels) - 1 levels: full, 1/2, 1/4
+    assert [tuple(o.shape) for o in out] == [(2, 3, *([16 // 2**i] * dims)) for i in range(3)]
+    model.eval()
+    assert model(x).shape == (2, 3, *([16] * dims))
+
+
+def test_state_dict_loads_with_deep_supervision_on_or_off():
+    torch.manual_seed(0)
+    trained = make_unet(**SMALL, deep_supervision=True, skip_fusion="gate", block_attention="cbam")
+    plain = make_unet(**SMALL, deep_supervision=False, skip_fusion="gate", block_attention="cbam")
+    assert plain.load_state_dict(trained.state_dict(), strict=True)
+    x = torch.randn(1, 1, 8, 8, 8)
+    torch.testing.assert_close(plain.eval()(x), trained.eval()(x))
+
+
+def test_return_attention_gives_documented_maps_and_plain_forward_gives_logits():
+    model = make_unet(
+        **SMALL, skip_fusion="gate", block_attention="cbam", block_attention_where="both", bottleneck_attention="abn"
+    ).eval()
+    x = torch.randn(2, 1, 16, 16, 12)
+    assert isinstance(model(x), torch.Tensor)
+    y, maps = model(x, return_attention=True)
+    torch.testing.assert_close(y, model(x))
+    sizes = {0: (16, 16, 12), 1: (8, 8, 6), 2: (4, 4, 3)}
+    expected = {f"cbam/enc{i}": sizes[i] for i in range(3)}
+    expected |= {f"cbam/dec{i}": sizes[i] for i in range(2)} | {f"gate/level{i}": sizes[i] for i in range(2)}
+    expected["abn/bottleneck"] = sizes[2]
+    assert {k: tuple(v.shape[2:]) for k, v in maps.items()} == expected
+    for name, m in maps.items():
+        assert m.shape[:2] == (2, 1) and m.min() >= 0 and m.max() <= 1, name
+
+
+def test_per_stage_switches_and_where():
+    model = make_unet(**SMALL, block_attention="bam", block_attention_where="encoder", block_attention_stages=[False, True, True])
+    _, maps = model.eval()(torch.randn(1, 1, 8, 8, 8), return_attention=True)
+    assert sorted(maps) == ["bam/enc1", "bam/enc2"]
+    assert isinstance(model.decoder.attention[0], torch.nn.Identity)
+
+
+def test_training_reaches_every_parameter_and_auxiliary_loss_only_where_declared():
+    torch.manual_seed(0)
+    model = make_unet(
+        **SMALL, deep_supervision=True, skip_fusion="gate", block_attention="cbam", bottleneck_attention="abn", residual=True
+    ).train()
+    x = torch.randn(2, 1, 8, 8, 8, requires_grad=True)
+    label = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    out = model(x)
+    loss = sum(o.square().mean() for o in out) + model.auxiliary_loss(label)
+    loss.backward()
+    assert x.grad.abs().sum() > 0
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+    assert not hasattr(make_unet(**SMALL), "auxiliary_loss")
+    assert not hasattr(make_unet(**SMALL, block_attention="cbam"), "auxiliary_loss")
+
+
+@pytest.mark.parametrize("arch", ["monai_unet", "monai_attention_unet", "monai_dynunet"])
+def test_monai_baselines_through_build_model(arch):
+    model = build_model(model_cfg(arch=arch, channels=[4, 8, 16, 32], deep_supervision=True), num_classes=3)
+    assert model.patch_divisor == (8, 8, 8)
+    x = torch.randn(1, 1, 16, 16, 16)
+    model.eval()
+    y, maps = model(x, return_attention=True)
+    assert y.shape == (1, 3, 16, 16, 16) and maps == {}
+    assert not hasattr(model, "auxiliary_loss")
+    assert type(model.net).__name__ == {"monai_unet": "UNet", "monai_attention_unet": "AttentionUnet", "monai_dynunet": "DynUNet"}[arch]
+
+
+def test_build_model_uses_config_widths_norm_and_classes():
+    cfg = model_cfg(channels=[8, 16, 32], norm="group", act="relu", residual=True, in_channels=2)
+    model = build_model(cfg, num_classes=4)
+    assert model.encoder.stages[0][0].conv1.conv.in_channels == 2
+    assert isinstance(model.encoder.stages[1][0].norm1, torch.nn.GroupNorm)
+    assert model.decoder.heads[0].out_channels == 4
+    assert build_model(cfg, in_channels=3, num_classes=2).encoder.stages[0][0].conv1.conv.in_channels == 3
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        ({"arch": "resnet"}, "model.arch"),
+        ({"block_attention.name": "sse"}, "model.block_attention.name"),
+        ({"block_attention.bottleneck": "gate"}, "model.block_attention.bottleneck"),
+        ({"skip_fusion.name": "add"}, "model.skip_fusion.name"),
+        ({"slices": 4}, "model.slices"),
+        ({"strides": "[2,2,2,2,2]"}, "strides"),
+        ({"channels": "[16]"}, "channels"),
+        ({"norm": "layer"}, "norm"),
+        ({"act": "swish"}, "act"),
+        ({"block_attention.where": "middle"}, "block_attention_where"),
+        ({"block_attention.stages": "[true]"}, "block_attention_stages"),
+        ({"kernel_sizes": "[3,3]"}, "kernel_sizes"),
+        ({"convs_per_stage": 0}, "convs_per_stage"),
+    ],
+)
+def test_bad_model_config_raises_config_error_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_model(model_cfg(**overrides), num_classes=2)
+
+
+def test_missing_num_classes_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        build_model(ModelConfig())
