@@ -23,3 +23,19 @@ def real_ct() -> Path:
     if not REAL_CT.is_dir():
         pytest.skip("../shared/data/real_ct is not present")
     return REAL_CT
+
+
+@pytest.fixture(scope="session")
+def preprocessed_phantoms(tmp_path_factory) -> Path:
+    """A tiny preprocessed phantom dataset (4 training cases, 2 mm / 3 mm voxels), made once per session.
+
+    Shared by the training tests; treat it as read-only.
+    """
+    from medseg.config import DataConfig
+    from medseg.data.phantoms import make_phantom_dataset
+    from medseg.data.pipeline import preprocess_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    make_phantom_dataset(root / "raw", n_train=4, n_test=1, seed=0, shape=(48, 48, 24))
+    preprocess_dataset(root / "raw", root / "pre", data_cfg=DataConfig(target_spacing=[2.0, 2.0, 3.0]), progress=False)
+    return root / "pre"

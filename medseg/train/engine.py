@@ -344,6 +344,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
     check_config(cfg)
     run_dir = Path(out_dir)
     info = init_distributed(cfg.train.device)
+    if not info.is_main:
+        log.setLevel(logging.WARNING)  # one copy of the progress lines (rank 0 speaks for all)
     handler = None
     try:
         if info.is_main:

@@ -33,6 +33,7 @@ __all__ = ["VIEWS", "export_gate_grid", "log_case_images", "log_gate_histograms"
 
 VIEWS = {"axial": 2, "coronal": 1}  # view -> array axis the slice is taken across
 MIN_SIDE_PX = 192  # small phantoms are upscaled (nearest) to at least this many pixels
+SEPARATOR_PX = 2  # white gap between the CT | truth | prediction panels
 
 
 def _cmap(name: str, n: int | None = None):
@@ -118,9 +119,10 @@ def render_case(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray,
         if label is not None:
             panels.append(_overlay_labels(base, _display(_take(label, view, idx))))
         panels.append(_overlay_labels(base, _display(_take(pred, view, idx))))
-        sep = np.ones((base.shape[0], 2, 3))
+        panels = [_resize_rows_cols(p, row_mm, col_mm) for p in panels]
+        sep = np.ones((panels[0].shape[0], SEPARATOR_PX, 3))
         seg = np.concatenate([p for pair in zip(panels, [sep] * len(panels)) for p in pair][:-1], axis=1)
-        out[f"{view}/segmentation"] = _to_uint8(_resize_rows_cols(seg, row_mm, col_mm))
+        out[f"{view}/segmentation"] = _to_uint8(seg)
         for name, g in gates.items():
             heat = _overlay_heat(base, _display(_take(np.asarray(g, dtype=np.float32), view, idx)))
             out[f"{view}/{name}"] = _to_uint8(_resize_rows_cols(heat, row_mm, col_mm))

@@ -1,0 +1,204 @@
+"""Patch sampling, augmentation chain, loss weights, LR schedule, checkpoints and config checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medseg.config import AugmentConfig, load_config
+from medseg.data.transforms import build_train_transforms, crop_extent, crop_patch
+from medseg.errors import ConfigError, InputError
+from medseg.train import data as tdata
+
+
+# --------------------------------------------------------------------------- cropping
+def test_crop_patch_cuts_inside_and_pads_outside():
+    a = np.arange(2 * 6 * 5 * 4, dtype=np.float32).reshape(2, 6, 5, 4)
+    (inside,) = crop_patch([a], center=[3, 2, 2], size=[2, 3, 2])
+    np.testing.assert_array_equal(inside, a[:, 2:4, 1:4, 1:3])
+    (edge,) = crop_patch([a], center=[0, 0, 0], size=[4, 4, 4], fill=[-7.0])
+    assert edge.shape == (2, 4, 4, 4)
+    np.testing.assert_array_equal(edge[:, 2:, 2:, 2:], a[:, :2, :2, :2])
+    assert (edge[:, :2] == -7).all() and (edge[:, :, :2] == -7).all()
+    (away,) = crop_patch([a], center=[50, 50, 50], size=[2, 2, 2])
+    assert (away == 0).all()
+
+
+def test_crop_extent_covers_rotation_and_scaling():
+    aug = AugmentConfig(p_rotate=0.2, rotate_deg=15, p_scale=0.2, scale_range=[0.8, 1.25])
+    ext = crop_extent([32, 32, 16], aug)
+    assert all(e >= 1.25 * p for e, p in zip(ext, [32, 32, 16]))
+    assert crop_extent([32, 32, 16], AugmentConfig(p_rotate=0, p_scale=0)) == [32, 32, 16]
+
+
+def test_augmentation_chain_keeps_shapes_label_values_and_is_seeded():
+    aug = AugmentConfig(p_rotate=1, p_scale=1, p_noise=1, p_blur=1, p_brightness=1, p_contrast=1, p_lowres=1,
+                        p_gamma=1, p_mirror=0.5)
+    patch = [16, 16, 8]
+    ext = crop_extent(patch, aug)
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.normal(size=(1, *ext)).astype(np.float32))
+    label = torch.from_numpy(rng.integers(0, 4, size=(1, *ext)).astype(np.float32))
+    chain = build_train_transforms(patch, aug)
+    outs = []
+    for _ in range(2):
+        chain.set_random_state(seed=5)
+        d = chain({"image": image.clone(), "label": label.clone()})
+        outs.append(d)
+        assert tuple(d["image"].shape) == (1, *patch) and tuple(d["label"].shape) == (1, *patch)
+        assert set(np.unique(np.asarray(d["label"]))) <= {0.0, 1.0, 2.0, 3.0}
+    torch.testing.assert_close(torch.as_tensor(outs[0]["image"]), torch.as_tensor(outs[1]["image"]))
+    chain.set_random_state(seed=6)
+    other = chain({"image": image.clone(), "label": label.clone()})
+    assert not torch.equal(torch.as_tensor(other["image"]), torch.as_tensor(outs[0]["image"]))
+
+
+def test_no_augmentation_is_an_exact_centre_crop():
+    aug = AugmentConfig(p_rotate=0, p_scale=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0, p_lowres=0,
+                        p_gamma=0, p_mirror=0)
+    image = torch.arange(10 * 10 * 10, dtype=torch.float32).reshape(1, 10, 10, 10)
+    d = build_train_transforms([4, 4, 4], aug)({"image": image, "label": image.clone()})
+    torch.testing.assert_close(torch.as_tensor(d["image"]), image[:, 3:7, 3:7, 3:7])
+
+
+# --------------------------------------------------------------------------- sampling
+def _patches(pre, rank=0, *extra):
+    cfg = load_config(None, ["data.patch_size=[16,16,16]", "train.batch_size=3", "data.fg_oversample=0.34", *extra])
+    cases = tdata.case_dataset(pre, tdata.list_cases(pre), "ram")
+    return tdata.PatchDataset(cases, [16, 16, 16], cfg, rank=rank), cases
+
+
+def test_foreground_oversampling_centres_the_last_third_on_foreground(preprocessed_phantoms):
+    patches, _ = _patches(preprocessed_phantoms, 0, "train.augment.p_rotate=0", "train.augment.p_scale=0",
+                          "train.augment.p_mirror=0")
+    assert [patches.force_foreground(i, None) for i in range(6)] == [False, False, True, False, False, True]
+    for i in (2, 5, 8, 11, 14, 17):
+        assert patches[i]["label"][0, 8, 8, 8] > 0, i  # centre voxel is foreground
+    batch = next(iter(tdata.make_train_loader(patches, start_batch=0, end_batch=1, num_workers=0)))
+    assert batch["image"].shape == (3, 1, 16, 16, 16) and batch["label"].dtype == torch.uint8
+
+
+def test_patches_depend_on_seed_rank_and_index_only(preprocessed_phantoms):
+    p0, _ = _patches(preprocessed_phantoms, 0)
+    p0_again, _ = _patches(preprocessed_phantoms, 0)
+    p1, _ = _patches(preprocessed_phantoms, 1)
+    torch.testing.assert_close(p0[7]["image"], p0_again[7]["image"])
+    assert not torch.equal(p0[7]["image"], p1[7]["image"])  # DDP ranks draw different patches
+    assert not torch.equal(p0[7]["image"], p0[8]["image"])
+    two_workers = next(iter(tdata.make_train_loader(p0, start_batch=2, end_batch=3, num_workers=2)))
+    torch.testing.assert_close(two_workers["image"][1], p0[7]["image"])  # batch 2, slot 1 = item 7
+
+
+def test_cache_modes_and_case_loading(preprocessed_phantoms):
+    names = tdata.list_cases(preprocessed_phantoms)
+    assert names == ["phantom_000", "phantom_001", "phantom_002", "phantom_003"]
+    assert tdata.resolve_cache_mode("auto", preprocessed_phantoms, names) == "ram"
+    disk = tdata.case_dataset(preprocessed_phantoms, names, "disk")
+    ram = tdata.case_dataset(preprocessed_phantoms, names, "ram")
+    assert isinstance(disk[0]["image"], np.memmap)
+    np.testing.assert_array_equal(np.asarray(disk[1]["label"]), ram[1]["label"])
+    assert set(ram[0]["fg"]) <= {1, 2, 3, 4} and ram[0]["fg"][1].shape[1] == 3
+    with pytest.raises(ConfigError, match="data.cache"):
+        tdata.resolve_cache_mode("gpu", preprocessed_phantoms, names)
+
+
+def test_missing_and_empty_preprocessed_folders(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        tdata.read_plans(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="plans.json"):
+        tdata.read_plans(tmp_path / "empty")
+    with pytest.raises(InputError, match="no preprocessed cases"):
+        tdata.list_cases(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------- loss / LR
+def test_deep_supervision_weights_and_loss():
+    from medseg.train.losses import SegmentationLoss, deep_supervision_weights
+
+    assert deep_supervision_weights(1) == [1.0]
+    np.testing.assert_allclose(deep_supervision_weights(4), np.array([1, 0.5, 0.25, 0]) / 1.75)
+    loss = SegmentationLoss("dice_ce")
+    torch.manual_seed(0)
+    label = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    full, half, quarter = torch.randn(2, 3, 8, 8, 8), torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 2, 2, 2)
+    want = (loss(full, label) + 0.5 * loss(half, label[..., 1::2, 1::2, 1::2])) / 1.5  # lowest level: 0
+    torch.testing.assert_close(loss([full, half, quarter], label), want)
+    perfect = torch.nn.functional.one_hot(label[:, 0], 3).permute(0, 4, 1, 2, 3).float() * 50
+    assert loss(perfect, label) < 1e-3 < loss(full, label)
+
+
+def test_poly_schedule_follows_a_changed_total():
+    from medseg.config import TrainConfig
+    from medseg.train.optim import build_optimizer, build_scheduler, refresh_lr
+
+    model = torch.nn.Linear(2, 2)
+    cfg = TrainConfig(lr=0.01, scheduler="poly")
+    total = {"n": 10}
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, lambda: total["n"])
+    assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.99
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**0.9)
+    total["n"] = 20  # resumed with twice the epochs
+    refresh_lr(sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.75**0.9)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_write_is_atomic_and_rng_round_trips(tmp_path, monkeypatch):
+    import random
+
+    from medseg.train import checkpoint as ck
+
+    path = tmp_path / "latest.pt"
+    ck.save_checkpoint({"model": {"w": torch.ones(2)}, "rng": ck.capture_rng()}, path)
+
+    def dying_save(obj, f):  # a crash in the middle of writing
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint({"model": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    state = ck.load_checkpoint(path)  # weights_only=True inside
+    torch.testing.assert_close(state["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temporary file left
+
+    ck.restore_rng(state["rng"])
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    ck.restore_rng(state["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    with pytest.raises(InputError, match="cannot read checkpoint"):
+        ck.load_checkpoint(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.optimizer=adam", "train.optimizer"),
+    ("train.scheduler=step", "train.scheduler"),
+    ("data.cache=gpu", "data.cache"),
+    ("train.augment.p_rotate=1.5", "train.augment.p_rotate"),
+    ("train.epochs=0", "train.epochs"),
+    ("data.patch_size=[16,16]", "data.patch_size"),
+    ("train.augment.mirror_axes=[3]", "train.augment.mirror_axes"),
+])
+def test_bad_config_values_name_the_key(override, key):
+    from medseg.train.checks import check_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_config(load_config(None, [override]))
+
+
+def test_patch_size_must_fit_the_model():
+    from medseg.train.checks import resolve_patch_size
+
+    cfg = load_config(None, ["data.patch_size=[20,16,16]"])
+    with pytest.raises(ConfigError, match="data.patch_size"):
+        resolve_patch_size(cfg, {}, (8, 8, 8))
+    assert resolve_patch_size(load_config(None), {"patch_size": [20, 16, 9]}, (8, 8, 1)) == [24, 16, 9]
