@@ -2,8 +2,9 @@
 
 For each model: parameters, forward GFLOPs (``torch.utils.flop_counter.FlopCounterMode``: convs,
 matmuls and attention; element-wise ops are not counted) and CPU forward time (median of
-``--reps`` after one warm-up, interleaved over the models, ``--threads`` threads) in fp32 and under bf16 autocast, on a
-``1 x 1 x size^3`` patch, plus ratios against our plain U-Net (``unet3d``) and MONAI's ``UNet``.
+``--reps`` after one warm-up, the reps interleaved over the models, ``--threads`` threads) in fp32
+and under bf16 autocast, on a ``1 x 1 x size^3`` patch, plus ratios against our plain U-Net
+(``unet3d``) and MONAI's ``UNet``.
 The last printed line is a JSON object with all numbers.
 
     python benchmarks/model_cost.py                 # every config, 96^3, 3 reps, 2 threads

@@ -8,19 +8,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medseg.nn import SKIP_FUSION, create_skip_fusion
 from medseg.nn.layers import conv_stage
+from test_nn_blocks import randomize  # tests/ is on sys.path (pytest's default import mode)
 
 NAMES = SKIP_FUSION.names()
 # (skip shape, gating shape): odd fine grids whose coarse grid is ceil(S / 2)
 PAIRS = {3: ((1, 16, 5, 7, 9), (1, 32, 3, 4, 5)), 2: ((2, 16, 5, 7), (2, 32, 3, 4))}
 CASES = [(n, d) for n in NAMES for d in (2, 3)]
-
-
-def randomize(module, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return module
 
 
 def test_registry_names_and_unknown_name():

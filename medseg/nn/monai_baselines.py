@@ -54,33 +54,30 @@ def _divisor(strides: list[tuple[int, ...]], spatial_dims: int) -> tuple[int, ..
     return tuple(int(v) for v in np.prod(np.array(strides), axis=0)) if strides else (1,) * spatial_dims
 
 
-def monai_unet(*, spatial_dims, in_channels, num_classes, channels, strides=None, norm="instance", act="prelu", **_) -> MonaiBaseline:
-    """MONAI ``UNet`` with 2 residual units per block; isotropic strides only (MONAI takes one int per level)."""
+def _common(spatial_dims, in_channels, num_classes, channels, strides) -> tuple[dict, list[tuple[int, ...]]]:
+    """Keyword arguments shared by MONAI's ``UNet`` and ``AttentionUnet``, and the down strides."""
     down = _down_strides(strides, len(channels), spatial_dims)
-    net = MonaiUNet(
+    kwargs = dict(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=num_classes,
         channels=tuple(channels),
         strides=tuple(s[0] if len(set(s)) == 1 else s for s in down),
-        num_res_units=2,
-        norm=norm_spec(norm, min(channels)),
-        act=act_spec(act),
     )
+    return kwargs, down
+
+
+def monai_unet(*, spatial_dims, in_channels, num_classes, channels, strides=None, norm="instance", act="prelu", **_) -> MonaiBaseline:
+    """MONAI ``UNet`` with 2 residual units per block (its first conv already downsamples)."""
+    kwargs, down = _common(spatial_dims, in_channels, num_classes, channels, strides)
+    net = MonaiUNet(**kwargs, num_res_units=2, norm=norm_spec(norm, min(channels)), act=act_spec(act))
     return MonaiBaseline(net, _divisor(down, spatial_dims))
 
 
 def monai_attention_unet(*, spatial_dims, in_channels, num_classes, channels, strides=None, **_) -> MonaiBaseline:
     """MONAI ``AttentionUnet`` (batch norm, its own activation; norm/act settings do not apply)."""
-    down = _down_strides(strides, len(channels), spatial_dims)
-    net = AttentionUnet(
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=num_classes,
-        channels=tuple(channels),
-        strides=tuple(s[0] if len(set(s)) == 1 else s for s in down),
-    )
-    return MonaiBaseline(net, _divisor(down, spatial_dims))
+    kwargs, down = _common(spatial_dims, in_channels, num_classes, channels, strides)
+    return MonaiBaseline(AttentionUnet(**kwargs), _divisor(down, spatial_dims))
 
 
 def monai_dynunet(
