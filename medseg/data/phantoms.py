@@ -98,50 +98,67 @@ def orientation_affine(code: str, spacing: Sequence[float], shape: Sequence[int]
     return aff
 
 
-def _render(pts: np.ndarray, rng: np.random.Generator, fov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """HU (before blur / noise) and labels at anatomy-frame points ``pts (..., 3)`` mm."""
+@dataclass
+class _Anatomy:
+    """Random parameters of one torso (drawn once, then evaluated slab by slab)."""
+
+    fov: np.ndarray
+    a: float  # body semi-axes (mm), left-right and antero-posterior
+    b: float
+    texture: list  # (amplitude, wave vector, phase) of the visceral texture
+    organs: list  # (label value, HU, blob, perirenal-fat blob or None)
+    lesions: list  # blobs inside the liver
+
+
+def _draw_anatomy(rng: np.random.Generator, fov: np.ndarray) -> _Anatomy:
     a, b = 0.44 * fov[0] * rng.uniform(0.92, 1.05), 0.34 * fov[1] * rng.uniform(0.92, 1.05)
+    texture = [(rng.uniform(5, 12), rng.normal(size=3) * 0.35, rng.uniform(0, 6.3)) for _ in range(3)]
+    fz = fov[2]
+    liver = _blob(rng, (0.38 * a, 0.05 * b, 0.12 * fz), (0.34 * a, 0.48 * b, 0.24 * fz))
+    organs = [(1, 60.0, liver, None),
+              (2, 45.0, _blob(rng, (-0.45 * a, -0.28 * b, 0.16 * fz), (0.15 * a, 0.24 * b, 0.14 * fz)), None)]
+    for side in (1, -1):
+        kid = _blob(rng, (side * 0.42 * a, -0.4 * b, -0.16 * fz), (0.17 * a, 0.2 * b, 0.15 * fz), wobble=0.08)
+        organs.append((3, 30.0, kid, kid))
+    lesions = []
+    for _ in range(rng.choice([0, 1, 2, 3], p=[0.15, 0.4, 0.3, 0.15])):
+        u = rng.normal(size=3)  # a point at 0-60 % of the liver's radii, in world terms (orientation-free)
+        c = liver.center + liver.rot @ (liver.radii * u / np.linalg.norm(u) * rng.uniform(0, 0.6))
+        lesions.append(_blob(rng, c, rng.uniform(0.08, 0.15) * a * np.array([1.0, 1.0, 1.2]), wobble=0.1))
+    return _Anatomy(np.asarray(fov, float), a, b, texture, organs, lesions)
+
+
+def _render(pts: np.ndarray, an: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
+    """HU (before blur / noise, float32) and labels at anatomy-frame points ``pts (..., 3)`` mm."""
+    a, b, fov = an.a, an.b, an.fov
     x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
     r_body = (x / a) ** 2 + (y / b) ** 2
-    hu = np.full(x.shape, -1000.0)
+    hu = np.full(x.shape, -1000.0, np.float32)
     lab = np.zeros(x.shape, np.uint8)
-    tex = 0.0
-    for _ in range(3):
-        amp, w, phase = rng.uniform(5, 12), rng.normal(size=3) * 0.35, rng.uniform(0, 6.3)
-        tex = tex + amp * np.sin(x * w[0] + y * w[1] + z * w[2] + phase)
+    tex = sum(amp * np.sin(x * w[0] + y * w[1] + z * w[2] + ph) for amp, w, ph in an.texture)
     hu[r_body < 1] = -100.0  # subcutaneous fat
-    muscle = (r_body < 0.86**2) & (r_body >= 0.78**2)
-    hu[muscle] = 50.0
+    hu[(r_body < 0.86**2) & (r_body >= 0.78**2)] = 50.0  # muscle wall
     inside = r_body < 0.78**2
     hu[inside] = (10.0 + tex)[inside]
     angle = np.arctan2(y / b, x / a)
     ribs = (r_body < 0.84**2) & (r_body >= 0.80**2) & (np.cos(6 * angle + 0.4 * z) > 0.2) & (y > -0.5 * b) & (z > -0.2 * fov[2])
     hu[ribs] = 700.0
-    sp = ((x / (0.16 * a)) ** 2 + ((y + 0.62 * b) / (0.2 * b)) ** 2)
-    hu[sp < 1] = 700.0
-    hu[sp < 0.55] = 250.0
-    fz = fov[2]
-    organs = [
-        (1, 60.0, _blob(rng, (0.38 * a, 0.05 * b, 0.12 * fz), (0.34 * a, 0.48 * b, 0.24 * fz))),
-        (2, 45.0, _blob(rng, (-0.45 * a, -0.28 * b, 0.16 * fz), (0.15 * a, 0.24 * b, 0.14 * fz))),
-    ]
-    for side in (1, -1):
-        c = (side * 0.42 * a, -0.4 * b, -0.16 * fz)
-        kid = _blob(rng, c, (0.17 * a, 0.2 * b, 0.15 * fz), wobble=0.08)
-        fat = kid.mask(pts, 1.6)
-        hu[fat & inside & (lab == 0) & (sp >= 1)] = -80.0
-        organs.append((3, 30.0, kid))
-    for value, level, blob in organs:
-        m = blob.mask(pts) & inside & (sp >= 1)
+    spine = (x / (0.16 * a)) ** 2 + ((y + 0.62 * b) / (0.2 * b)) ** 2
+    hu[spine < 1] = 700.0  # cortical ring
+    hu[spine < 0.55] = 250.0  # marrow
+    soft = inside & (spine >= 1)
+    for _, _, _, fat_of in an.organs:
+        if fat_of is not None:
+            hu[fat_of.mask(pts, 1.6) & soft] = -80.0  # perirenal fat
+    for value, level, blob, _ in an.organs:
+        m = blob.mask(pts) & soft
         hu[m] = level + 0.3 * tex[m]
         lab[m] = value
-    liver, liver_blob = lab == 1, organs[0][2]
-    for _ in range(rng.choice([0, 1, 2, 3], p=[0.15, 0.4, 0.3, 0.15])):
-        u = rng.normal(size=3)  # a point at 0-60 % of the liver's radii, in world terms (orientation-free)
-        c = liver_blob.center + liver_blob.rot @ (liver_blob.radii * u / np.linalg.norm(u) * rng.uniform(0, 0.6))
-        les = _blob(rng, c, rng.uniform(0.08, 0.15) * a * np.array([1.0, 1.0, 1.2]), wobble=0.1).mask(pts) & liver
-        hu[les] = 25.0
-        lab[les] = 4
+    liver = lab == 1
+    for les in an.lesions:
+        m = les.mask(pts) & liver
+        hu[m] = 25.0
+        lab[m] = 4
     return hu, lab
 
 
@@ -176,13 +193,20 @@ def make_phantom_case(seed: int | Sequence[int], *, shape: Sequence[int] = (64, 
     pose = _rot_z(rng.uniform(-8, 8)) * rng.uniform(0.92, 1.08)
     shift = centre + rng.uniform(-0.06, 0.06, 3) * fov
     to_anat = np.linalg.inv(pose) @ affine[:3, :3]  # voxel index -> anatomy mm (element-wise below)
-    ijk = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in grid], indexing="ij")
     off = np.linalg.inv(pose) @ (affine[:3, 3] - shift)
-    pts = np.stack([ijk[0] * to_anat[r, 0] + ijk[1] * to_anat[r, 1] + ijk[2] * to_anat[r, 2] + off[r] for r in range(3)], -1)
-    hu, lab = _render(pts, rng, fov)
+    anatomy = _draw_anatomy(rng, fov)
+    hu = np.empty(tuple(grid), np.float32)
+    lab = np.empty(tuple(grid), np.uint8)
+    step = max(1, int(2**21 // (grid[0] * grid[1])))  # slabs of ~2M voxels bound the memory
+    for k0 in range(0, grid[2], step):
+        ijk = np.meshgrid(np.arange(grid[0], dtype=np.float64), np.arange(grid[1], dtype=np.float64),
+                          np.arange(k0, min(grid[2], k0 + step), dtype=np.float64), indexing="ij")
+        pts = np.stack([ijk[0] * to_anat[r, 0] + ijk[1] * to_anat[r, 1] + ijk[2] * to_anat[r, 2] + off[r]
+                        for r in range(3)], -1)
+        hu[..., k0:k0 + step], lab[..., k0:k0 + step] = _render(pts, anatomy)
     hu = ndimage.gaussian_filter(hu, sigma=0.6, mode="nearest")  # partial volume
-    sigma = rng.uniform(10, 20)
-    hu += rng.normal(0.0, noise_hu if noise_hu is not None else sigma, hu.shape)
+    sigma = noise_hu if noise_hu is not None else rng.uniform(10, 20)
+    hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(sigma)
     img = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     return Volume(img, affine, f"phantom{code}"), Volume(lab, affine.copy(), f"phantom{code}_seg")
 
