@@ -103,3 +103,14 @@ def test_real_nrrd_reads_with_lps_geometry(real_ct):
     vol = read_volume(real_ct / "lung_lesion" / "imagesTs" / "pyradiomics_lung1.nrrd")
     assert vol.shape == (512, 512, 48) and vol.orientation == "LPS"
     assert np.allclose(vol.spacing[2], 5.0, atol=1e-3)
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from medseg.io import _UMASK
+
+    path = write_volume(np.zeros((3, 3, 3), np.uint8), tmp_path / "p.nii.gz", np.eye(4))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_UMASK != 0o600  # not mkstemp's 0600
+    assert _UMASK == os.umask(_UMASK)
