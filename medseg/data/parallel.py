@@ -89,7 +89,9 @@ def run_parallel(fn: Callable, jobs: Sequence[tuple[str, tuple]], *, workers: in
                     except BrokenProcessPool:
                         yield Outcome(keys[fut], error="a worker process died (out of memory?); rerun with fewer --workers",
                                       unexpected=True)
-        except BaseException:
+        except BaseException:  # Ctrl-C: stop now (files are written atomically; stale temps are cleaned on re-run)
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
