@@ -52,8 +52,9 @@ def case_fingerprint(case: Case, labels: dict[str, int] | None = None, *, ct_che
     label = read_volume(case.label) if case.label is not None else None
     stack = np.stack([c.array for c in chans])
     body_box = body_bbox(stack, None, threshold=BODY_THRESHOLD_HU, margin=0)
+    found: list[int] = []
     if label is not None:  # an empty label contributes no sample (its body is not foreground)
-        check_label(label, ref, values)
+        found = check_label(label, ref, values)
         fg = label.array > 0
     else:  # unlabelled case: the body stands in for the foreground
         fg = (stack > BODY_THRESHOLD_HU).any(axis=0)
@@ -68,7 +69,7 @@ def case_fingerprint(case: Case, labels: dict[str, int] | None = None, *, ct_che
         "shape": _ras_order(list(ref.shape), ornt),
         "shape_after_crop": _ras_order([hi - lo for lo, hi in body_box], ornt),
         "intensities": [c.array.reshape(-1)[idx].astype(np.float32) for c in chans],
-        "label_values": sorted(int(v) for v in np.unique(label.array)) if label is not None else [],
+        "label_values": found,
     }
 
 

@@ -29,6 +29,7 @@ from medseg.io import Volume, _inverse_ornt, reorient, same_space, spacing_from_
 __all__ = [
     "check_ct_intensities",
     "check_label",
+    "label_values",
     "load_case",
     "normalize",
     "preprocess_dataset",
@@ -71,8 +72,15 @@ def check_ct_intensities(array: np.ndarray, name: str) -> None:
         )
 
 
-def check_label(label: Volume, image: Volume, values: Sequence[int] | None) -> None:
-    """Raise when ``label`` is not on ``image``'s grid or holds undeclared values.
+def label_values(arr: np.ndarray) -> list[int]:
+    """Sorted distinct values of an integer label map (``bincount``: ~10x faster than ``np.unique``)."""
+    if np.issubdtype(arr.dtype, np.integer) and arr.size and 0 <= int(arr.min()) and int(arr.max()) < 2**16:
+        return np.flatnonzero(np.bincount(arr.ravel())).tolist()
+    return [int(v) for v in np.unique(arr)]
+
+
+def check_label(label: Volume, image: Volume, values: Sequence[int] | None) -> list[int]:
+    """Raise when ``label`` is not on ``image``'s grid or holds undeclared values; return the values found.
 
     Raises:
         GeometryError: different shape or affine (names both files and both geometries).
@@ -88,7 +96,7 @@ def check_label(label: Volume, image: Volume, values: Sequence[int] | None) -> N
     arr = label.array
     if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
         raise InputError(f"{label.path}: label holds non-integer values; expected integer class indices")
-    found = np.unique(arr).astype(np.int64)
+    found = np.asarray(label_values(arr), dtype=np.int64)
     if values is not None:
         bad = sorted(set(found.tolist()) - {int(v) for v in values})
         if bad:
@@ -98,6 +106,7 @@ def check_label(label: Volume, image: Volume, values: Sequence[int] | None) -> N
             )
     if found.min() < 0 or found.max() > 255:
         raise InputError(f"{label.path}: label values must lie in 0..255, found {found.min()}..{found.max()}")
+    return found.tolist()
 
 
 # --------------------------------------------------------------------------- normalization
@@ -208,8 +217,7 @@ def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volu
         for ch in chans:
             check_ct_intensities(ch.array, str(ch.path or "image"))
     values = sorted(int(v) for v in plans.get("labels", {}).values()) or None
-    if label is not None:
-        check_label(label, ref, values)
+    present = check_label(label, ref, values) if label is not None else []
 
     # 1. reorient to the closest RAS (no interpolation)
     ro, ornt = reorient(ref)
@@ -224,7 +232,7 @@ def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volu
     img = resample_image(np.stack(arrays), new_shape)
     del arrays
     if lab is not None:
-        lab = resample_label(lab, new_shape, values=sorted(set(np.unique(lab).tolist()) | {0}))
+        lab = resample_label(lab, new_shape, values=sorted(set(present) | {0}))
     res_affine = resample_affine(ro.affine, ro_shape, new_shape)
 
     # 3. crop to the body box (HU threshold before normalization)
@@ -254,7 +262,7 @@ def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volu
         "shape": list(img.shape[1:]),
         "affine": final_affine.tolist(),
         "spacing": spacing_from_affine(final_affine).tolist(),
-        "class_locations": sample_class_locations(lab, values or np.unique(lab).tolist()) if lab is not None else {},
+        "class_locations": sample_class_locations(lab, values or present) if lab is not None else {},
     }
     return img, (lab[None] if lab is not None else None), props
 

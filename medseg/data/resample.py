@@ -107,8 +107,8 @@ def resample_label(label: np.ndarray, new_shape: Sequence[int], values: Sequence
     for v in values:
         p = interpolate((lab == v)[None].float(), new_shape, mode="linear")[0]
         better = p > best
-        best = torch.where(better, p, best)
-        out[better] = v
+        torch.maximum(p, best, out=best)
+        out.masked_fill_(better, v)
     return out.numpy()
 
 
