@@ -136,3 +136,8 @@ def test_load_or_make_splits_saves_seed_and_reuses(tmp_path):
     assert sorted(train + val) == names
     with pytest.raises(ConfigError, match="data.fold: 3 is out of range"):
         fold_cases(folds, 3)
+
+
+def test_dicom_series_folder_is_one_unlabelled_case(real_ct):
+    info = discover_cases(real_ct / "organs" / "dicom" / "ts_upperabd_dicom20")
+    assert len(info.cases) == 1 and info.cases[0].label is None and info.cases[0].images[0].is_dir()

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Writes into --out: plans.json (target spacing, normalization, patch size, fingerprint),\n"
         "dataset.json (copied), splits.json (data.num_folds folds made with data.split_seed) and\n"
         "cases/<case>_image.npy, <case>_label.npy, <case>.json (properties; written last).\n"
-        "A re-run skips complete cases; empty labels are kept with a warning (negative examples).\n\n"
+        "A re-run skips complete cases; empty labels are kept with a warning (negative examples).\n"
+        "Exit status: 0 all cases done, 2 a case failed for a data reason (named with its file), 1 unexpected error.\n\n"
         "example: medseg preprocess --data data/Dataset001 --out pre/Dataset001 --workers 4 data.target_spacing=[1,1,2]"
     )
     parser.add_argument("--data", help="dataset folder: nnU-Net v2 (dataset.json + imagesTr/labelsTr), Decathlon, "

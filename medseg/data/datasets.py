@@ -11,7 +11,8 @@ Layouts understood by :func:`discover_cases`:
   ``modality`` instead of ``channel_names``, explicit ``training`` / ``test`` lists of
   ``{"image": ..., "label": ...}`` paths relative to the root.
 - **Plain folders**: ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/`` without a
-  ``dataset.json``); classes are read from the label files.
+  ``dataset.json``); classes are read from the label files. A DICOM series folder is a
+  dataset of one unlabelled case.
 
 Test cases come from the ``test`` list or from ``imagesTs/`` + ``labelsTs/``. Any volume
 format :func:`medseg.io.read_volume` reads is accepted (NIfTI, NRRD, MHA, DICOM folders).
@@ -28,7 +29,7 @@ import numpy as np
 
 from medseg.data.splits import load_or_make_splits, make_splits  # noqa: F401  (re-exported, see docs/architecture.md)
 from medseg.errors import InputError
-from medseg.io import find_volumes, read_volume, strip_volume_suffix
+from medseg.io import find_volumes, is_dicom_dir, read_volume, strip_volume_suffix
 
 __all__ = ["Case", "DatasetInfo", "build_dataset_json", "discover_cases", "load_dataset_json", "load_or_make_splits",
            "make_splits"]
@@ -238,7 +239,10 @@ def _check_unique(cases: list[Case], root: Path) -> None:
 
 
 def _discover_plain(root: Path) -> DatasetInfo:
-    """``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``) without a dataset.json."""
+    """``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``) without a dataset.json; a
+    DICOM series folder is one unlabelled case."""
+    if is_dicom_dir(root):
+        return DatasetInfo(root, root.name, {"background": 0}, {"0": "CT"}, [Case(root.name, [root], None)], [], "folders", None)
     for img_name, lab_name in (("images", "labels"), ("imagesTr", "labelsTr")):
         if (root / img_name).is_dir():
             cases = _scan_pair(root / img_name, root / lab_name, None, require_labels=(root / lab_name).is_dir())
