@@ -41,14 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def candidate_models(config_dir: Path, num_classes: int) -> dict[str, torch.nn.Module]:
-    """Every config in ``config_dir`` (skipping the tiny demo) plus the two MONAI baselines at WIDTHS."""
+    """Every config in ``config_dir`` plus the two MONAI baselines at WIDTHS."""
     from medseg.config import ModelConfig, load_config
     from medseg.nn import build_model
 
     models: dict[str, torch.nn.Module] = {}
     for path in sorted(config_dir.glob("*.yaml")):
-        if path.stem == "demo":
-            continue
         cfg = load_config(path).model
         k = cfg.num_classes if cfg.num_classes >= 2 else num_classes
         models[path.stem] = build_model(cfg, num_classes=k, spacing=(1.0, 1.0, 1.0))
