@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
              "= bf16 autocast on this CPU. MONAI: the stock tutorial pipeline (`benchmarks/stock_monai.py`).")
     ratio_lines = "\n".join(f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in summary.items()
                             if not k.endswith("_s") and not k.endswith("_gb"))
-    cmd = "python benchmarks/infer_speed.py" + (" --quick" if args.quick else "")
+    cmd = " ".join(["python benchmarks/infer_speed.py", *(sys.argv[1:] if argv is None else argv)])
     results_dir = args.results or (Path(tempfile.gettempdir()) / "medseg_bench_quick" if args.quick else None)
     kw = {"out_dir": results_dir} if results_dir else {}
     md_path, _ = write_results("infer_speed", "Inference, end to end (512x512x133 chest CT)", f"{notes}\n\n{md}\n\n{ratio_lines}",

@@ -1,0 +1,190 @@
+"""Real-CT study: the plain, attention-gated, CBAM and 2.5D U-Nets, same budget each, scored on held-out CT.
+
+For each dataset of ``../shared/data/real_ct`` (``organs``: 2 training CTs, test case scored on
+liver and spleen only, as its ``dataset.json`` says; ``lung_lesion``: 1 training CT with manual
+LIDC outlines, test CT from pyradiomics):
+
+1. ``medseg.data.preprocess.preprocess_dataset`` with ``configs/real_<dataset>.yaml`` (3 mm voxels,
+   CT normalization, 64^3 patches), once, shared by every variant;
+2. ``splits.json`` = train on every training case, validate on one of them (the last by name):
+   with 2 cases there is nothing to hold out, so the validation Dice is a *training-case*
+   number; **the held-out test case is the honest number**;
+3. per variant (``configs/{unet3d,attention_unet3d,cbam_unet3d,unet25d}.yaml``: their ``model``
+   section on the dataset config), ``medseg.train.train`` with ``train.max_minutes = --minutes``;
+4. ``Predictor.from_run(run, checkpoint="final")`` over ``imagesTs`` (``medseg.infer.runner``), then
+   ``medseg.evaluate.evaluate_folders`` against ``labelsTs`` (``scored_labels`` honoured).
+
+Writes ``benchmarks/results/real_ct_study.{md,json}`` after every variant (per-class test Dice,
+training and inference time); work files (preprocessed data, runs, predictions) go to
+``--work-dir``, never into the repository. Last stdout line: the JSON summary.
+
+    python benchmarks/real_ct_study.py --minutes 15      # the study as specified (2 x 4 x 15 min of CPU)
+    nohup python benchmarks/real_ct_study.py --minutes 3 > /tmp/real_ct_study.log 2>&1 &
+    python benchmarks/real_ct_study.py --quick           # phantom dataset, seconds per variant: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REAL_CT, ROOT, md_table, meta_now, set_threads, write_results  # noqa: E402
+
+DATASETS = {"organs": ROOT / "configs" / "real_organs.yaml", "lung_lesion": ROOT / "configs" / "real_lung_lesion.yaml"}
+VARIANTS = {"unet": "unet3d", "attention": "attention_unet3d", "cbam": "cbam_unet3d", "unet25d": "unet25d"}
+QUICK_OVERRIDES = ["data.target_spacing=[3.0,3.0,3.0]", "data.patch_size=[32,32,32]", "train.iters_per_epoch=2",
+                   "model.channels=[4,8,16,32,64]", "data.num_workers=0"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=15.0, help="training budget per variant, wall minutes (default 15)")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS), help="default: organs lung_lesion")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="default: all four")
+    p.add_argument("--real-ct", type=Path, default=REAL_CT, help="the real_ct folder (default ../shared/data/real_ct)")
+    p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "medseg_real_ct_study",
+                   help="preprocessed data, runs and predictions (default /tmp/medseg_real_ct_study)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="a 2+1-case phantom dataset, tiny nets, a few seconds of training per variant: checks the script")
+    p.add_argument("--results", type=Path, default=None, help="folder for real_ct_study.{md,json} (default benchmarks/results)")
+    p.add_argument("overrides", nargs="*", help="extra section.key=value config overrides for every run")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- steps
+def study_config(dataset_cfg: Path, variant: str, *, pre_dir: Path, data_dir: Path, minutes: float, overrides: list[str]):
+    """The dataset config with the ``model`` section of ``configs/<variant>.yaml``, the budget and the overrides."""
+    from medseg.config import apply_overrides, config_from_dict, config_to_dict, load_config
+
+    base = config_to_dict(load_config(dataset_cfg))
+    base["model"] = config_to_dict(load_config(ROOT / "configs" / f"{VARIANTS[variant]}.yaml").model)
+    base["name"] = f"{base['name']}_{variant}"
+    base["data"].update(dataset=str(data_dir), preprocessed=str(pre_dir))
+    base["train"]["max_minutes"] = float(minutes)
+    return config_from_dict(apply_overrides(base, overrides))
+
+
+def prepare(data_dir: Path, pre_dir: Path, cfg) -> tuple[list[str], str]:
+    """Preprocess the training cases (once) and write splits.json: train on all, validate on the last."""
+    from medseg.data.preprocess import preprocess_dataset
+    from medseg.data.splits import write_splits
+
+    report = preprocess_dataset(data_dir, pre_dir, data_cfg=cfg.data, progress=False)
+    if not report.ok:
+        raise RuntimeError(report.summary())
+    names = sorted(report.done + report.skipped)
+    val = names[-1]
+    write_splits(pre_dir / "splits.json", [{"train": names, "val": [val]}], seed=cfg.data.split_seed, case_names=names)
+    return names, val
+
+
+def run_variant(cfg, data_dir: Path, run_dir: Path, pred_dir: Path) -> dict:
+    """Train, segment ``imagesTs``, score against ``labelsTs``; one row of the study."""
+    from medseg.evaluate import evaluate_folders
+    from medseg.infer.predictor import Predictor
+    from medseg.infer.runner import run_inference
+    from medseg.train import train
+
+    t0 = time.perf_counter()
+    out = train(cfg, run_dir)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    predictor = Predictor.from_run(run_dir, checkpoint="final")
+    run_inference(predictor, data_dir / "imagesTs", pred_dir)
+    infer_s = time.perf_counter() - t0
+    summary = evaluate_folders(pred_dir, data_dir / "labelsTs", dataset_json=data_dir / "dataset.json", progress=False)
+    names = summary.get("label_names", {})
+    dice = {names.get(k, k): v["Dice"] for k, v in summary["mean"].items() if not math.isnan(v.get("Dice", math.nan))}
+    n_cases = max(1, len(list((data_dir / "imagesTs").iterdir())))
+    return {"train_s": train_s, "epochs": out["epoch"] + 1, "steps": out["step"],
+            "patches": out["step"] * cfg.train.batch_size, "status": out["status"],
+            "val_dice_train_case": out.get("final_metric"), "test_dice": dice,
+            "test_fg_mean_dice": summary["foreground_mean"].get("Dice"), "infer_s_per_case": infer_s / n_cases,
+            "missing": summary.get("missing", [])}
+
+
+# --------------------------------------------------------------------------- report
+def markdown(results: dict, minutes: float, setup: str) -> str:
+    parts = []
+    for ds, rows in results.items():
+        classes = list(dict.fromkeys(c for r in rows.values() if "test_dice" in r for c in r["test_dice"]))
+        header = ["variant", *[f"test Dice {c}" for c in classes], "test mean fg Dice", "val Dice (train case)",
+                  "train min", "patches seen", "infer s / case"]
+        body = []
+        for v, r in rows.items():
+            if "error" in r:
+                body.append([v, *["error"] * len(classes), r["error"][:60], "", "", "", ""])
+                continue
+            body.append([v, *[r["test_dice"].get(c, float("nan")) for c in classes], r["test_fg_mean_dice"],
+                         r["val_dice_train_case"] if r["val_dice_train_case"] is not None else float("nan"),
+                         r["train_s"] / 60.0, r["patches"], r["infer_s_per_case"]])
+        parts.append(f"**{ds}**\n\n" + md_table(header, body))
+    note = (f"Same wall-clock budget per variant ({minutes:g} min, `train.max_minutes`), {setup}. "
+            "The validation Dice is measured on a *training* case (2 organ cases, 1 lesion case: nothing to hold "
+            "out); the test columns are the held-out case, scored on its `scored_labels` only. A few minutes of "
+            "CPU training is far from convergence: these numbers compare the variants under a tiny budget, "
+            "nothing more.")
+    return note + "\n\n" + "\n\n".join(parts)
+
+
+def quick_dataset(work: Path) -> Path:
+    """A phantom stand-in for a real-CT folder: 2 training cases, 1 test case."""
+    from medseg.data.phantoms import make_phantom_dataset
+
+    return make_phantom_dataset(work / "phantoms", n_train=2, n_test=1, seed=0, shape=(48, 48, 24))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    overrides = list(args.overrides)
+    work = args.work_dir / ("quick" if args.quick else "")
+    if args.quick:
+        args.minutes, args.datasets = min(args.minutes, 0.1), ["organs"]
+        overrides = QUICK_OVERRIDES + overrides
+    results: dict[str, dict] = {}
+    setup = ""
+    meta = meta_now(args.threads)
+    results_dir = args.results or (Path(tempfile.gettempdir()) / "medseg_bench_quick" if args.quick else None)
+    cmd = " ".join(["python benchmarks/real_ct_study.py", *(sys.argv[1:] if argv is None else argv)])
+    for ds in args.datasets:
+        data_dir = quick_dataset(work) if args.quick else args.real_ct / ds
+        if not data_dir.is_dir():
+            print(f"{data_dir} not found: skipping {ds}", file=sys.stderr)
+            continue
+        pre_dir = work / ds / "preprocessed"
+        base = study_config(DATASETS[ds], "unet", pre_dir=pre_dir, data_dir=data_dir, minutes=args.minutes, overrides=overrides)
+        names, val = prepare(data_dir, pre_dir, base)
+        setup = (f"{'x'.join(f'{v:g}' for v in base.data.target_spacing)} mm voxels, "
+                 f"{'x'.join(map(str, base.data.patch_size))} patches, batch {base.train.batch_size}, "
+                 f"precision {base.train.precision}")
+        print(f"{ds}: training cases {names}, validation on {val}", file=sys.stderr, flush=True)
+        results[ds] = {}
+        for variant in args.variants:
+            cfg = study_config(DATASETS[ds], variant, pre_dir=pre_dir, data_dir=data_dir, minutes=args.minutes,
+                               overrides=overrides)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            run_dir, pred_dir = work / ds / f"run_{variant}_{stamp}", work / ds / f"pred_{variant}_{stamp}"
+            print(f"{ds} / {variant}: training {args.minutes:g} min -> {run_dir}", file=sys.stderr, flush=True)
+            try:
+                results[ds][variant] = run_variant(cfg, data_dir, run_dir, pred_dir)
+            except Exception as err:  # one variant failing must not lose the others
+                results[ds][variant] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"{ds} / {variant}: {json.dumps(results[ds][variant], default=float)}", file=sys.stderr, flush=True)
+            write_results("real_ct_study", "Real CT: variants under the same training budget", markdown(results, args.minutes, setup),
+                          {"results": results, "minutes": args.minutes, "overrides": overrides}, meta, command=cmd,
+                          **({"out_dir": results_dir} if results_dir else {}))
+    print(markdown(results, args.minutes, setup))
+    print(json.dumps({"minutes": args.minutes, "results": results}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

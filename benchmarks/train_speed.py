@@ -1,0 +1,177 @@
+"""Training throughput: our U-Net variants against MONAI's UNet / AttentionUnet, fp32 and bf16.
+
+Every model trains on the very same random patches (``--batch`` x 1 x ``--patch``^3 CT-like
+noise with random labels of ``--num-classes`` classes) in the same plain loop: forward under
+autocast (bf16) or not (fp32), loss, backward, SGD step (Nesterov, lr 1e-2, momentum 0.99).
+Losses: ours use the engine's loss (``medseg.train.losses.build_loss``: MONAI ``DiceCELoss``
+over the deep-supervision outputs, as ``medseg train`` trains them); MONAI's nets use
+``monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)``. All nets have the widths
+``--channels`` (default 16..256); ours come from ``configs/{unet3d,attention_unet3d,
+cbam_unet3d,unet25d}.yaml``, MONAI's from ``benchmarks/stock_monai.py``.
+
+One subprocess per model and precision (peak RSS is its own); after ``--warmup`` steps,
+``--steps`` steps are timed (wall and CPU seconds). Prints a table, writes
+``benchmarks/results/train_speed.{md,json}`` and, as its last line, a JSON object with
+``<model>_<precision>_patches_per_s`` and ratios against MONAI.
+
+    python benchmarks/train_speed.py                  # 2x1x64^3, 3 timed steps (a few minutes on 2 cores)
+    python benchmarks/train_speed.py --quick          # 1x1x32^3, narrow nets, 1 step: checks the script
+    python benchmarks/train_speed.py --patch 96 --models unet attention monai_attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, WIDTHS, md_table, meta_now, peak_rss_gb, run_child, set_threads, write_results  # noqa: E402
+
+MODELS = {  # name -> our config stem, or None for a MONAI network
+    "unet": "unet3d",
+    "attention": "attention_unet3d",
+    "cbam": "cbam_unet3d",
+    "unet25d": "unet25d",
+    "monai_unet": None,
+    "monai_attention": None,
+}
+PRECISIONS = ("fp32", "bf16")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run (default: all)")
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS), help="default: fp32 bf16")
+    p.add_argument("--patch", type=int, default=64, help="edge of the cubic training patch in voxels (default 64)")
+    p.add_argument("--batch", type=int, default=2, help="patches per step (default 2)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model and precision (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--channels", type=int, nargs="+", default=list(WIDTHS), help="widths of every net (default 16 32 64 128 256)")
+    p.add_argument("--num-classes", type=int, default=6, help="classes, background included (default 6)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patches and the weights (default 0)")
+    p.add_argument("--quick", action="store_true", help="1x1x32^3, channels 4..64, 1 step: checks the script; results to a temp folder")
+    p.add_argument("--results", type=Path, default=None, help="folder for train_speed.{md,json} (default benchmarks/results)")
+    p.add_argument("--child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- child
+def build(name: str, channels: list[int], num_classes: int):
+    """``(model, loss)`` for one entry of :data:`MODELS`."""
+    import torch
+
+    if MODELS[name] is None:
+        from monai.losses import DiceCELoss
+        from stock_monai import build_monai_model
+
+        return build_monai_model(name.removeprefix("monai_"), num_classes, tuple(channels)), \
+            DiceCELoss(to_onehot_y=True, softmax=True)
+    from medseg.config import load_config
+    from medseg.nn import build_model
+    from medseg.train.losses import build_loss
+
+    cfg = load_config(ROOT / "configs" / f"{MODELS[name]}.yaml", [f"model.channels={channels}"])
+    model = build_model(cfg.model, num_classes=num_classes, spacing=(1.5, 1.5, 1.5))
+    return model, build_loss(cfg.train).to(torch.device("cpu"))
+
+
+def make_patches(n: int, batch: int, patch: int, num_classes: int, seed: int):
+    """``n`` batches ``(image (B,1,P,P,P) float32, label (B,1,P,P,P) int64)``, the same for every model."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        image = torch.randn(batch, 1, patch, patch, patch, generator=g)
+        c = max(patch // 8, 1)
+        coarse = torch.randint(0, num_classes, (batch, 1, c, c, c), generator=g)
+        label = F.interpolate(coarse.float(), size=(patch,) * 3, mode="nearest").long()  # blobs, not salt noise
+        out.append((image, label))
+    return out
+
+
+def child(args: argparse.Namespace) -> dict:
+    import torch
+
+    set_threads(args.threads)
+    name, precision = args.child
+    torch.manual_seed(args.seed)
+    model, loss_fn = build(name, args.channels, args.num_classes)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    batches = make_patches(args.warmup + args.steps, args.batch, args.patch, args.num_classes, args.seed)
+
+    def step(image, label) -> float:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(image)
+        loss = loss_fn(out, label)  # ours: a deep-supervision list, handled by the engine's loss
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    for image, label in batches[: args.warmup]:
+        step(image, label)
+    c0, t0 = time.process_time(), time.perf_counter()
+    losses = [step(image, label) for image, label in batches[args.warmup:]]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = args.steps * args.batch
+    return {"model": name, "precision": precision, "patches_per_s": n / wall, "s_per_step": wall / args.steps,
+            "cpu_s_per_patch": cpu / n, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "loss_last": losses[-1], "peak_rss_gb": peak_rss_gb()}
+
+
+# --------------------------------------------------------------------------- parent
+def summarize(rows: list[dict]) -> dict:
+    out = {f"{r['model']}_{r['precision']}_patches_per_s": r["patches_per_s"] for r in rows}
+    by = {(r["model"], r["precision"]): r["patches_per_s"] for r in rows}
+    for (model, prec), v in by.items():
+        for ref in ("monai_unet", "monai_attention"):
+            if model in MODELS and MODELS[model] and (ref, prec) in by:
+                out[f"{model}_{prec}_vs_{ref}"] = v / by[(ref, prec)]
+        if prec == "bf16" and (model, "fp32") in by:
+            out[f"{model}_bf16_gain"] = v / by[(model, "fp32")]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.patch, args.batch, args.steps, args.channels = 32, 1, 1, [4, 8, 16, 32, 64]
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    rows = []
+    for name in args.models:
+        for prec in args.precisions:
+            print(f"{name} {prec} ...", file=sys.stderr, flush=True)
+            rows.append(run_child([__file__, "--child", name, prec, "--patch", args.patch, "--batch", args.batch,
+                                   "--steps", args.steps, "--warmup", args.warmup, "--channels", *args.channels,
+                                   "--num-classes", args.num_classes, "--threads", args.threads, "--seed", args.seed]))
+    summary = summarize(rows)
+    md = md_table(["model", "precision", "params M", "patches/s", "s/step", "CPU s/patch", "peak RSS GB"],
+                  [[r["model"], r["precision"], r["params_m"], r["patches_per_s"], r["s_per_step"], r["cpu_s_per_patch"],
+                    r["peak_rss_gb"]] for r in rows])
+    print(md)
+    notes = (f"Patches {args.batch}x1x{args.patch}^3, {args.num_classes} classes, channels {tuple(args.channels)}, "
+             f"{args.steps} timed step(s) after {args.warmup} warm-up, {args.threads} threads, one subprocess per row. "
+             "Ours: engine loss (DiceCE + deep supervision); MONAI: DiceCELoss; SGD for all.")
+    ratio_lines = "\n".join(f"- {k}: {v:.2f}" for k, v in summary.items() if "_vs_" in k or k.endswith("_gain"))
+    results_dir = args.results or (Path(tempfile.gettempdir()) / "medseg_bench_quick" if args.quick else None)
+    cmd = " ".join(["python benchmarks/train_speed.py", *(sys.argv[1:] if argv is None else argv)])
+    md_path, _ = write_results("train_speed", f"Training throughput ({args.batch}x1x{args.patch}^3 patches)",
+                               f"{notes}\n\n{md}\n\n{ratio_lines}", {"rows": rows, "summary": summary},
+                               meta_now(args.threads), command=cmd, **({"out_dir": results_dir} if results_dir else {}))
+    print(f"wrote {md_path}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
