@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset
+from monai.data import CacheDataset, Dataset, get_track_meta, set_track_meta
 from monai.transforms import Compose, MapTransform
 
 from medseg.config import Config
@@ -164,8 +164,13 @@ class PatchDataset(torch.utils.data.Dataset):
         center = self._center(case, self.force_foreground(int(index), rng), rng)
         image, label = crop_patch([case["image"], case["label"]], center, self.extent)
         self.transforms.set_random_state(seed=int(rng.integers(2**31)))
-        d = self.transforms({"image": torch.from_numpy(image.astype(np.float32, copy=False)),
-                             "label": torch.from_numpy(label.astype(np.float32))})
+        track = get_track_meta()
+        set_track_meta(False)  # plain tensors: MONAI's metadata bookkeeping doubles the cost of a patch
+        try:
+            d = self.transforms({"image": torch.from_numpy(image.astype(np.float32, copy=False)),
+                                 "label": torch.from_numpy(label.astype(np.float32))})
+        finally:
+            set_track_meta(track)
         return {"image": as_plain_tensor(d["image"]).float(),
                 "label": as_plain_tensor(d["label"]).round().to(torch.uint8)}
 
