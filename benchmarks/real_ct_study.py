@@ -5,7 +5,7 @@ liver and spleen only, as its ``dataset.json`` says; ``lung_lesion``: 1 training
 LIDC outlines, test CT from pyradiomics):
 
 1. ``medseg.data.preprocess.preprocess_dataset`` with ``configs/real_<dataset>.yaml`` (3 mm voxels,
-   CT normalization, 64^3 patches), once, shared by every variant;
+   CT normalization, 48^3 patches), once, shared by every variant;
 2. ``splits.json`` = train on every training case, validate on one of them (the last by name):
    with 2 cases there is nothing to hold out, so the validation Dice is a *training-case*
    number; **the held-out test case is the honest number**;
@@ -95,6 +95,8 @@ def run_variant(cfg, data_dir: Path, run_dir: Path, pred_dir: Path) -> dict:
     t0 = time.perf_counter()
     out = train(cfg, run_dir)
     train_s = time.perf_counter() - t0
+    if out["status"] != "finished":  # Ctrl-C / SIGTERM: the engine saved latest.pt and returned
+        raise KeyboardInterrupt(f"training interrupted ({out['status']})")
     t0 = time.perf_counter()
     predictor = Predictor.from_run(run_dir, checkpoint="final")
     run_inference(predictor, data_dir / "imagesTs", pred_dir)
