@@ -14,6 +14,7 @@ The last printed line is a JSON object with all numbers.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -40,31 +41,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def candidate_models(config_dir: Path, num_classes: int) -> dict[str, torch.nn.Module]:
-    """Every config in ``config_dir`` plus the two MONAI baselines at WIDTHS."""
+def candidate_models(config_dir: Path, num_classes: int, only: list[str] | None = None) -> dict[str, torch.nn.Module]:
+    """Every config in ``config_dir`` plus the two MONAI baselines at WIDTHS (or those named in ``only``)."""
     from medseg.config import ModelConfig, load_config
     from medseg.nn import build_model
 
     models: dict[str, torch.nn.Module] = {}
     for path in sorted(config_dir.glob("*.yaml")):
+        if only and path.stem not in only:
+            continue
         cfg = load_config(path).model
         k = cfg.num_classes if cfg.num_classes >= 2 else num_classes
         models[path.stem] = build_model(cfg, num_classes=k, spacing=(1.0, 1.0, 1.0))
     for arch in ("monai_unet", "monai_attention_unet"):
+        if only and arch not in only:
+            continue
         models[arch] = build_model(ModelConfig(arch=arch, channels=list(WIDTHS)), num_classes=num_classes)
     return models
 
 
 def gflops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Forward GFLOPs, counted on a meta-device copy (shapes only, no arithmetic: instant at any size)."""
+    meta = copy.deepcopy(model).eval().to("meta")
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(x)
+        meta(torch.empty(x.shape, device="meta"))
     return counter.get_total_flops() / 1e9
 
 
-def time_interleaved(models: dict[str, torch.nn.Module], x: torch.Tensor, reps: int, bf16: bool) -> dict[str, float]:
-    """Median forward seconds per model; the reps run round-robin over the models so that load
-    from other processes on a shared machine hits every model alike."""
+def time_interleaved(models: dict[str, torch.nn.Module], x: torch.Tensor, reps: int, bf16: bool) -> dict[str, tuple[float, float]]:
+    """(median, min) forward seconds per model; the reps run round-robin over the models so that
+    load from other processes on a shared machine hits every model alike (the min is the least
+    disturbed run: compare it with the median to judge the noise)."""
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for model in models.values():
@@ -74,7 +82,7 @@ def time_interleaved(models: dict[str, torch.nn.Module], x: torch.Tensor, reps: 
                 t0 = time.perf_counter()
                 model(x)
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def measure(models: dict[str, torch.nn.Module], args: argparse.Namespace) -> dict[str, dict]:
@@ -85,8 +93,9 @@ def measure(models: dict[str, torch.nn.Module], args: argparse.Namespace) -> dic
         rows[name] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "gflops": gflops(model, x)}
     if not args.no_time:
         for key, bf16 in (("fp32_s", False), ("bf16_s", True)):
-            for name, sec in time_interleaved(models, x, args.reps, bf16).items():
-                rows[name][key] = sec
+            for name, (med, low) in time_interleaved(models, x, args.reps, bf16).items():
+                rows[name][key] = med
+                rows[name][key.replace("_s", "_min_s")] = low
     return rows
 
 
@@ -96,7 +105,7 @@ def add_ratios(rows: dict[str, dict]) -> None:
         if ref is None:
             continue
         for row in rows.values():
-            for key in ("gflops", "fp32_s", "bf16_s"):
+            for key in ("gflops", "fp32_s", "bf16_s", "fp32_min_s", "bf16_min_s"):
                 if key in row and key in ref:
                     row[f"{key}_{tag}"] = row[key] / ref[key]
 
@@ -110,6 +119,8 @@ def print_table(rows: dict[str, dict]) -> None:
         ("gflops_vs_unet", "FLOPs/unet", "{:10.2f}"),
         ("fp32_s_vs_unet", "fp32/unet", "{:9.2f}"),
         ("bf16_s_vs_unet", "bf16/unet", "{:9.2f}"),
+        ("fp32_min_s_vs_unet", "min fp32/unet", "{:13.2f}"),
+        ("bf16_min_s_vs_unet", "min bf16/unet", "{:13.2f}"),
         ("gflops_vs_monai_unet", "FLOPs/monai", "{:11.2f}"),
         ("fp32_s_vs_monai_unet", "fp32/monai", "{:10.2f}"),
     ]
@@ -124,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = candidate_models(args.configs, args.num_classes)
-    if args.only:
-        models = {k: v for k, v in models.items() if k in set(args.only)}
+    models = candidate_models(args.configs, args.num_classes, args.only)
     rows = measure(models, args)
     add_ratios(rows)
     print(f"input 1x1x{args.size}^3, {args.threads} threads, median of {args.reps}, torch {torch.__version__}")

@@ -177,3 +177,15 @@ def test_bad_arguments_raise_value_error_naming_the_argument(name, kwargs, arg):
         create_block_attention(name, 16, **kwargs)
     with pytest.raises(ValueError, match="channels"):
         create_block_attention(name, 0)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 6, 3), (1, 16, 5, 7)])
+def test_channel_mean_matches_torch_mean_in_both_memory_layouts(shape):
+    from medseg.nn.layers import channel_mean
+
+    x = torch.randn(shape)
+    ref = x.mean(1, keepdim=True)
+    torch.testing.assert_close(channel_mean(x), ref)
+    cl = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
+    torch.testing.assert_close(channel_mean(x.contiguous(memory_format=cl)), ref)
+    torch.testing.assert_close(channel_mean(x.transpose(2, 3)), ref.transpose(2, 3))  # other strides: fallback

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.nn.channel import reduced_channels
-from medseg.nn.layers import check_positive_int, check_spatial_dims, conv_nd, spatial_amax, spatial_mean
+from medseg.nn.layers import channel_mean, check_positive_int, check_spatial_dims, conv_nd, spatial_amax, spatial_mean
 from medseg.nn.registries import BLOCK_ATTENTION
 
 __all__ = ["CBAM", "ChannelGateCBAM", "SpatialGateCBAM"]
@@ -60,7 +60,7 @@ class SpatialGateCBAM(nn.Module):
         self.conv = conv_nd(spatial_dims, 2, 1, kernel_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        desc = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        desc = torch.cat([channel_mean(x), x.amax(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.conv(desc))
 
 

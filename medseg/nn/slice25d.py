@@ -62,6 +62,14 @@ class SliceStack25D(nn.Module):
         self.slices, self.step = slices, step
         self.patch_divisor = (*tuple(net2d.patch_divisor)[:2], 1)
 
+    @property
+    def deep_supervision(self) -> bool:
+        return bool(getattr(self.net, "deep_supervision", False))
+
+    @deep_supervision.setter
+    def deep_supervision(self, value: bool) -> None:
+        self.net.deep_supervision = bool(value)
+
     def to_slices(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, X, Y, Z) -> (B*Z, C*k, X, Y)``: the k-slice stacks centred on every z."""
         b, c, nx, ny, nz = x.shape
