@@ -91,3 +91,6 @@ def test_training_without_resume_refuses_to_overwrite(preprocessed_phantoms, tmp
         train(cfg, tmp_path / "run")
     with pytest.raises(InputError, match="no checkpoints/latest.pt"):
         train(cfg, tmp_path / "other", resume=True)
+    wider = tiny_config(preprocessed_phantoms, "train.tb_num_cases=0", "model.channels=[8,8,16]")
+    with pytest.raises(InputError, match="does not match the model"):
+        train(wider, tmp_path / "run", resume=True)

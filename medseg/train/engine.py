@@ -132,9 +132,14 @@ def _build(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
 
 
 def _resume(ctx: Context) -> None:
-    state = load_checkpoint(ctx.ckpt_dir / "latest.pt", map_location=ctx.info.device)
-    ctx.model.load_state_dict(state["model"])
-    ctx.optimizer.load_state_dict(state["optimizer"])
+    path = ctx.ckpt_dir / "latest.pt"
+    state = load_checkpoint(path, map_location=ctx.info.device)
+    try:
+        ctx.model.load_state_dict(state["model"])
+        ctx.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise InputError(f"{path}: does not match the model / optimizer of this config (changed model.* or "
+                         f"train.optimizer since the run started?): {str(err).splitlines()[0]}") from None
     ctx.scheduler.load_state_dict(state["scheduler"])
     ctx.scaler.load_state_dict(state["scaler"])
     ctx.step, ctx.epoch = int(state["step"]), int(state["epoch"])
@@ -145,8 +150,7 @@ def _resume(ctx: Context) -> None:
     refresh_lr(ctx.scheduler)  # the schedule's total may have changed (raised train.epochs)
     if ctx.step >= ctx.total_epochs * ctx.iters:
         log.warning("the checkpoint is at epoch %d already; raise train.epochs to train longer", ctx.epoch + 1)
-    log.info("resumed from %s at epoch %d (step %d, best mean fg Dice %.4f)", ctx.ckpt_dir / "latest.pt",
-             ctx.epoch + 1, ctx.step, ctx.best)
+    log.info("resumed from %s at epoch %d (step %d, best mean fg Dice %.4f)", path, ctx.epoch + 1, ctx.step, ctx.best)
 
 
 def _write_run_files(ctx: Context) -> None:
