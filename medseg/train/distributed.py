@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from medseg.runtime import resolve_device
 
-__all__ = ["DistInfo", "all_gather_objects", "barrier", "broadcast_flag", "cleanup", "init_distributed", "mean_across", "wrap_ddp"]
+__all__ = ["DistInfo", "all_gather_objects", "cleanup", "init_distributed", "mean_across", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,6 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 def mean_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Mean of a (detached) tensor over all ranks; the tensor itself when not distributed."""
     if not info.enabled:
@@ -95,15 +90,6 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """True on every rank when ``flag`` is true on any rank (stop requests, divergence)."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device if info.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def cleanup(info: DistInfo) -> None:

@@ -300,6 +300,7 @@ def _update_budget(ctx: Context, t_start: float, epochs_run: int, val_seconds: f
     fit = ctx.epoch + 1 + max(0, math.floor(left / (elapsed / epochs_run)))
     fit = min(all_gather_objects(fit, ctx.info))  # every rank must stop at the same epoch
     ctx.total_epochs = max(ctx.epoch + 1, min(ctx.cfg.train.epochs, fit))
+    refresh_lr(ctx.scheduler)  # the next step's LR under the new total
 
 
 # --------------------------------------------------------------------------- main

@@ -168,29 +168,33 @@ def _latest_images(logdir: Path, case: str | None) -> tuple[str, dict[str, np.nd
 
 
 def export_gate_grid(logdir: str | Path, out_png: str | Path, *, case: str | None = None,
-                     view: str = "axial", dpi: int = 80) -> Path:
-    """Tile the newest ``view`` images of ``case`` (segmentation + every gate) into a labelled PNG."""
+                     views: tuple[str, ...] = ("axial", "coronal"), dpi: int = 80) -> Path:
+    """Tile the newest images of ``case`` into a labelled PNG: per view, CT | truth | prediction, then every gate."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from medseg.io import atomic_write
 
     case, images = _latest_images(Path(logdir), case)
-    seg = [t for t in images if t.startswith("val/") and f"/{view}/" in t]
-    gate = sorted(t for t in images if t.startswith("gates/") and f"/{case}/{view}/" in t)
-    ncol = max(1, min(4, len(gate)))
-    nrow = 1 + math.ceil(len(gate) / ncol)
-    fig = Figure(figsize=(2.6 * ncol, 2.6 * nrow))
+    rows: list[tuple[str, list[str]]] = []  # (view, tags) per figure row
+    for view in views:
+        seg = [t for t in images if t.startswith("val/") and f"/{view}/" in t]
+        gate = sorted(t for t in images if t.startswith("gates/") and f"/{case}/{view}/" in t)
+        rows += [(view, seg)] if seg else []
+        rows += [(view, gate[i:i + 4]) for i in range(0, len(gate), 4)]
+    ncol = max([len(tags) for _, tags in rows if tags and tags[0].startswith("gates/")] or [1])
+    fig = Figure(figsize=(2.6 * ncol, 2.6 * len(rows)))
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(nrow, ncol)
-    panels = [(grid[0, :], t, "CT | ground truth | prediction") for t in seg]
-    panels += [(grid[1 + i // ncol, i % ncol], t, t.split(f"/{view}/", 1)[1]) for i, t in enumerate(gate)]
-    for spec, tag, title in panels:
-        ax = fig.add_subplot(spec)
-        ax.imshow(images[tag], interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"{case}, {view} slice", fontsize=10)
+    grid = fig.add_gridspec(len(rows), ncol)
+    for r, (view, tags) in enumerate(rows):
+        for c, tag in enumerate(tags):
+            seg = tag.startswith("val/")
+            ax = fig.add_subplot(grid[r, :] if seg else grid[r, c])
+            ax.imshow(images[tag], interpolation="nearest")
+            title = "CT | ground truth | prediction" if seg else tag.split(f"/{view}/", 1)[1]
+            ax.set_title(f"{view}: {title}", fontsize=9)
+            ax.axis("off")
+    fig.suptitle(f"{case}: validation overlays and attention-gate maps", fontsize=10)
     fig.tight_layout()
     with atomic_write(out_png) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
@@ -202,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", required=True, help="the run's tensorboard/ folder")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--case", default=None, help="validation case to show (default: the first)")
-    parser.add_argument("--view", default="axial", choices=sorted(VIEWS), help="slice orientation")
+    parser.add_argument("--views", nargs="+", default=list(VIEWS), choices=sorted(VIEWS), help="slice orientations")
     parser.add_argument("--dpi", type=int, default=80, help="resolution of the PNG")
     args = parser.parse_args(argv)
-    print(export_gate_grid(args.logdir, args.out, case=args.case, view=args.view, dpi=args.dpi))
+    print(export_gate_grid(args.logdir, args.out, case=args.case, views=tuple(args.views), dpi=args.dpi))
     return 0
 
 
