@@ -53,9 +53,9 @@ def test_empty_folder_and_no_foreground(preprocessed_phantoms, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(preprocessed_phantoms, tmp_path, monkeypatch):
-    from medseg.train import engine
+    from medseg.train import setup
 
-    real = engine.build_loss
+    real = setup.build_loss
     calls = {"n": 0}
 
     def poisoned(train_cfg):
@@ -70,7 +70,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(preprocessed_phantoms
         loss.forward = nan_on_third
         return loss
 
-    monkeypatch.setattr(engine, "build_loss", poisoned)
+    monkeypatch.setattr(setup, "build_loss", poisoned)
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"NaN/inf at epoch 3.*latest\.pt"):
         train(load_config(None, [f"data.preprocessed={preprocessed_phantoms}", *TINY, "train.epochs=5"]), run)

@@ -22,16 +22,7 @@ import torch
 from medseg.errors import InputError
 from medseg.io import atomic_write
 
-__all__ = ["capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint", "unwrap"]
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside ``DistributedDataParallel`` / ``torch.compile`` wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
+__all__ = ["capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
 
 
 def capture_rng() -> dict[str, Any]:

@@ -1,0 +1,149 @@
+"""Setting a run up: the :class:`Context` of its objects, the run directory, resume, the loader.
+
+Used by :mod:`medseg.train.engine`; every function here runs once per run (per rank).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from medseg.config import Config, save_config
+from medseg.errors import ConfigError, InputError
+from medseg.io import atomic_write_text
+from medseg.runtime import get_logger, resolve_precision, seed_everything
+from medseg.train import data as tdata
+from medseg.train.checkpoint import load_checkpoint, restore_rng
+from medseg.train.checks import resolve_patch_size
+from medseg.train.distributed import DistInfo
+from medseg.train.losses import build_loss
+from medseg.train.optim import build_optimizer, build_scheduler, refresh_lr
+
+__all__ = ["Context", "build_context", "check_run_dir", "open_log", "resume_from_latest", "train_loader",
+           "write_run_files"]
+
+log = get_logger("medseg.train")
+
+
+@dataclass
+class Context:
+    """The objects of one run that the loop helpers share (state lives in ``step``/``epoch``/``best``)."""
+
+    cfg: Config
+    info: DistInfo
+    run_dir: Path
+    pre_dir: Path
+    plans: dict
+    patch: list[int]
+    model: torch.nn.Module  # bare network
+    ddp: torch.nn.Module  # what the forward pass calls (DDP wrapper or the model)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: torch.nn.Module
+    amp_dtype: torch.dtype | None
+    val_cases: list[str] = field(default_factory=list)
+    writer: SummaryWriter | None = None
+    total_epochs: int = 1  # may shrink under train.max_minutes
+    step: int = 0  # iterations done
+    epoch: int = -1  # last completed epoch
+    best: float = float("-inf")
+    history: list[dict] = field(default_factory=list)
+    final_summary: dict | None = None
+
+    @property
+    def iters(self) -> int:
+        return self.cfg.train.iters_per_epoch
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def open_log(run_dir: Path, info: DistInfo) -> logging.Handler | None:
+    if not info.is_main:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt", mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger("medseg").addHandler(handler)
+    return handler
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if resume and not latest.is_file():
+        raise InputError(f"{run_dir}: --resume given but there is no checkpoints/latest.pt to resume from")
+    if not resume and any((run_dir / "checkpoints").glob("*.pt")):
+        raise InputError(f"{run_dir}: already holds checkpoints; pass --resume to continue it or choose another --out")
+
+
+def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
+    from medseg.nn import build_model
+
+    if not cfg.data.preprocessed:
+        raise ConfigError("data.preprocessed: not set; pass --data PREPROCESSED_DIR or set it in the config")
+    pre_dir = Path(cfg.data.preprocessed).resolve()
+    plans = tdata.read_plans(pre_dir)
+    amp_dtype = resolve_precision(cfg.train.precision, info.device)
+    seed_everything(cfg.train.seed + info.rank)
+    model = build_model(cfg.model, in_channels=len(plans.get("channel_names", {})) or cfg.model.in_channels,
+                        num_classes=int(plans["num_classes"]), spacing=plans.get("target_spacing"))
+    patch = resolve_patch_size(cfg, plans, getattr(model, "patch_divisor", None))
+    cfg.data.patch_size, cfg.data.preprocessed = patch, str(pre_dir)
+    model = model.to(info.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = build_optimizer(model, cfg.train)
+    ctx = Context(cfg=cfg, info=info, run_dir=run_dir, pre_dir=pre_dir, plans=plans, patch=patch, model=model,
+                  ddp=model, optimizer=optimizer, scheduler=None,
+                  scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
+                  loss_fn=build_loss(cfg.train), amp_dtype=amp_dtype, total_epochs=cfg.train.epochs)
+    ctx.scheduler = build_scheduler(optimizer, cfg.train, lambda: ctx.total_epochs * ctx.iters)
+    return ctx
+
+
+def resume_from_latest(ctx: Context) -> None:
+    path = ctx.ckpt_dir / "latest.pt"
+    state = load_checkpoint(path, map_location=ctx.info.device)
+    try:
+        ctx.model.load_state_dict(state["model"])
+        ctx.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise InputError(f"{path}: does not match the model / optimizer of this config (changed model.* or "
+                         f"train.optimizer since the run started?): {str(err).splitlines()[0]}") from None
+    ctx.scheduler.load_state_dict(state["scheduler"])
+    ctx.scaler.load_state_dict(state["scaler"])
+    ctx.step, ctx.epoch = int(state["step"]), int(state["epoch"])
+    ctx.best, ctx.history = float(state["best_metric"]), list(state.get("history", []))
+    rng = state.get("rng") or []
+    if len(rng) > ctx.info.rank:
+        restore_rng(rng[ctx.info.rank])
+    refresh_lr(ctx.scheduler)  # the schedule's total may have changed (raised train.epochs)
+    if ctx.step >= ctx.total_epochs * ctx.iters:
+        log.warning("the checkpoint is at epoch %d already; raise train.epochs to train longer", ctx.epoch + 1)
+    log.info("resumed from %s at epoch %d (step %d, best mean fg Dice %.4f)", path, ctx.epoch + 1, ctx.step, ctx.best)
+
+
+def write_run_files(ctx: Context) -> None:
+    if not ctx.info.is_main:
+        return
+    save_config(ctx.cfg, ctx.run_dir / "config.yaml")
+    atomic_write_text(ctx.run_dir / "plans.json", (ctx.pre_dir / "plans.json").read_text())
+
+
+def train_loader(ctx: Context, train_cases: list[str]) -> torch.utils.data.DataLoader:
+    cfg, info = ctx.cfg, ctx.info
+    mode = tdata.resolve_cache_mode(cfg.data.cache, ctx.pre_dir, train_cases, copies=info.local_world_size)
+    cases = tdata.case_dataset(ctx.pre_dir, train_cases, mode, workers=cfg.data.num_workers, progress=info.is_main)
+    tdata.check_foreground(cases, ctx.pre_dir)
+    log.info("%d training cases (cache: %s), %d validation cases, patch %s, batch %d x %d rank(s)", len(train_cases),
+             mode, len(ctx.val_cases), ctx.patch, cfg.train.batch_size, info.world_size)
+    patches = tdata.PatchDataset(cases, ctx.patch, cfg, rank=info.rank)
+    return tdata.make_train_loader(patches, start_batch=ctx.step, end_batch=cfg.train.epochs * ctx.iters,
+                                   num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
