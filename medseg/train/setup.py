@@ -100,6 +100,8 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = build_optimizer(model, cfg.train)
+    log.info("model %s: %.2f M parameters; device %s, autocast %s, %s", cfg.model.arch,
+             sum(p.numel() for p in model.parameters()) / 1e6, info.device, amp_dtype or "off (fp32)", cfg.train.optimizer)
     ctx = Context(cfg=cfg, info=info, run_dir=run_dir, pre_dir=pre_dir, plans=plans, patch=patch, model=model,
                   ddp=model, optimizer=optimizer, scheduler=None,
                   scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
