@@ -41,7 +41,7 @@ from monai.transforms import (
 
 from medseg.config import AugmentConfig
 
-__all__ = ["RandRotateScaled", "build_train_transforms", "crop_extent", "crop_patch"]
+__all__ = ["RandRotateScaled", "as_plain_tensor", "build_train_transforms", "crop_extent", "crop_patch"]
 
 KEYS = ("image", "label")
 
