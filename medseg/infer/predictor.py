@@ -202,12 +202,6 @@ class Predictor:
         self.model = model
         if model is not None:
             model.to(self.device).eval()
-            if self.amp_dtype == torch.bfloat16:
-                # bf16 weights instead of bf16 autocast: autocast runs the normalization layers in
-                # fp32 and casts every activation there and back (~35% of a CPU forward in
-                # copies); bf16's fp32 exponent range makes pure-bf16 inference safe. The
-                # predictor owns its model, so the cast does not leak into training.
-                model.to(torch.bfloat16)
             if channels_last:
                 model.to(memory_format=torch.channels_last_3d)
 

@@ -83,10 +83,7 @@ class WindowPredictor:
                  channels_last: bool = False, bar=None):
         self.model = model
         self.device = device
-        # a model whose weights are already bf16 / fp16 takes windows in that dtype, without autocast
-        param = next(iter(model.parameters()), None)
-        self.weight_dtype = param.dtype if param is not None and param.dtype in (torch.bfloat16, torch.float16) else None
-        self.amp_dtype = None if self.weight_dtype is not None else amp_dtype
+        self.amp_dtype = amp_dtype
         self.out_dtype = out_dtype
         self.flips = _mirror_sets(tta)
         self.return_attention = return_attention
@@ -102,7 +99,7 @@ class WindowPredictor:
         return logits, gates
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        x = x.to(self.device, dtype=self.weight_dtype or torch.float32)
+        x = x.to(self.device, dtype=torch.float32)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         size = tuple(x.shape[2:])
