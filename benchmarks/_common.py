@@ -78,9 +78,11 @@ def machine(threads: int) -> dict[str, Any]:
 
 def provenance_line(meta: dict) -> str:
     m = meta["machine"]
+    load = meta.get("loadavg_start"), meta.get("loadavg_end")
+    busy = f", 1-min load average {load[0]:.1f} at the start / {load[1]:.1f} at the end" if None not in load else ""
     return (f"commit `{meta['commit']}`, {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads, "
             f"native bf16: {'yes' if m['bf16_native'] else 'no'}), torch {m['torch']}, MONAI {m['monai']}, "
-            f"{meta['date']}")
+            f"{meta['date']}{busy}")
 
 
 # --------------------------------------------------------------------------- child processes
@@ -183,6 +185,7 @@ def write_results(name: str, title: str, body_md: str, data: dict, meta: dict, *
     """Write ``<out_dir>/<name>.md`` (title, table, command, provenance) and ``<name>.json``."""
     from medseg.io import atomic_write_text
 
+    meta = {**meta, "loadavg_end": os.getloadavg()[0]}
     md = (f"### {title}\n\n{body_md.strip()}\n\n"
           f"Reproduce: `{command}`  \nMeasured on: {provenance_line(meta)}.\n")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,4 +200,5 @@ def meta_now(threads: int, argv: Sequence[str] | None = None) -> dict:
 
     return {"commit": commit(), "machine": machine(threads),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "argv": list(sys.argv if argv is None else argv)}
+            "argv": list(sys.argv if argv is None else argv),
+            "loadavg_start": os.getloadavg()[0]}  # other work on the machine skews wall-clock timings
