@@ -190,6 +190,10 @@ def summarize(rows: dict[str, dict]) -> dict:
         "attention_overhead_monai": ratio("monai_attention", "monai_unet"),
     }
     out.update({k: v for k, v in ratios.items() if v is not None})
+    for a, b in (("monai_attention", "ours_attention"), ("monai_unet", "ours_attention"),
+                 ("monai_attention", "ours_attention_large"), ("monai_unet", "ours_attention_large")):
+        if a in rows and b in rows and rows[b].get("cpu_s"):  # CPU seconds: steadier than wall time on a busy machine
+            out[f"cpu_ratio_{a}_vs_{b}"] = rows[a]["cpu_s"] / rows[b]["cpu_s"]
     for name, tag in (("ours_attention", ""), ("ours_attention_large", "large_")):
         if name in rows:  # the targets, for the plan's window and for the large one
             vs_att, vs_unet = ratios[f"speedup_attention_{tag}vs_monai_attention"], ratios[f"speedup_attention_{tag}vs_monai_unet"]

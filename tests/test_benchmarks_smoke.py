@@ -44,13 +44,17 @@ def test_result_files_in_readme_order(tmp_path):
 
 
 def test_infer_summary_ratios_and_targets():
-    rows = {"ours_attention": {"total": 20.0, "peak_rss_gb": 2.0}, "ours_attention_fp32": {"total": 50.0, "peak_rss_gb": 2.4},
-            "monai_attention": {"total": 90.0, "peak_rss_gb": 3.8}, "monai_unet": {"total": 25.0, "peak_rss_gb": 3.0}}
+    rows = {"ours_attention": {"total": 20.0, "peak_rss_gb": 2.0, "cpu_s": 40.0},
+            "ours_attention_fp32": {"total": 50.0, "peak_rss_gb": 2.4},
+            "monai_attention": {"total": 90.0, "peak_rss_gb": 3.8, "cpu_s": 150.0},
+            "monai_unet": {"total": 25.0, "peak_rss_gb": 3.0, "cpu_s": 50.0}}
     s = infer_speed.summarize(rows)
     assert s["ours_attention_s"] == 20.0 and s["monai_attention_peak_rss_gb"] == 3.8
     assert s["speedup_attention_vs_monai_attention"] == pytest.approx(4.5)
     assert s["speedup_attention_vs_monai_unet"] == pytest.approx(1.25)
     assert s["bf16_gain_attention"] == pytest.approx(2.5)
+    assert s["cpu_ratio_monai_attention_vs_ours_attention"] == pytest.approx(3.75)
+    assert s["cpu_ratio_monai_unet_vs_ours_attention"] == pytest.approx(1.25)
     assert s["target_4x_vs_monai_attention"] and s["target_not_slower_than_monai_unet"] and s["target_rss_le_2_5_gb"]
     rows["ours_attention"]["total"] = 30.0
     assert not infer_speed.summarize(rows)["target_4x_vs_monai_attention"]
