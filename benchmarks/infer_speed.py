@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--large-roi", type=int, nargs=3, default=[160, 192, 224],
                    help="window of the *_large rows (default 160 192 224: 2 windows over the 240x190x222 chest at 1.5 mm)")
     p.add_argument("--large-sw-batch-size", type=int, default=1, help="windows per forward of the *_large rows (default 1)")
-    p.add_argument("--repeats", type=int, default=1, help="runs of each pipeline (interleaved); the median is reported (default 1)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each pipeline (interleaved); the fastest is reported, all are in the JSON (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads in every child (default 2)")
     p.add_argument("--quick", action="store_true",
                    help="a 96x96x30 phantom, channels 4..64, 32^3 windows: checks the script in seconds; results go to a temp folder")
@@ -242,17 +243,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{rep + 1}/{args.repeats}] {name} ...", file=sys.stderr, flush=True)
                 runs_by[name].append(run_child(argv_c))
     rows = {}
-    for name, results in runs_by.items():
-        best = sorted(results, key=lambda r: r["total"])[len(results) // 2]  # the median run
-        rows[name] = {**best, "total_all": [r["total"] for r in results]}
-        if len(results) > 1:
-            rows[name]["total"] = statistics.median(r["total"] for r in results)
+    for name, results in runs_by.items():  # the fastest run: the one the other users of the machine disturbed least
+        best = min(results, key=lambda r: r["total"])
+        rows[name] = {**best, "total_all": [r["total"] for r in results],
+                      "total_median": statistics.median(r["total"] for r in results)}
     summary = summarize(rows)
     md = table(rows)
     print(md)
     meta = meta_now(args.threads)
     notes = (f"Input: {source}. Untrained weights, 6 classes, channels {tuple(args.channels)}, one subprocess per "
-             f"pipeline (peak RSS = its own `ru_maxrss`), {args.threads} threads, median of {args.repeats} run(s). "
+             f"pipeline (peak RSS = its own `ru_maxrss`), {args.threads} threads, fastest of {args.repeats} interleaved run(s). "
              "Ours: `Predictor.from_run(...).predict(path)` + writing the mask, Gaussian blending; precision `auto` "
              "= bf16 autocast on this CPU; window = the patch size the data layer plans for this image, and for the "
              "`_large` rows a window covering most of the volume (fewer, larger windows: less overlap work; a net "
