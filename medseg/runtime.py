@@ -13,7 +13,7 @@ import torch
 
 from medseg.errors import ConfigError
 
-__all__ = ["autocast", "cpu_supports_bf16", "get_logger", "resolve_device", "resolve_precision", "seed_everything"]
+__all__ = ["autocast", "cpu_supports_bf16", "get_logger", "resolve_channels_last", "resolve_device", "resolve_precision", "seed_everything"]
 
 
 def get_logger(name: str = "medseg") -> logging.Logger:
@@ -75,6 +75,28 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
             raise ConfigError("precision 'fp16' needs a CUDA device (use bf16 on CPU)")
         return torch.float16
     return torch.bfloat16
+
+
+def resolve_channels_last(value: bool | str | None, device: torch.device, model: torch.nn.Module | None) -> bool:
+    """Whether to run ``model`` in ``channels_last_3d`` memory format for inference.
+
+    ``True`` / ``False`` are obeyed; ``None`` / ``"auto"`` means yes on the CPU for a net whose
+    convolutions are all 3D (oneDNN's convolutions work in channels-last, and
+    :class:`medseg.nn.layers.InstanceNorm3d` keeps that layout: ~1.9x faster in bf16, ~1.6x in
+    fp32 on 2 cores), no on CUDA (not measured there) and for 2D / 2.5D nets (no 3D layout).
+    """
+    if value is None or (isinstance(value, str) and value.lower() == "auto"):
+        if device.type != "cpu" or model is None:
+            return False
+        dims = {p.dim() for name, p in model.named_parameters() if name.endswith("weight") and p.dim() >= 3}
+        return dims == {5}
+    if isinstance(value, str):
+        if value.lower() in ("on", "true", "yes"):
+            return True
+        if value.lower() in ("off", "false", "no"):
+            return False
+        raise ConfigError(f"channels_last must be auto, on or off, got {value!r}")
+    return bool(value)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -196,3 +196,18 @@ def test_case_name():
     assert case_name("/a/ct.nrrd") == "ct"
     assert case_name("/a/lung_001.mha") == "lung_001"
     assert case_name("/a/series_dir") == "series_dir"
+
+
+def test_channels_last_auto_is_on_for_3d_nets_on_cpu_only():
+    from medseg.errors import ConfigError
+    from medseg.runtime import resolve_channels_last
+
+    net3d = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3))
+    net2d = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))  # a 2.5D net: 2D convolutions, no 3D layout
+    cpu = torch.device("cpu")
+    assert resolve_channels_last("auto", cpu, net3d) is True
+    assert resolve_channels_last(None, cpu, net2d) is False
+    assert resolve_channels_last("auto", torch.device("cuda"), net3d) is False
+    assert resolve_channels_last(False, cpu, net3d) is False
+    with pytest.raises(ConfigError, match="channels_last"):
+        resolve_channels_last("sometimes", cpu, net3d)

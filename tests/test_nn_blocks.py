@@ -189,3 +189,38 @@ def test_channel_mean_matches_torch_mean_in_both_memory_layouts(shape):
     cl = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
     torch.testing.assert_close(channel_mean(x.contiguous(memory_format=cl)), ref)
     torch.testing.assert_close(channel_mean(x.transpose(2, 3)), ref.transpose(2, 3))  # other strides: fallback
+
+
+# --------------------------------------------------------------------------- instance norm on the group-norm kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_instance_norm_matches_torch_instance_norm_values_and_gradients(channels_last):
+    from medseg.nn.layers import InstanceNorm3d
+
+    torch.manual_seed(0)
+    ref, ours = torch.nn.InstanceNorm3d(6, affine=True), InstanceNorm3d(6, affine=True)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2.0)
+        ref.bias.uniform_(-1.0, 1.0)
+    ours.load_state_dict(ref.state_dict())  # same keys: checkpoints of either load into the other
+    x = torch.randn(2, 6, 7, 9, 5) * 3.0 + 2.0
+    x_ours = x.clone().contiguous(memory_format=torch.channels_last_3d) if channels_last else x.clone()
+    x_ref, x_ours = x.clone().requires_grad_(), x_ours.requires_grad_()
+    y_ref, y_ours = ref(x_ref), ours(x_ours)
+    torch.testing.assert_close(y_ours, y_ref, atol=1e-5, rtol=1e-5)
+    assert y_ours.is_contiguous(memory_format=torch.channels_last_3d) == channels_last  # layout kept, no copy back
+    grad = torch.randn_like(y_ref)
+    y_ref.backward(grad)
+    y_ours.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=1e-3, rtol=1e-4)
+
+
+def test_cpu_instance_norm_keeps_torch_errors_and_is_what_unet_stages_use():
+    from medseg.nn.layers import InstanceNorm3d, conv_stage
+
+    norm = InstanceNorm3d(4, affine=True).train()
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        norm(torch.randn(2, 4, 1, 1, 1))  # one voxel: torch's own check, not a silent constant
+    stage = conv_stage(spatial_dims=3, in_channels=1, out_channels=4)
+    assert sum(isinstance(m, InstanceNorm3d) for m in stage.modules()) == 2

@@ -44,8 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto | cpu | cuda | cuda:i (default: infer.device, normally auto = CUDA when available)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
                    help="autocast precision; auto = fp16 on CUDA, bf16 on a CPU with native bf16, else fp32")
-    p.add_argument("--channels-last", action="store_true",
-                   help="run the network in channels_last_3d memory format (can be faster on recent GPUs)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the network in channels_last_3d memory format; default: on for 3D nets on the CPU "
+                        "(~1.6-1.9x faster there), off on CUDA; --no-channels-last turns it off")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write <case>_probabilities.nii.gz (softmax, input grid)")
     p.add_argument("--save-gates", action="store_true",
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         sw_batch_size=args.sw_batch_size,
         tta=args.tta,
         overrides=args.overrides,
-        channels_last=args.channels_last,
+        channels_last="auto" if args.channels_last is None else args.channels_last,
         postprocess=args.postprocess,
         progress=True,
     )

@@ -27,7 +27,7 @@ from medseg.errors import ConfigError, InputError
 from medseg.infer.postprocess import apply_postprocess
 from medseg.infer.sliding import sliding_window_predict
 from medseg.io import Volume, read_volume, strip_volume_suffix
-from medseg.runtime import get_logger, resolve_device, resolve_precision
+from medseg.runtime import get_logger, resolve_channels_last, resolve_device, resolve_precision
 
 __all__ = ["CHECKPOINT_NAMES", "PredictionResult", "Predictor", "case_name", "check_not_label", "load_run"]
 
@@ -173,14 +173,16 @@ class Predictor:
         plans: ``plans.json`` content (spacing, normalization, ``patch_size``, ``num_classes``).
         roi_size: sliding-window size (default: ``plans["patch_size"]``).
         device / precision: ``auto`` or explicit (see :mod:`medseg.runtime`).
-        overlap, blend, sw_batch_size, tta, channels_last: see :func:`sliding_window_predict`.
+        overlap, blend, sw_batch_size, tta: see :func:`sliding_window_predict`.
+        channels_last: ``"auto"`` (default: on for 3D nets on the CPU), ``True`` or ``False``; see
+            :func:`medseg.runtime.resolve_channels_last`.
         postprocess: ``None`` / ``"none"`` or ``"largest-component"``.
         progress: a tqdm bar over the windows of each case (named after the case).
     """
 
     def __init__(self, model: torch.nn.Module | None, plans: dict, *, roi_size=None, device: str = "auto",
                  precision: str = "auto", overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 2,
-                 tta: bool = False, channels_last: bool = False, postprocess: str | None = None,
+                 tta: bool = False, channels_last: bool | str | None = "auto", postprocess: str | None = None,
                  progress: bool = False):
         if not 0.0 <= float(overlap) < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
@@ -194,7 +196,8 @@ class Predictor:
         self.amp_dtype = resolve_precision(precision, self.device)
         self.roi_size = list(roi_size or plans["patch_size"])
         self.overlap, self.blend, self.sw_batch_size = float(overlap), blend, int(sw_batch_size)
-        self.tta, self.channels_last, self.postprocess, self.progress = tta, channels_last, postprocess, progress
+        self.tta, self.postprocess, self.progress = tta, postprocess, progress
+        self.channels_last = resolve_channels_last(channels_last, self.device, model)
         try:
             apply_postprocess(np.zeros((1, 1, 1), np.uint8), postprocess)  # fail early on a bad name
         except ValueError as err:
@@ -202,7 +205,7 @@ class Predictor:
         self.model = model
         if model is not None:
             model.to(self.device).eval()
-            if channels_last:
+            if self.channels_last:
                 model.to(memory_format=torch.channels_last_3d)
 
     @classmethod
