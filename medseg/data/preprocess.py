@@ -268,7 +268,8 @@ def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volu
 
 
 # --------------------------------------------------------------------------- inverse
-def restore_to_original(data, properties: dict, *, mode: str = "linear", fill: Sequence[float] | float | None = None):
+def restore_to_original(data, properties: dict, *, mode: str = "linear", fill: Sequence[float] | float | None = None,
+                        reorient: bool = True):
     """Put a channel-first array on the preprocessed grid back on the original file's grid.
 
     Un-crop (pad with ``fill[c]`` per channel, default 0) -> resample to the reoriented original
@@ -280,6 +281,9 @@ def restore_to_original(data, properties: dict, *, mode: str = "linear", fill: S
         properties: the case's properties from :func:`preprocess_volume`.
         mode: ``"linear"`` (logits, probabilities, gate maps) or ``"nearest"`` (label maps).
         fill: value per channel outside the crop (e.g. a large background logit), or a scalar.
+        reorient: ``False`` stops before undoing the reorientation (shape
+            ``properties["reoriented_shape"]``): reduce there (e.g. an arg-max over classes) and
+            reorient the smaller result with :func:`reorient_to_original`.
 
     Returns:
         Same type as ``data``, shape ``(C, *properties["original_shape"])``, in the original
@@ -304,9 +308,15 @@ def restore_to_original(data, properties: dict, *, mode: str = "linear", fill: S
     del t
     out = interpolate(full, properties["reoriented_shape"], mode=mode)
     del full
-    inv = _inverse_ornt(np.asarray(properties["ornt"], dtype=float))
-    out = apply_ornt(out, inv)
+    if reorient:
+        out = reorient_to_original(out, properties)
     return out.cpu().numpy() if is_numpy else out
+
+
+def reorient_to_original(data, properties: dict):
+    """Undo the preprocessing reorientation of ``(..., X, Y, Z)`` data on the reoriented original
+    grid (what :func:`restore_to_original` returns with ``reorient=False``); numpy or torch."""
+    return apply_ornt(data, _inverse_ornt(np.asarray(properties["ornt"], dtype=float)))
 
 
 def __getattr__(name: str):  # lazy re-export: the dataset runner imports this module

@@ -300,30 +300,35 @@ class Predictor:
         Returns:
             ``uint8`` mask ``(I, J, K)`` and the probabilities or ``None``.
         """
-        from medseg.data.preprocess import restore_to_original
+        from medseg.data.preprocess import reorient_to_original, restore_to_original
 
         probs = _softmax_inplace(logits)
         k = probs.shape[0]
-        shape = tuple(int(s) for s in properties["original_shape"])
-        n_vox = int(np.prod(shape))
+        n_vox = int(np.prod(properties["original_shape"]))
         chunk = max(1, min(k, RESTORE_BUDGET_BYTES // max(1, 4 * n_vox)))
         # resample on the compute device even when the stitched buffer fell back to the CPU
         work = self.device if self.device.type == "cuda" else probs.device
-        best_val = torch.full(shape, -1.0, dtype=torch.float32, device=work)
-        best_idx = torch.zeros(shape, dtype=torch.uint8, device=work)
-        kept = np.empty((k, *shape), dtype=np.float16) if keep_probabilities else None
+        best_val = best_idx = None
+        kept = np.empty((k, *properties["original_shape"]), dtype=np.float16) if keep_probabilities else None
         for c0 in range(0, k, chunk):
             c1 = min(k, c0 + chunk)
             fill = [1.0 if c == 0 else 0.0 for c in range(c0, c1)]  # outside the crop: background
-            restored = restore_to_original(probs[c0:c1].to(work, torch.float32), properties, mode="linear", fill=fill)
-            for i in range(c1 - c0):
-                better = restored[i] > best_val
-                best_val = torch.where(better, restored[i], best_val)
-                best_idx[better] = c0 + i
+            # arg-max on the reoriented grid; only the uint8 result is reoriented (1 byte per voxel, not 4 per class)
+            restored = restore_to_original(probs[c0:c1].to(work, torch.float32), properties, mode="linear", fill=fill,
+                                           reorient=False)
+            val, idx = restored.max(dim=0)  # first maximum on ties, as argmax
+            idx = idx.to(torch.uint8).add_(c0)
+            if best_val is None:
+                best_val, best_idx = val, idx
+            else:
+                better = val > best_val  # strict: an earlier class keeps a tie
+                best_val = torch.where(better, val, best_val)
+                best_idx = torch.where(better, idx, best_idx)
             if kept is not None:
-                kept[c0:c1] = restored.to(torch.float16).cpu().numpy()
-            del restored
-        return best_idx.cpu().numpy(), kept
+                kept[c0:c1] = reorient_to_original(restored.to(torch.float16), properties).cpu().numpy()
+            del restored, val, idx
+        best_idx = reorient_to_original(best_idx, properties)
+        return np.ascontiguousarray(best_idx.cpu().numpy()), kept
 
     @staticmethod
     @torch.inference_mode()
