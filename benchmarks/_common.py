@@ -138,9 +138,10 @@ def make_run_dir(run_dir: Path, config: Path, plans: dict, *, overrides: Sequenc
 
 
 def plan_for_image(image: Path, labels: dict[str, int], *, target_spacing: Sequence[float],
-                   patch_size: Sequence[int] | None = None, divisor: Sequence[int] | int = 16) -> dict:
+                   patch_size: Sequence[int] | None = None, divisor: Sequence[int] | int = 16, features: int = 32) -> dict:
     """``plans.json`` for a one-image "dataset", made by the data layer (fingerprint -> ``make_plan``)
-    with a fixed target spacing and CT normalization (foreground = body, since there is no label)."""
+    with a fixed target spacing and CT normalization (foreground = body, since there is no label);
+    the patch size is planned for a net of total stride ``divisor`` and first-stage width ``features``."""
     from medseg.config import DataConfig
     from medseg.data.datasets import Case, DatasetInfo
     from medseg.data.fingerprint import compute_fingerprint
@@ -151,7 +152,7 @@ def plan_for_image(image: Path, labels: dict[str, int], *, target_spacing: Seque
     fp = compute_fingerprint(info, progress=False)
     cfg = DataConfig(normalization="ct", target_spacing=[float(s) for s in target_spacing],
                      patch_size=[int(p) for p in patch_size] if patch_size else None)
-    return make_plan(fp, cfg, divisor=divisor)
+    return make_plan(fp, cfg, divisor=divisor, features=features)
 
 
 def num_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:

@@ -10,8 +10,9 @@ load -> preprocess to 1.5 mm -> sliding window -> back to the original grid -> w
   target spacing 1.5 mm, CT normalization), run by ``Predictor.from_run(run).predict(path)``
   with Gaussian blending at overlap 0.5, precision ``auto`` (bf16 autocast on a CPU with native
   bf16) and again at fp32 (the ``_fp32`` rows) to show where the gain comes from. The window is
-  the patch size the plan gives; the ``_large`` rows use ``--large-roi`` (fewer, larger windows,
-  ``--large-sw-batch-size`` of them per forward) to show what the window choice costs.
+  the patch size the plan gives for this image and net width (176x128x160 for the chest CT and
+  16 base features); the optional ``_large`` rows (not run by default) use ``--large-roi``
+  (fewer, larger windows, ``--large-sw-batch-size`` of them per forward).
 - **MONAI** (``monai_unet``, ``monai_attention``): ``benchmarks/stock_monai.py`` -- LoadImaged,
   Orientationd, Spacingd 1.5 mm, ScaleIntensityRanged, ``sliding_window_inference`` (roi 96^3,
   sw_batch 4, overlap 0.25), MONAI ``UNet`` / ``AttentionUnet`` (16..256, 6 classes), Invertd, save.
@@ -60,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", type=Path, default=DEFAULT_IMAGE,
                    help="CT volume to segment (default: the LIDC chest CT; a 512x512x133 phantom when absent)")
-    p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), choices=list(PIPELINES),
-                   help="pipelines to run, in this order (default: all); *_large use --large-roi")
+    p.add_argument("--pipelines", nargs="+", default=[p for p in PIPELINES if not p.endswith("_large")], choices=list(PIPELINES),
+                   help="pipelines to run, in this order (default: all but the *_large ones, which use --large-roi)")
     p.add_argument("--channels", type=int, nargs="+", default=list(WIDTHS), help="encoder widths of every net (default 16 32 64 128 256)")
     p.add_argument("--roi", type=int, nargs=3, default=None,
                    help="our window size x y z (default: the patch size the data layer plans for this image)")
@@ -159,7 +160,8 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict[str, Path],
 
     probe = load_config(OURS_CONFIGS["unet"], [f"model.channels={list(args.channels)}"]).model
     divisor = build_model(probe, num_classes=len(LABELS)).patch_divisor
-    plans = plan_for_image(image, LABELS, target_spacing=[1.5, 1.5, 1.5], patch_size=args.roi, divisor=divisor)
+    plans = plan_for_image(image, LABELS, target_spacing=[1.5, 1.5, 1.5], patch_size=args.roi, divisor=divisor,
+                           features=int(args.channels[0]))
     runs = {}
     for model, config in OURS_CONFIGS.items():
         if any(PIPELINES[p][:2] == ("ours", model) for p in args.pipelines):
@@ -254,10 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     notes = (f"Input: {source}. Untrained weights, 6 classes, channels {tuple(args.channels)}, one subprocess per "
              f"pipeline (peak RSS = its own `ru_maxrss`), {args.threads} threads, fastest of {args.repeats} interleaved run(s). "
              "Ours: `Predictor.from_run(...).predict(path)` + writing the mask, Gaussian blending; precision `auto` "
-             "= bf16 autocast on this CPU; window = the patch size the data layer plans for this image, and for the "
-             "`_large` rows a window covering most of the volume (fewer, larger windows: less overlap work; a net "
-             "trained on smaller patches sees other instance-norm statistics there, so check its Dice before "
-             "adopting it). MONAI: the stock tutorial pipeline (`benchmarks/stock_monai.py`). CPU s = user + system "
+             "= bf16 autocast on this CPU, `channels_last_3d` (the CPU default for 3D nets); window = the patch size "
+             "the data layer plans for this image and this net (`medseg.data.plan`: the median shape's aspect, 8 GB "
+             "of training memory at batch 2 for a net of this first-stage width, as nnU-Net plans for its "
+             "architecture)"
+             + (", and for the `_large` rows a window covering most of the volume" if any(p.endswith("_large") for p in args.pipelines) else "")
+             + ". MONAI: the stock tutorial pipeline (`benchmarks/stock_monai.py`). CPU s = user + system "
              "seconds of the child (set-up included).")
     ratio_lines = "\n".join(f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in summary.items()
                             if not k.endswith("_s") and not k.endswith("_gb"))

@@ -76,7 +76,7 @@ def prepare(data_dir: Path, pre_dir: Path, cfg) -> tuple[list[str], str]:
     from medseg.data.preprocess import preprocess_dataset
     from medseg.data.splits import write_splits
 
-    report = preprocess_dataset(data_dir, pre_dir, data_cfg=cfg.data, progress=False)
+    report = preprocess_dataset(data_dir, pre_dir, data_cfg=cfg.data, model_cfg=cfg.model, progress=False)
     if not report.ok:
         raise RuntimeError(report.summary())
     names = sorted(report.done + report.skipped)

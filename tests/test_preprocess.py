@@ -429,6 +429,21 @@ def test_patch_size_fits_budget_aspect_and_divisor():
     assert suggest_patch_size([400, 400, 400], memory_budget_gb=0.001) == [16, 16, 16]
 
 
+def test_patch_size_scales_with_the_network_width():
+    from medseg.config import ModelConfig
+    from medseg.data.plan import BYTES_PER_VOXEL, PLAN_BATCH_SIZE, model_plan_args, suggest_patch_size
+
+    ref = suggest_patch_size([400, 300, 200], memory_budget_gb=8.0)  # nnU-Net's 32-feature reference
+    narrow = suggest_patch_size([400, 300, 200], memory_budget_gb=8.0, features=16)
+    wide = suggest_patch_size([400, 300, 200], memory_budget_gb=8.0, features=64)
+    assert np.prod(wide) < np.prod(ref) < np.prod(narrow)
+    assert np.prod(narrow) * PLAN_BATCH_SIZE * BYTES_PER_VOXEL * 16 / 32 <= 8e9  # still within the budget
+    assert np.prod(narrow) > 1.6 * np.prod(ref)  # about twice the voxels (up to the divisor rounding)
+    assert model_plan_args(None) == {"divisor": 16, "features": 32}
+    args = model_plan_args(ModelConfig(channels=[24, 48, 96, 192], strides=[1, [2, 2, 1], 2, 2]))
+    assert args == {"divisor": [8, 8, 4], "features": 24}
+
+
 def test_fingerprint_and_plan_numbers(tmp_path):
     from medseg.config import DataConfig
     from medseg.data.datasets import discover_cases

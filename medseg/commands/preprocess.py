@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or images/ + labels/ (default: data.dataset of --config)")
     parser.add_argument("--out", help="preprocessed output folder (default: data.preprocessed of --config)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes for fingerprint and preprocessing (default 1)")
-    parser.add_argument("--config", help="YAML config; only its data section is used here")
+    parser.add_argument("--config", help="YAML config; its data section, and the model's first-stage width and total stride "
+                        "(the suggested patch size fits data.memory_budget_gb for that network)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo everything in --out (needed when the data settings changed since the last run)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no output folder: pass --out DIR (or set data.preprocessed in --config)")
     if args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
-    report = preprocess_dataset(data, out, workers=args.workers, data_cfg=cfg.data, overwrite=args.overwrite,
+    report = preprocess_dataset(data, out, workers=args.workers, data_cfg=cfg.data, model_cfg=cfg.model, overwrite=args.overwrite,
                                 progress=not args.no_progress)
     print(report.summary())
     if report.ok:

@@ -25,7 +25,7 @@ import numpy as np
 from medseg.data.datasets import Case, build_dataset_json, discover_cases
 from medseg.data.fingerprint import compute_fingerprint
 from medseg.data.parallel import run_parallel
-from medseg.data.plan import make_plan, plan_request
+from medseg.data.plan import make_plan, model_plan_args, plan_request
 from medseg.data.preprocess import preprocess_volume
 from medseg.data.splits import make_splits, read_splits, write_splits
 from medseg.errors import ConfigError, InputError
@@ -119,7 +119,8 @@ def _preprocess_job(case: Case, plans: dict, cases_dir: Path) -> dict:
     return {"shape": props["shape"]}
 
 
-def _plans_for(info, out: Path, cfg, *, workers: int, overwrite: bool, progress: bool) -> tuple[dict, dict, dict]:
+def _plans_for(info, out: Path, cfg, *, workers: int, overwrite: bool, progress: bool,
+               model_cfg=None) -> tuple[dict, dict, dict]:
     """Existing plans (when made with the same settings) or a new fingerprint + plan."""
     path = out / "plans.json"
     if path.is_file() and not overwrite:
@@ -131,7 +132,7 @@ def _plans_for(info, out: Path, cfg, *, workers: int, overwrite: bool, progress:
                               "pass --overwrite to redo the folder, or choose another --out")
         return plans, {}, {}
     fp = compute_fingerprint(info, workers=workers, progress=progress)
-    plans = make_plan(fp, cfg)
+    plans = make_plan(fp, cfg, **model_plan_args(model_cfg))
     atomic_write_text(path, json.dumps(plans, indent=1))
     return plans, fp["failed"], fp["warnings"]
 
@@ -148,7 +149,7 @@ def _clear(out: Path) -> None:
 
 
 def preprocess_dataset(data_dir: str | Path, out_dir: str | Path, *, workers: int = 1, data_cfg=None,
-                       overwrite: bool = False, progress: bool = True) -> PreprocessReport:
+                       model_cfg=None, overwrite: bool = False, progress: bool = True) -> PreprocessReport:
     """Fingerprint, plan and preprocess every training case of ``data_dir`` into ``out_dir``.
 
     Args:
@@ -156,6 +157,9 @@ def preprocess_dataset(data_dir: str | Path, out_dir: str | Path, *, workers: in
         out_dir: the preprocessed folder (created).
         workers: worker processes (1 = in this process).
         data_cfg: :class:`medseg.config.DataConfig` (plan choices, folds, split seed); ``None`` = defaults.
+        model_cfg: :class:`medseg.config.ModelConfig` the patch size is planned for (its total
+            stride and first-stage width, :func:`medseg.data.plan.model_plan_args`); ``None`` =
+            nnU-Net's reference (stride 16, 32 features).
         overwrite: redo everything (otherwise complete cases are skipped).
 
     Raises:
@@ -174,7 +178,8 @@ def preprocess_dataset(data_dir: str | Path, out_dir: str | Path, *, workers: in
         _clear(out)
     for stale in cases_dir.glob(".*.tmp*"):  # left by a killed worker (kill -9)
         stale.unlink(missing_ok=True)
-    plans, failed, warns = _plans_for(info, out, cfg, workers=workers, overwrite=overwrite, progress=progress)
+    plans, failed, warns = _plans_for(info, out, cfg, workers=workers, overwrite=overwrite, progress=progress,
+                                      model_cfg=model_cfg)
     src = info.root / "dataset.json"
     atomic_write_text(out / "dataset.json", src.read_text() if src.is_file() else json.dumps(build_dataset_json(info), indent=1))
 

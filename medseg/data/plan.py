@@ -8,9 +8,12 @@ of its spacings (no lower than the other axes' largest spacing) so that thin-sli
 not thrown away.
 
 The suggested patch size keeps the aspect of the median case in mm (patch voxels proportional
-to the median resampled shape), fits ``data.memory_budget_gb`` at batch size 2 (about
-``BYTES_PER_VOXEL`` of training memory per patch voxel: nnU-Net's 128^3, batch 2 in 8 GB),
-is capped by the median shape and divisible by 16 (or by the model's total stride).
+to the median resampled shape), fits ``data.memory_budget_gb`` at batch size 2, is capped by
+the median shape and divisible by 16 (or by the model's total stride). Training memory per
+patch voxel is ``BYTES_PER_VOXEL`` for nnU-Net's 32-feature U-Net (its 128^3, batch 2 in 8 GB)
+and scales with the network's first-stage width (every feature map of a U-Net does), so a
+16-feature net gets twice the voxels -- as nnU-Net's planner, which estimates the memory of
+the actual architecture.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import numpy as np
 
 from medseg.errors import ConfigError
 
-__all__ = ["BYTES_PER_VOXEL", "make_plan", "suggest_patch_size", "target_spacing_nnunet"]
+__all__ = ["BYTES_PER_VOXEL", "make_plan", "model_plan_args", "suggest_patch_size", "target_spacing_nnunet"]
 
 ANISOTROPY_THRESHOLD = 3.0
 BYTES_PER_VOXEL = 1900.0  # training memory per patch voxel and sample (3D U-Net, 32 base features, AMP)
+REFERENCE_FEATURES = 32  # the width BYTES_PER_VOXEL was measured for
 PLAN_BATCH_SIZE = 2
 
 
@@ -48,20 +52,24 @@ def target_spacing_nnunet(spacings: Sequence[Sequence[float]], shapes: Sequence[
 
 
 def suggest_patch_size(median_shape: Sequence[float], *, memory_budget_gb: float, divisor: int | Sequence[int] = 16,
-                       batch_size: int = PLAN_BATCH_SIZE) -> list[int]:
+                       batch_size: int = PLAN_BATCH_SIZE, features: int = REFERENCE_FEATURES) -> list[int]:
     """Largest patch with the median case's aspect that fits the memory budget (see module docstring).
 
     Args:
         median_shape: median case shape in voxels at the target spacing ``(x, y, z)``.
         memory_budget_gb: GPU memory the training step may use.
         divisor: what each patch axis must be divisible by (int or one per axis).
+        batch_size: samples per training step.
+        features: the network's first-stage width (memory per voxel scales with it).
 
     Returns:
         ``[x, y, z]`` patch size in voxels, each a multiple of its divisor (>= the divisor).
     """
     med = np.maximum(np.asarray(median_shape, dtype=np.float64), 1.0)
     div = np.broadcast_to(np.asarray(divisor, dtype=np.int64), (3,))
-    max_vox = memory_budget_gb * 1e9 / (batch_size * BYTES_PER_VOXEL)
+    if features < 1:
+        raise ConfigError(f"features must be >= 1, got {features}")
+    max_vox = memory_budget_gb * 1e9 / (batch_size * BYTES_PER_VOXEL * features / REFERENCE_FEATURES)
     scale = min(1.0, (max_vox / float(np.prod(med))) ** (1.0 / 3.0))
     ideal = med * scale
     patch = np.array([
@@ -82,7 +90,19 @@ def _validated(values, n: int, kind: type, key: str):
     return [kind(v) for v in values]
 
 
-def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] = 16) -> dict:
+def model_plan_args(model_cfg) -> dict:
+    """``divisor`` (total stride per axis) and ``features`` (first-stage width) of a model config
+    for :func:`make_plan`; the defaults (16, 32) when ``model_cfg`` is ``None``."""
+    if model_cfg is None:
+        return {"divisor": 16, "features": REFERENCE_FEATURES}
+    n = len(model_cfg.channels)
+    strides = model_cfg.strides or [1] + [2] * (n - 1)
+    per_axis = np.array([[int(v)] * 3 if np.isscalar(v) else [int(a) for a in v] for v in strides])
+    return {"divisor": [int(v) for v in per_axis.prod(axis=0)], "features": int(model_cfg.channels[0])}
+
+
+def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] = 16,
+              features: int = REFERENCE_FEATURES) -> dict:
     """Turn a fingerprint (:func:`medseg.data.fingerprint.compute_fingerprint`) into ``plans.json``.
 
     Args:
@@ -90,6 +110,8 @@ def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] 
         data_cfg: :class:`medseg.config.DataConfig` (``normalization``, ``hu_window``,
             ``target_spacing``, ``patch_size``, ``memory_budget_gb``); ``None`` = defaults.
         divisor: the model's total stride per axis (patch sizes are multiples of it).
+        features: the model's first-stage width (see :func:`suggest_patch_size`); both come
+            from :func:`model_plan_args`.
 
     Raises:
         ConfigError: unknown normalization, malformed spacing / patch size / window.
@@ -103,7 +125,7 @@ def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] 
                  for sh, sp in zip(fingerprint["shapes_after_crop"], fingerprint["spacings"])]
     median_shape = np.median(np.asarray(resampled), axis=0)
     patch = _validated(cfg.patch_size, 3, int, "data.patch_size") or suggest_patch_size(
-        median_shape, memory_budget_gb=cfg.memory_budget_gb, divisor=divisor)
+        median_shape, memory_budget_gb=cfg.memory_budget_gb, divisor=divisor, features=features)
     labels = dict(fingerprint.get("labels") or {"background": 0})
     props = fingerprint["foreground_intensity_properties_per_channel"]
     return {
@@ -114,6 +136,8 @@ def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] 
         "target_spacing": [float(v) for v in spacing],
         "normalization": _normalization(cfg, props),
         "patch_size": patch,
+        "patch_planned_for": {"features": int(features), "divisor": np.broadcast_to(np.asarray(divisor), (3,)).tolist(),
+                              "memory_budget_gb": float(cfg.memory_budget_gb), "batch_size": PLAN_BATCH_SIZE},
         "median_shape": [float(v) for v in median_shape],
         "batch_size": PLAN_BATCH_SIZE,
         "axis_order": "RAS",

@@ -91,7 +91,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, config: str | Path | None = N
     if not (data / "dataset.json").is_file():
         make_phantom_dataset(data, n_train=n_train, n_test=n_test, seed=seed)
     pre = out / "preprocessed"
-    report = preprocess_dataset(data, pre, data_cfg=cfg.data, progress=False)
+    report = preprocess_dataset(data, pre, data_cfg=cfg.data, model_cfg=cfg.model, progress=False)
     if not report.ok:
         raise InputError(f"{data}: preprocessing failed:\n{report.summary()}")
     timings["phantoms + preprocess"] = time.perf_counter() - t0
