@@ -156,12 +156,10 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict[str, Path],
         image = write_phantom_ct(tmp / "phantom_chest.nii.gz")
         source = "phantom 512x512x133 (real file absent)"
     from medseg.config import load_config
-    from medseg.nn import build_model
+    from medseg.data.plan import model_plan_args
 
     probe = load_config(OURS_CONFIGS["unet"], [f"model.channels={list(args.channels)}"]).model
-    divisor = build_model(probe, num_classes=len(LABELS)).patch_divisor
-    plans = plan_for_image(image, LABELS, target_spacing=[1.5, 1.5, 1.5], patch_size=args.roi, divisor=divisor,
-                           features=int(args.channels[0]))
+    plans = plan_for_image(image, LABELS, target_spacing=[1.5, 1.5, 1.5], patch_size=args.roi, **model_plan_args(probe))
     runs = {}
     for model, config in OURS_CONFIGS.items():
         if any(PIPELINES[p][:2] == ("ours", model) for p in args.pipelines):

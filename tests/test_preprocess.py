@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -442,6 +444,10 @@ def test_patch_size_scales_with_the_network_width():
     assert model_plan_args(None) == {"divisor": 16, "features": 32}
     args = model_plan_args(ModelConfig(channels=[24, 48, 96, 192], strides=[1, [2, 2, 1], 2, 2]))
     assert args == {"divisor": [8, 8, 4], "features": 24}
+    from medseg.config import load_config
+
+    unet25d = load_config(Path(__file__).resolve().parents[1] / "configs" / "unet25d.yaml").model
+    assert model_plan_args(unet25d)["divisor"][2] == 1  # the net's own divisor: 2.5D never downsamples z
 
 
 def test_fingerprint_and_plan_numbers(tmp_path):

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         sw_batch_size=args.sw_batch_size,
         tta=args.tta,
         overrides=args.overrides,
-        channels_last="auto" if args.channels_last is None else args.channels_last,
+        channels_last=args.channels_last,  # None: auto
         postprocess=args.postprocess,
         progress=True,
     )

@@ -18,6 +18,7 @@ the actual architecture.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -91,14 +92,15 @@ def _validated(values, n: int, kind: type, key: str):
 
 
 def model_plan_args(model_cfg) -> dict:
-    """``divisor`` (total stride per axis) and ``features`` (first-stage width) of a model config
-    for :func:`make_plan`; the defaults (16, 32) when ``model_cfg`` is ``None``."""
+    """``divisor`` (the built net's ``patch_divisor``) and ``features`` (first-stage width) of a
+    model config for :func:`make_plan`; the defaults (16, 32) when ``model_cfg`` is ``None``."""
     if model_cfg is None:
         return {"divisor": 16, "features": REFERENCE_FEATURES}
-    n = len(model_cfg.channels)
-    strides = model_cfg.strides or [1] + [2] * (n - 1)
-    per_axis = np.array([[int(v)] * 3 if np.isscalar(v) else [int(a) for a in v] for v in strides])
-    return {"divisor": [int(v) for v in per_axis.prod(axis=0)], "features": int(model_cfg.channels[0])}
+    from medseg.nn import build_model  # the net itself knows its divisor (2.5D: 1 along z, MONAI nets: their strides)
+
+    probe = dataclasses.replace(model_cfg, slice_offset_mm=None)  # the slice step needs a spacing, the divisor does not
+    net = build_model(probe, num_classes=max(2, int(model_cfg.num_classes or 0)))
+    return {"divisor": [int(v) for v in net.patch_divisor], "features": int(model_cfg.channels[0])}
 
 
 def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] = 16,

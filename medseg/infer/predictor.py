@@ -327,8 +327,7 @@ class Predictor:
             if kept is not None:
                 kept[c0:c1] = reorient_to_original(restored.to(torch.float16), properties).cpu().numpy()
             del restored, val, idx
-        best_idx = reorient_to_original(best_idx, properties)
-        return np.ascontiguousarray(best_idx.cpu().numpy()), kept
+        return reorient_to_original(best_idx, properties).cpu().numpy(), kept
 
     @staticmethod
     @torch.inference_mode()
