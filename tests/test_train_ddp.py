@@ -1,5 +1,7 @@
 """DistributedDataParallel on CPU: `torchrun --standalone --nproc_per_node=2 -m medseg train` (gloo),
-one iteration on phantoms; only rank 0 writes, validation cases are shared out and gathered."""
+three iterations on phantoms (a parameter without a gradient only fails from the second one), with
+deep supervision off (the decoder's level-1 head idle) and on, and for a MONAI baseline; only rank 0
+writes, validation cases are shared out and gathered."""
 
 from __future__ import annotations
 
@@ -8,16 +10,25 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
+ITERS = 3
+VARIANTS = {
+    "unet_gate_no_deep_supervision": ["model.skip_fusion.name=gate", "model.deep_supervision=false"],
+    "unet_deep_supervision": ["model.deep_supervision=true"],
+    "monai_dynunet": ["model.arch=monai_dynunet"],
+}
 
-def test_two_process_gloo_training(preprocessed_phantoms, tmp_path):
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_two_process_gloo_training(variant, preprocessed_phantoms, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medseg", "train",
            "--data", str(preprocessed_phantoms), "--out", str(run), "model.channels=[4,8,16]",
-           "data.patch_size=[16,16,16]", "train.epochs=1", "train.iters_per_epoch=1", "data.num_workers=0",
-           "data.val_cases=[phantom_002,phantom_003]", "train.tb_num_cases=1", "model.skip_fusion.name=gate",
-           "train.device=cpu"]
+           "data.patch_size=[16,16,16]", "train.epochs=1", f"train.iters_per_epoch={ITERS}", "data.num_workers=0",
+           "data.val_cases=[phantom_002,phantom_003]", "train.tb_num_cases=1", "train.device=cpu",
+           *VARIANTS[variant]]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -27,7 +38,8 @@ def test_two_process_gloo_training(preprocessed_phantoms, tmp_path):
     assert proc.stdout.count("done:") == 1
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
     state = torch.load(run / "checkpoints" / "final.pt", weights_only=True)
-    assert state["step"] == 1 and len(state["rng"]) == 2  # one RNG state per rank
+    assert state["step"] == ITERS and len(state["rng"]) == 2  # one RNG state per rank
     assert not any(k.startswith("module.") for k in state["model"])  # the bare model, not the DDP wrapper
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     summary = json.loads((run / "validation" / "summary.json").read_text())
     assert [c["case"] for c in summary["metric_per_case"]] == ["phantom_002", "phantom_003"]  # one per rank

@@ -67,11 +67,28 @@ def init_distributed(device_name: str = "auto", *, timeout_min: float = 30.0) ->
 
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """``DistributedDataParallel`` around ``model`` when running distributed, else ``model``."""
+    """``DistributedDataParallel`` around ``model`` when running distributed, else ``model``.
+
+    The wrapper is built with ``static_graph=True``: a config may leave parameters idle in every
+    training step (the decoder's heads of levels 1.. with ``model.deep_supervision=false``, MONAI
+    ``DynUNet``'s deep-supervision head, a block that only feeds an auxiliary loss), and plain DDP
+    then waits for their gradients forever ("Expected to have finished reduction in the prior
+    iteration"). A static graph records in the first step which parameters receive a gradient
+    (from the autograd hooks, so a loss computed outside ``forward`` counts) and marks the others
+    ready in every later step, without ``find_unused_parameters``' graph walk per step. It holds
+    because a training step's graph does not change between iterations.
+
+    Args:
+        model: the bare network, already on ``info.device``.
+        info: this process's place in the process group.
+
+    Returns:
+        The DDP wrapper, or ``model`` itself in a single-process run.
+    """
     if not info.enabled:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
 
 def mean_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
