@@ -10,7 +10,8 @@ Formats: NIfTI (``.nii``, ``.nii.gz``) through nibabel; NRRD (``.nrrd``, ``.nhdr
 (``.mha``, ``.mhd``) and DICOM series folders through SimpleITK. SimpleITK works in LPS:
 ``affine_ras = diag(-1, -1, 1, 1) @ affine_lps``.
 
-Writes are atomic: data go to a temporary name in the target folder, then ``os.replace``.
+Writes are atomic: data go to a temporary name in the target folder, are ``fsync``-ed, then
+``os.replace``-d into place (and the folder is ``fsync``-ed on POSIX).
 """
 
 from __future__ import annotations
@@ -319,7 +320,9 @@ def _read_sitk(p: Path) -> Volume:
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffixes); rename it into place on success.
 
-    A crash, Ctrl-C or ``kill -9`` never leaves a half-written file under the final name.
+    A crash, Ctrl-C or ``kill -9`` never leaves a half-written file under the final name, and
+    neither does a power cut: the data are ``fsync``-ed before the rename, the folder (POSIX)
+    after it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,10 +333,26 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op elsewhere and where the file system refuses)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and FUSE mounts) do not fsync folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

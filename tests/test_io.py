@@ -114,3 +114,31 @@ def test_written_files_get_normal_permissions(tmp_path):
     path = write_volume(np.zeros((3, 3, 3), np.uint8), tmp_path / "p.nii.gz", np.eye(4))
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_UMASK != 0o600  # not mkstemp's 0600
     assert _UMASK == os.umask(_UMASK)
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+
+    from medseg.io import atomic_write_text
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", st.st_ino, st.st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = atomic_write_text(tmp_path / "sub" / "f.json", "{}\n")
+    file_ino, dir_ino = path.stat().st_ino, path.parent.stat().st_ino
+    kinds = [e[0] for e in events]
+    assert ("fsync", file_ino, 3) in events, events  # the written file itself, with its data
+    assert kinds.index("replace") > events.index(("fsync", file_ino, 3))
+    if os.name == "posix":  # then the folder, so the rename itself is durable
+        assert any(e[0] == "fsync" and e[1] == dir_ino for e in events[kinds.index("replace"):]), events
