@@ -10,6 +10,10 @@ Formats: NIfTI (``.nii``, ``.nii.gz``) through nibabel; NRRD (``.nrrd``, ``.nhdr
 (``.mha``, ``.mhd``) and DICOM series folders through SimpleITK. SimpleITK works in LPS:
 ``affine_ras = diag(-1, -1, 1, 1) @ affine_lps``.
 
+DICOM series: slices must be evenly spaced along the slice normal (to
+:data:`SLICE_SPACING_RTOL` of the median step); a missing or duplicated slice is refused rather
+than read on a wrong grid.
+
 Writes are atomic: data go to a temporary name in the target folder, are ``fsync``-ed, then
 ``os.replace``-d into place (and the folder is ``fsync``-ed on POSIX).
 """
@@ -31,6 +35,7 @@ from medseg.errors import GeometryError, InputError
 
 __all__ = [
     "LPS_TO_RAS",
+    "SLICE_SPACING_RTOL",
     "Volume",
     "affine_from_sitk",
     "atomic_write",
@@ -53,6 +58,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+SLICE_SPACING_RTOL = 0.05  # DICOM: largest allowed deviation of a slice step from the median step
 
 
 @dataclass
@@ -241,11 +247,55 @@ def _read_dicom_series(folder: Path) -> Volume:
     if len(files) < 2:
         raise InputError(f"{folder}: DICOM series {sid} has {len(files)} slice; expected a 3-D series")
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # keep each slice's tags: ImagePositionPatient is checked below
     try:
         image = reader.Execute()
     except RuntimeError as err:
         raise InputError(f"{folder}: cannot read DICOM series: {str(err).strip().splitlines()[-1]}") from None
+    _check_slice_steps(folder, files, reader, image)
     return _sitk_to_volume(image, str(folder))
+
+
+def _check_slice_steps(folder: Path, files: list[str], reader, image) -> None:
+    """Refuse a series whose slices are not evenly spaced along the slice normal.
+
+    ITK reads such a series onto one uniform grid anyway (the mean step), which misplaces
+    slices; a missing slice (one step twice the others) is the usual cause.
+
+    Args:
+        folder: the series folder (for messages).
+        files: the slice files in the reader's order (sorted along the normal).
+        reader: the executed ``sitk.ImageSeriesReader`` (with its per-slice metadata kept).
+        image: the image it returned (its third direction column is the slice normal, LPS).
+
+    Raises:
+        InputError: a step differs from the median step by more than :data:`SLICE_SPACING_RTOL`
+            of it, or the slices share one position; names the first gap (the two files, their
+            positions, the step found and the step expected) and how many steps are off.
+    """
+    key = "0020|0032"  # ImagePositionPatient, LPS mm, like the image's direction
+    if not all(reader.HasMetaDataKey(i, key) for i in range(len(files))):
+        warnings.warn(f"{folder}: some DICOM slices have no ImagePositionPatient; slice spacing not checked")
+        return
+    try:
+        pos = np.array([[float(v) for v in reader.GetMetaData(i, key).split("\\")] for i in range(len(files))])
+    except ValueError:
+        raise InputError(f"{folder}: a DICOM slice has an unreadable ImagePositionPatient") from None
+    z = pos @ np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    steps = np.diff(z)
+    expected = float(np.median(steps))
+    if abs(expected) < 1e-6:
+        raise InputError(f"{folder}: most of its {len(files)} DICOM slices share one position along the slice normal "
+                         "(duplicated files, or several acquisitions in one folder?); expected one slice per position")
+    bad = np.flatnonzero(np.abs(steps - expected) > SLICE_SPACING_RTOL * abs(expected))
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(
+            f"{folder}: DICOM slices are not evenly spaced (a missing or duplicated slice?): between "
+            f"{Path(files[i]).name} and {Path(files[i + 1]).name} (at {z[i]:.3f} and {z[i + 1]:.3f} mm along the "
+            f"slice normal) the step is {abs(steps[i]):.3f} mm, expected {abs(expected):.3f} mm (the median step); "
+            f"{bad.size} of {steps.size} steps differ from it by more than {SLICE_SPACING_RTOL:.0%}. "
+            "Re-export the complete series; medseg does not read a series onto a wrong grid")
 
 
 def read_volume(path: str | Path, *, dtype: np.dtype | None = None) -> Volume:
