@@ -10,6 +10,11 @@ Formats: NIfTI (``.nii``, ``.nii.gz``) through nibabel; NRRD (``.nrrd``, ``.nhdr
 (``.mha``, ``.mhd``) and DICOM series folders through SimpleITK. SimpleITK works in LPS:
 ``affine_ras = diag(-1, -1, 1, 1) @ affine_lps``.
 
+NIfTI headers: a file whose qform and sform are both set (code > 0) but place the grid more than
+:data:`QSFORM_TOLERANCE_MM` apart is refused (nibabel reads the sform, ITK-based tools may read
+the qform: an output would not line up with its image there). A NIfTI volume keeps its
+``(qform_code, sform_code)``, and writers put them back.
+
 DICOM series: slices must be evenly spaced along the slice normal (to
 :data:`SLICE_SPACING_RTOL` of the median step); a missing or duplicated slice is refused rather
 than read on a wrong grid.
@@ -35,6 +40,7 @@ from medseg.errors import GeometryError, InputError
 
 __all__ = [
     "LPS_TO_RAS",
+    "QSFORM_TOLERANCE_MM",
     "SLICE_SPACING_RTOL",
     "Volume",
     "affine_from_sitk",
@@ -43,6 +49,7 @@ __all__ = [
     "find_volumes",
     "is_dicom_dir",
     "is_volume_path",
+    "nifti_xform_codes",
     "orientation_code",
     "read_volume",
     "reorient",
@@ -51,6 +58,7 @@ __all__ = [
     "strip_volume_suffix",
     "to_canonical",
     "undo_reorient",
+    "write_nifti",
     "write_volume",
 ]
 
@@ -58,7 +66,9 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+QSFORM_TOLERANCE_MM = 0.01  # qform vs sform: largest allowed distance between the points they give a voxel
 SLICE_SPACING_RTOL = 0.05  # DICOM: largest allowed deviation of a slice step from the median step
+SCANNER_CODES = (1, 1)  # (qform_code, sform_code) NIFTI_XFORM_SCANNER_ANAT, for volumes not read from a NIfTI
 
 
 @dataclass
@@ -69,11 +79,14 @@ class Volume:
         array: voxel data, shape ``(I, J, K)`` in the file's voxel order.
         affine: ``(4, 4)`` float64, voxel index -> RAS+ world mm.
         path: where it was read from (for messages), or ``None``.
+        xform_codes: ``(qform_code, sform_code)`` of the NIfTI it was read from, written back by
+            :func:`write_volume`; ``None`` (not read from a NIfTI) writes scanner codes ``(1, 1)``.
     """
 
     array: np.ndarray
     affine: np.ndarray
     path: str | None = None
+    xform_codes: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -91,7 +104,7 @@ class Volume:
         """The same geometry with other voxel data (shape must match)."""
         if tuple(array.shape) != self.shape:
             raise ValueError(f"array shape {array.shape} != volume shape {self.shape}")
-        return Volume(array, self.affine.copy(), self.path)
+        return Volume(array, self.affine.copy(), self.path, self.xform_codes)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -135,7 +148,7 @@ def reorient(vol: Volume, ornt: np.ndarray | None = None) -> tuple[Volume, np.nd
         ornt = to_canonical(vol.affine)
     array = apply_orientation(vol.array, ornt)
     affine = vol.affine @ inv_ornt_aff(ornt, vol.shape)
-    return Volume(np.ascontiguousarray(array), affine, vol.path), ornt
+    return Volume(np.ascontiguousarray(array), affine, vol.path, vol.xform_codes), ornt
 
 
 def undo_reorient(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
@@ -351,7 +364,57 @@ def _read_nifti(p: Path) -> Volume:
         raise InputError(f"{p}: cannot read voxel data (truncated or corrupt file?): {' '.join(str(err).split())}") from None
     if array.ndim == 4:
         array = array[..., 0]
-    return Volume(np.ascontiguousarray(array), np.asarray(img.affine, dtype=np.float64), str(p))
+    _check_qform_sform(p, img.header, shape[:3])
+    return Volume(np.ascontiguousarray(array), np.asarray(img.affine, dtype=np.float64), str(p), _xform_codes(img.header))
+
+
+def _xform_codes(header) -> tuple[int, int]:
+    return int(header["qform_code"]), int(header["sform_code"])
+
+
+def nifti_xform_codes(path: str | Path | None) -> tuple[int, int] | None:
+    """``(qform_code, sform_code)`` of a NIfTI file's header; ``None`` for anything else.
+
+    Returns ``None`` as well for a path that does not exist or a header nibabel cannot read
+    (the caller then writes scanner codes).
+    """
+    if path is None or not str(path).lower().endswith(NIFTI_SUFFIXES):
+        return None
+    try:
+        return _xform_codes(nib.load(str(path)).header)
+    except Exception:  # missing or unreadable: reading the volume reports that, not this
+        return None
+
+
+def _check_qform_sform(p: Path, header, shape: tuple[int, ...]) -> None:
+    """Refuse a header whose qform and sform are both set and place the grid differently.
+
+    nibabel (and medseg) use the sform, ITK-based tools (SimpleITK, 3D Slicer, nnU-Net's
+    reader) may use the qform. Both maps are affine, so the largest distance between the
+    points they give a voxel is reached at a corner of the grid; it must not exceed
+    :data:`QSFORM_TOLERANCE_MM` (a rotation shows there as well as a shift).
+
+    Raises:
+        InputError: names the file, both codes and origins, and the largest distance.
+    """
+    qform, qcode = header.get_qform(coded=True)
+    sform, scode = header.get_sform(coded=True)
+    if not (qcode and scode):
+        return
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    dist = float(np.linalg.norm(((qform - sform) @ corners)[:3], axis=0).max())
+    if dist > QSFORM_TOLERANCE_MM:
+        raise InputError(
+            f"{p}: its NIfTI qform (code {qcode}, origin {_mm(qform[:3, 3])}) and sform (code {scode}, origin "
+            f"{_mm(sform[:3, 3])}) place voxels up to {dist:.3f} mm apart (tolerance {QSFORM_TOLERANCE_MM} mm); "
+            "medseg reads the sform, ITK-based tools (SimpleITK, 3D Slicer, nnU-Net) may read the qform, so a mask "
+            "would not line up with the image in them. Make them agree (nibabel: img.set_qform(img.get_sform()); "
+            "FSL: fslorient -copysform2qform) or set the wrong one's code to 0")
+
+
+def _mm(v: np.ndarray) -> str:
+    return "(" + ", ".join(f"{float(x):.3f}" for x in v) + ")"
 
 
 def _read_sitk(p: Path) -> Volume:
@@ -421,14 +484,50 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def write_volume(vol: Volume | np.ndarray, path: str | Path, affine: np.ndarray | None = None) -> Path:
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, *,
+                xform_codes: tuple[int, int] | None = None, slope_inter: tuple[float, float] | None = None,
+                descrip: str | None = None) -> Path:
+    """Write a 3-D or 4-D NIfTI atomically: the one place medseg sets NIfTI headers.
+
+    Args:
+        array: voxel data, ``(I, J, K)`` or ``(I, J, K, T)``, stored in its own dtype.
+        affine: voxel index -> RAS+ mm, written as both qform and sform.
+        path: ``.nii`` or ``.nii.gz``.
+        xform_codes: ``(qform_code, sform_code)``, e.g. the input's (:func:`nifti_xform_codes`);
+            ``None``: ``(1, 1)``, scanner.
+        slope_inter: ``scl_slope``, ``scl_inter`` for readers to apply (``array`` is stored as is).
+        descrip: the header's description (up to 80 characters).
+
+    Returns:
+        ``path``.
+    """
+    qcode, scode = xform_codes or SCANNER_CODES
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(array, affine, dtype=array.dtype if array.dtype in (np.int64, np.uint64) else None)
+    img.set_qform(affine, code=int(qcode))
+    img.set_sform(affine, code=int(scode))
+    img.header.set_xyzt_units("mm", "sec")
+    if slope_inter is not None:
+        img.header.set_slope_inter(*slope_inter)
+    if descrip is not None:
+        img.header["descrip"] = descrip.encode()[:80]
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def write_volume(vol: Volume | np.ndarray, path: str | Path, affine: np.ndarray | None = None, *,
+                 xform_codes: tuple[int, int] | None = None) -> Path:
     """Write a volume (or ``array`` + ``affine``) with exactly that geometry, atomically.
 
-    NIfTI gets the affine as both qform and sform (code 1, scanner); NRRD / MHA get spacing,
-    origin and direction from it. Boolean arrays are written as uint8.
+    NIfTI gets the affine as both qform and sform (:func:`write_nifti`) with ``xform_codes``,
+    else the volume's own (those of the NIfTI it was read from), else code 1 (scanner); NRRD /
+    MHA get spacing, origin and direction from it. Boolean arrays are written as uint8.
     """
     if isinstance(vol, Volume):
         array, affine = vol.array, vol.affine
+        xform_codes = xform_codes or vol.xform_codes
     else:
         array = vol
         if affine is None:
@@ -449,23 +548,18 @@ def write_volume(vol: Volume | np.ndarray, path: str | Path, affine: np.ndarray 
     affine = np.asarray(affine, dtype=np.float64)
     path = Path(path)
     name = path.name.lower()
-    with atomic_write(path) as tmp:
-        if name.endswith(NIFTI_SUFFIXES):
-            img = nib.Nifti1Image(array, affine, dtype=array.dtype if array.dtype in (np.int64, np.uint64) else None)
-            img.set_qform(affine, code=1)
-            img.set_sform(affine, code=1)
-            img.header.set_xyzt_units("mm", "sec")
-            nib.save(img, str(tmp))
-        elif name.endswith(SITK_SUFFIXES):
-            import SimpleITK as sitk
+    if name.endswith(NIFTI_SUFFIXES):
+        return write_nifti(array, affine, path, xform_codes=xform_codes)
+    if not name.endswith(SITK_SUFFIXES):
+        raise InputError(f"{path}: unknown output format (use .nii.gz, .nii, .nrrd or .mha)")
+    import SimpleITK as sitk
 
-            image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-            lps = LPS_TO_RAS @ affine
-            spacing = spacing_from_affine(lps)
-            image.SetSpacing(tuple(float(s) for s in spacing))
-            image.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()))
-            image.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
-            sitk.WriteImage(image, str(tmp), useCompression=True)
-        else:
-            raise InputError(f"{path}: unknown output format (use .nii.gz, .nii, .nrrd or .mha)")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    lps = LPS_TO_RAS @ affine
+    spacing = spacing_from_affine(lps)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()))
+    image.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
+    with atomic_write(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
     return path

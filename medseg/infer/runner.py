@@ -24,16 +24,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from medseg.errors import InputError, MedsegError
 from medseg.infer.predictor import PredictionResult, Predictor, case_name
 from medseg.io import (
-    atomic_write,
     find_volumes,
     is_dicom_dir,
     is_volume_path,
+    nifti_xform_codes,
+    write_nifti,
     write_volume,
 )
 from medseg.runtime import get_logger
@@ -134,30 +134,32 @@ def select_part(items: list, num_parts: int = 1, part_id: int = 0) -> list:
     return items[part_id::num_parts]
 
 
-def write_probabilities(probs: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write ``(C, I, J, K)`` probabilities as a 4-D ``uint16`` NIfTI with ``scl_slope = 1/65535``."""
+def write_probabilities(probs: np.ndarray, affine: np.ndarray, path: str | Path, *,
+                        xform_codes: tuple[int, int] | None = None) -> Path:
+    """Write ``(C, I, J, K)`` probabilities as a 4-D ``uint16`` NIfTI with ``scl_slope = 1/65535``.
+
+    ``xform_codes``: the NIfTI ``(qform_code, sform_code)`` to write (default scanner, 1 and 1).
+    """
     q = np.empty(probs.shape[1:] + probs.shape[:1], dtype=np.uint16)
     for c in range(probs.shape[0]):  # one float32 channel at a time
         q[..., c] = np.rint(np.clip(probs[c].astype(np.float32), 0.0, 1.0) * 65535.0)
-    img = nib.Nifti1Image(q, np.asarray(affine, dtype=np.float64))
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    img.header.set_slope_inter(1.0 / 65535.0, 0.0)
-    img.header["descrip"] = b"medseg softmax; volume c = label c"
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        nib.save(img, str(tmp))
-    return path
+    return write_nifti(q, affine, path, xform_codes=xform_codes, slope_inter=(1.0 / 65535.0, 0.0),
+                       descrip="medseg softmax; volume c = label c")
 
 
 def write_result(result: PredictionResult, job: CaseJob) -> list[Path]:
-    """Write the mask, and the probabilities / gate maps when the result holds them."""
-    written = [write_volume(result.mask, job.mask)]
+    """Write the mask, and the probabilities / gate maps when the result holds them.
+
+    NIfTI outputs get the input's qform/sform codes (:func:`medseg.io.nifti_xform_codes`), so
+    their headers match the input's.
+    """
+    codes = nifti_xform_codes(job.source)
+    written = [write_volume(result.mask, job.mask, xform_codes=codes)]
     if result.probabilities is not None:
-        written.append(write_probabilities(result.probabilities, result.mask.affine, job.probabilities))
+        written.append(write_probabilities(result.probabilities, result.mask.affine, job.probabilities,
+                                           xform_codes=codes))
     for name, vol in result.gates.items():
-        written.append(write_volume(vol, job.gates_dir / f"{safe_name(name)}.nii.gz"))
+        written.append(write_volume(vol, job.gates_dir / f"{safe_name(name)}.nii.gz", xform_codes=codes))
     return written
 
 
