@@ -46,6 +46,7 @@ __all__ = [
     "affine_from_sitk",
     "atomic_write",
     "atomic_write_text",
+    "case_name",
     "find_volumes",
     "is_dicom_dir",
     "is_volume_path",
@@ -55,6 +56,7 @@ __all__ = [
     "reorient",
     "same_space",
     "spacing_from_affine",
+    "split_channel_tag",
     "strip_volume_suffix",
     "to_canonical",
     "undo_reorient",
@@ -181,6 +183,28 @@ def strip_volume_suffix(name: str) -> str:
         if low.endswith(suf):
             return name[: -len(suf)]
     return name
+
+
+def split_channel_tag(path: str | Path) -> tuple[str, int | None]:
+    """Split nnU-Net's channel tag off a file name: ``'ct_0001.nii.gz'`` -> ``('ct', 1)``.
+
+    Returns:
+        The name without volume suffix and tag, and the channel index; a name without a
+        four-digit ``_NNNN`` tag gives ``(name, None)``.
+    """
+    stem = strip_volume_suffix(Path(path).name)
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+        return stem[:-5], int(stem[-4:])
+    return stem, None
+
+
+def case_name(path: str | Path) -> str:
+    """The case a single-channel file belongs to: its name without volume suffix and nnU-Net's
+    ``_0000`` channel tag (``ct_0000.nii.gz`` -> ``ct``; ``ct_0001.nii.gz`` stays ``ct_0001``;
+    a DICOM folder -> its name). Inference names its outputs with it and evaluation matches
+    predictions to references with it, so both agree."""
+    stem, channel = split_channel_tag(path)
+    return stem if channel == 0 else strip_volume_suffix(Path(path).name)
 
 
 def is_volume_path(path: str | Path) -> bool:

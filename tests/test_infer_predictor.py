@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from medseg.data.preprocess import preprocess_volume
 from medseg.errors import InputError
-from medseg.infer.predictor import Predictor, case_name, check_not_label
+from medseg.infer.predictor import Predictor, check_not_label
 from medseg.io import (
     Volume,
     read_volume,
@@ -189,13 +189,6 @@ def test_label_passed_as_image_is_refused(tmp_path):
     write_volume(label, tmp_path / "lab.nii.gz")
     with pytest.raises(InputError, match="lab.nii.gz: looks like a label map"):
         Oracle(PLANS, label).predict(tmp_path / "lab.nii.gz")
-
-
-def test_case_name():
-    assert case_name("/a/ct_0000.nii.gz") == "ct"
-    assert case_name("/a/ct.nrrd") == "ct"
-    assert case_name("/a/lung_001.mha") == "lung_001"
-    assert case_name("/a/series_dir") == "series_dir"
 
 
 def test_channels_last_auto_is_on_for_3d_nets_on_cpu_only():

@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "  <case>_probabilities.nii.gz  (--save-probabilities) 4-D (I,J,K,C): volume c = P(label c),\n"
         "                               uint16 with scl_slope 1/65535 (readers return floats in [0,1])\n"
         "  <case>_gates/<name>.nii.gz   (--save-gates) each attention map, float32 in [0,1]\n"
-        "<case> is the input name without suffix and nnU-Net's _0000 tag (a DICOM folder: its name).\n"
+        "<case> is the input name without suffix and nnU-Net's _0000 tag (a DICOM folder: its name);\n"
+        "for a run trained on several image channels, <case>_0000, <case>_0001, ... (one file per channel) are one case.\n"
         "Options left unset come from the run's config.yaml `infer` section; trailing\n"
         "section.key=value overrides (e.g. infer.overlap=0.25) apply to that config."
     )
@@ -39,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sw-batch-size", type=int, default=None,
                    help="windows per forward pass (default: infer.sw_batch_size); larger is faster on a GPU")
     p.add_argument("--tta", action="store_true", default=None,
-                   help="test-time augmentation: average 8 mirrored predictions per window (8x slower)")
+                   help="test-time augmentation: average the predictions mirrored along every subset of the "
+                        "axes training mirrored (plans.json inference_allowed_mirroring_axes; all 3 axes: 8x "
+                        "slower); a run trained without mirroring predicts once, with a warning")
     p.add_argument("--device", default=None,
                    help="auto | cpu | cuda | cuda:i (default: infer.device, normally auto = CUDA when available)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,

@@ -26,15 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import InputError
-from medseg.io import find_volumes, strip_volume_suffix
+from medseg.io import case_name, find_volumes
 
 __all__ = ["CaseMatch", "DatasetInfo", "case_key", "find_dataset_json", "load_dataset_json", "match_cases", "parse_label_list"]
 
 
-def case_key(name: str | Path) -> str:
-    """``'dir/case_0000.nii.gz'`` -> ``'case'``; ``'case.nrrd'`` -> ``'case'``."""
-    stem = strip_volume_suffix(Path(name).name)
-    return stem[: -len("_0000")] if stem.endswith("_0000") and len(stem) > 5 else stem
+case_key = case_name  # one rule with inference: ``'dir/case_0000.nii.gz'`` -> ``'case'``, ``'x_0001.nrrd'`` -> ``'x_0001'``
 
 
 @dataclass

@@ -3,11 +3,15 @@
 ``Predictor.from_run(run_dir)`` reads what ``medseg train`` wrote (``config.yaml``,
 ``plans.json``, ``checkpoints/<name>.pt``) and rebuilds the network with deep supervision off.
 ``predict(path)`` then runs nnU-Net's inference recipe (Isensee et al., Nature Methods 2021):
-preprocess exactly as in training -> Gaussian-weighted sliding window (optionally mirrored) ->
+preprocess exactly as in training -> Gaussian-weighted sliding window (optionally mirrored along
+the axes training mirrored: ``plans.json``'s ``inference_allowed_mirroring_axes``) ->
 softmax on the preprocessed grid -> probabilities back to the original grid (un-crop, linear
 resampling, undo the reorientation: ``medseg.data.preprocess.restore_to_original``) -> arg-max
 there. The class dimension is processed in chunks so that no full-resolution float32 copy of
 all classes is needed; nothing is ever float64.
+
+A run trained on several image channels (nnU-Net's ``<case>_0000``, ``<case>_0001``, ...) takes
+one co-registered file per channel, in channel order (``predict([ct, pet])``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +30,12 @@ import torch
 from medseg.config import Config, load_config
 from medseg.errors import ConfigError, InputError
 from medseg.infer.postprocess import apply_postprocess
-from medseg.infer.sliding import sliding_window_predict
-from medseg.io import Volume, read_volume, strip_volume_suffix
+from medseg.infer.sliding import ALL_AXES, allowed_mirror_axes, sliding_window_predict
+from medseg.io import Volume, case_name, read_volume, split_channel_tag
 from medseg.runtime import get_logger, resolve_channels_last, resolve_device, resolve_precision
 
-__all__ = ["CHECKPOINT_NAMES", "PredictionResult", "Predictor", "case_name", "check_not_label", "load_run"]
+__all__ = ["CHECKPOINT_NAMES", "PredictionResult", "Predictor", "check_not_label", "load_run", "run_channels",
+           "run_mirror_axes"]
 
 CHECKPOINT_NAMES = ("best", "final", "latest")
 RESTORE_BUDGET_BYTES = 512 * 2**20  # float32 bytes per chunk of classes on the original grid
@@ -41,7 +47,7 @@ class PredictionResult:
     """What :meth:`Predictor.predict` returns, everything in the input's own voxel grid.
 
     Attributes:
-        case: case name (input file name without suffix and nnU-Net's ``_0000``).
+        case: case name (input file name without suffix and nnU-Net's channel tag ``_0000``).
         mask: ``uint8`` label map, the input's shape and affine.
         probabilities: ``(K, I, J, K)`` float16 softmax probabilities (channel ``c`` = label
             value ``c``), or ``None`` unless requested.
@@ -58,14 +64,6 @@ class PredictionResult:
     gates: dict[str, Volume] = field(default_factory=dict)
     properties: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def case_name(path: str | Path) -> str:
-    """``ct_0000.nii.gz`` -> ``ct``; a DICOM folder -> the folder name."""
-    name = strip_volume_suffix(Path(path).name)
-    if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
-        name = name[:-5]
-    return name
 
 
 def check_not_label(vol: Volume, num_classes: int) -> None:
@@ -89,6 +87,24 @@ def check_not_label(vol: Volume, num_classes: int) -> None:
 
 
 # --------------------------------------------------------------------------- run directory
+def run_channels(plans: dict) -> list[str]:
+    """The image channel names of a run, in channel order (``plans.json``'s ``channel_names``;
+    one ``CT`` channel when absent)."""
+    names = plans.get("channel_names") or {"0": "CT"}
+    return [str(names[k]) for k in sorted(names, key=int)]
+
+
+def run_mirror_axes(cfg: Config, plans: dict) -> list[int]:
+    """The axes test-time mirroring may flip: ``plans.json``'s ``inference_allowed_mirroring_axes``
+    (written when training starts), else those the run's ``train.augment`` mirrored (older runs)."""
+    if "inference_allowed_mirroring_axes" in plans:
+        axes = plans["inference_allowed_mirroring_axes"] or []
+        if not isinstance(axes, list) or any(isinstance(a, bool) or a not in ALL_AXES for a in axes):
+            raise InputError(f"plans.json: inference_allowed_mirroring_axes must list axes 0, 1, 2, got {axes!r}")
+        return sorted(set(axes))
+    return allowed_mirror_axes(cfg.train.augment)
+
+
 def _strip_prefixes(state: dict) -> dict:
     """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` key prefixes."""
     out = {}
@@ -149,7 +165,8 @@ def build_inference_model(cfg: Config, plans: dict, state: dict, source: str = "
 
     model_cfg = dataclasses.replace(cfg.model, deep_supervision=False)
     num_classes = cfg.model.num_classes or int(plans["num_classes"])
-    model = build_model(model_cfg, num_classes=num_classes, spacing=plans.get("target_spacing"))
+    model = build_model(model_cfg, in_channels=len(run_channels(plans)), num_classes=num_classes,
+                        spacing=plans.get("target_spacing"))
     result = model.load_state_dict(state, strict=False)
     unexpected = list(result.unexpected_keys) if cfg.model.deep_supervision else []
     bad_unexpected = [] if cfg.model.deep_supervision else list(result.unexpected_keys)
@@ -174,6 +191,8 @@ class Predictor:
         roi_size: sliding-window size (default: ``plans["patch_size"]``).
         device / precision: ``auto`` or explicit (see :mod:`medseg.runtime`).
         overlap, blend, sw_batch_size, tta: see :func:`sliding_window_predict`.
+        mirror_axes: the axes TTA may flip, those training mirrored (:func:`run_mirror_axes`;
+            default all three). With ``tta`` and none allowed, a warning and one pass.
         channels_last: ``"auto"`` (default: on for 3D nets on the CPU), ``True`` or ``False``; see
             :func:`medseg.runtime.resolve_channels_last`.
         postprocess: ``None`` / ``"none"`` or ``"largest-component"``.
@@ -182,8 +201,8 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module | None, plans: dict, *, roi_size=None, device: str = "auto",
                  precision: str = "auto", overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 2,
-                 tta: bool = False, channels_last: bool | str | None = "auto", postprocess: str | None = None,
-                 progress: bool = False):
+                 tta: bool = False, mirror_axes: Sequence[int] = ALL_AXES,
+                 channels_last: bool | str | None = "auto", postprocess: str | None = None, progress: bool = False):
         if not 0.0 <= float(overlap) < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
         if blend not in ("gaussian", "constant"):
@@ -196,7 +215,14 @@ class Predictor:
         self.amp_dtype = resolve_precision(precision, self.device)
         self.roi_size = list(roi_size or plans["patch_size"])
         self.overlap, self.blend, self.sw_batch_size = float(overlap), blend, int(sw_batch_size)
-        self.tta, self.postprocess, self.progress = tta, postprocess, progress
+        self.channel_names = run_channels(plans)
+        self.mirror_axes = sorted({int(a) for a in mirror_axes})
+        if any(a not in ALL_AXES for a in self.mirror_axes):
+            raise ConfigError(f"mirror_axes must be spatial axes 0, 1 or 2, got {list(mirror_axes)}")
+        if tta and not self.mirror_axes:
+            log.warning("--tta: this model was trained without mirroring (train.augment.p_mirror = 0 or no "
+                        "mirror_axes), so test-time mirroring has nothing to average; predicting once")
+        self.tta, self.postprocess, self.progress = bool(tta) and bool(self.mirror_axes), postprocess, progress
         self.channels_last = resolve_channels_last(channels_last, self.device, model)
         try:
             apply_postprocess(np.zeros((1, 1, 1), np.uint8), postprocess)  # fail early on a bad name
@@ -222,39 +248,57 @@ class Predictor:
         model = build_inference_model(cfg, plans, state, source=str(ckpt))
         inf = cfg.infer
         roi = kwargs.pop("roi_size", None) or cfg.data.patch_size or plans["patch_size"]
+        kwargs.setdefault("mirror_axes", run_mirror_axes(cfg, plans))
         return cls(model, plans, roi_size=roi, device=device or inf.device, precision=precision or inf.precision,
                    overlap=inf.overlap if overlap is None else overlap, blend=blend or inf.blend,
                    sw_batch_size=sw_batch_size or inf.sw_batch_size, tta=inf.tta if tta is None else tta, **kwargs)
 
     # ------------------------------------------------------------------ public API
-    def predict(self, path: str | Path, *, probabilities: bool = False, gates: bool = False) -> PredictionResult:
-        """Segment one volume file or DICOM folder (see :meth:`predict_volume`)."""
+    def predict(self, path: str | Path | Sequence[str | Path], *, probabilities: bool = False, gates: bool = False,
+                case: str | None = None) -> PredictionResult:
+        """Segment one volume file or DICOM folder, or a multi-channel run's channel files in
+        channel order (see :meth:`predict_volume`); ``case`` defaults to the file's case name."""
+        paths = [path] if isinstance(path, (str, Path)) else list(path)
         t0 = time.perf_counter()
-        vol = read_volume(path)
+        vols = [read_volume(p) for p in paths]
         load_s = time.perf_counter() - t0
-        result = self.predict_volume(vol, case=case_name(path), probabilities=probabilities, gates=gates)
+        if case is None:
+            case = case_name(paths[0]) if len(paths) == 1 else split_channel_tag(paths[0])[0]
+        result = self.predict_volume(vols, case=case, probabilities=probabilities, gates=gates)
         result.timings = {"load": load_s, **result.timings}
         return result
 
     def predict_array(self, array: np.ndarray, affine: np.ndarray, *, probabilities: bool = False,
                       gates: bool = False, case: str = "array") -> PredictionResult:
-        """Segment an ``(I, J, K)`` array in HU with its voxel -> RAS+ mm ``affine``."""
-        return self.predict_volume(Volume(np.asarray(array), np.asarray(affine, dtype=np.float64), case),
-                                   case=case, probabilities=probabilities, gates=gates)
+        """Segment an ``(I, J, K)`` array in HU (``(C, I, J, K)`` for a multi-channel run) with its
+        voxel -> RAS+ mm ``affine``."""
+        array, affine = np.asarray(array), np.asarray(affine, dtype=np.float64)
+        vols = [Volume(a, affine, case) for a in (array if array.ndim == 4 else [array])]
+        return self.predict_volume(vols, case=case, probabilities=probabilities, gates=gates)
 
-    def predict_volume(self, vol: Volume, *, case: str | None = None, probabilities: bool = False,
+    def predict_volume(self, vol: Volume | Sequence[Volume], *, case: str | None = None, probabilities: bool = False,
                        gates: bool = False) -> PredictionResult:
         """Mask (and optionally probabilities and gate maps) of ``vol``, on ``vol``'s own grid.
 
+        Args:
+            vol: the image, or one co-registered volume per channel of the run, in channel order.
+
         Raises:
-            InputError: the volume looks like a label map or not like CT (see preprocessing).
+            InputError: a channel count other than the run's, a volume that looks like a label
+                map or not like CT (see preprocessing).
+            GeometryError: channels on different grids.
         """
         from medseg.data.preprocess import preprocess_volume
 
-        case = case or (case_name(vol.path) if vol.path else "case")
+        vols = [vol] if isinstance(vol, Volume) else list(vol)
+        self.check_channels(vols)
+        case = case or (case_name(vols[0].path) if vols[0].path else "case")
         t0 = time.perf_counter()
-        check_not_label(vol, self.num_classes)
-        image, _, props = preprocess_volume(vol, self.plans, case=case)
+        for v, name in zip(vols, self.channel_names):
+            if name.upper() == "CT":
+                check_not_label(v, self.num_classes)
+        image, _, props = preprocess_volume(vols, self.plans, case=case)
+        vol = vols[0]
         t1 = time.perf_counter()
         logits, gate_maps = self.predict_preprocessed(image, props, gates)
         if self.device.type == "cuda":
@@ -269,6 +313,19 @@ class Predictor:
         timings = {"preprocess": t1 - t0, "sliding_window": t2 - t1, "restore": time.perf_counter() - t2}
         return PredictionResult(case, Volume(mask, affine, vol.path), probs, gate_vols, props, timings)
 
+    def check_channels(self, vols: Sequence[Volume]) -> None:
+        """Refuse a number of image volumes other than the run's channel count.
+
+        Raises:
+            InputError: names the first file, the run's channels and the file names it expects.
+        """
+        n = len(self.channel_names)
+        if len(vols) != n:
+            first = vols[0].path if vols and vols[0].path else "input"
+            names = ", ".join(f"{i}: {c}" for i, c in enumerate(self.channel_names))
+            raise InputError(f"{first}: this run was trained on {n} image channel(s) ({names}), got {len(vols)}; "
+                             f"pass one file per channel, named <case>_0000 ... <case>_{n - 1:04d}")
+
     # ------------------------------------------------------------------ steps
     def predict_preprocessed(self, image: np.ndarray, properties: dict,
                              gates: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -281,6 +338,7 @@ class Predictor:
         out = sliding_window_predict(
             self.model, torch.from_numpy(image), roi_size=self.roi_size, overlap=self.overlap, blend=self.blend,
             sw_batch_size=self.sw_batch_size, precision=self.amp_dtype, device=self.device, tta=self.tta,
+            mirror_axes=self.mirror_axes,
             return_attention=gates, channels_last=self.channels_last,
             progress=properties.get("case", True) if self.progress else False,
         )

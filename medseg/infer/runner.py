@@ -1,7 +1,9 @@
 """Folder-level inference: find the inputs, plan and guard the outputs, write every result.
 
 Output layout in ``OUT_DIR`` (one set per case; ``<case>`` is the input name without its
-suffix and nnU-Net's ``_0000`` channel tag, a DICOM series folder gives its folder name):
+suffix and nnU-Net's ``_0000`` channel tag, a DICOM series folder gives its folder name; for a
+run trained on ``n > 1`` image channels the files ``<case>_0000 ... <case>_{n-1}`` of a folder
+form one case, see :func:`group_channels`):
 
 - ``<case>.nii.gz``: the mask, ``uint8`` label values, the input's exact shape and affine
   (``--output-format nrrd | mha | same`` changes the container; ``same`` keeps the input's
@@ -27,18 +29,20 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import InputError, MedsegError
-from medseg.infer.predictor import PredictionResult, Predictor, case_name
+from medseg.infer.predictor import PredictionResult, Predictor
 from medseg.io import (
+    case_name,
     find_volumes,
     is_dicom_dir,
     is_volume_path,
     nifti_xform_codes,
+    split_channel_tag,
     write_nifti,
     write_volume,
 )
 from medseg.runtime import get_logger
 
-__all__ = ["OUTPUT_FORMATS", "CaseJob", "collect_inputs", "plan_jobs", "run_inference", "select_part",
+__all__ = ["OUTPUT_FORMATS", "CaseJob", "collect_inputs", "group_channels", "plan_jobs", "run_inference", "select_part",
            "write_probabilities", "write_result"]
 
 OUTPUT_FORMATS = ("nii.gz", "nrrd", "mha", "same")
@@ -48,17 +52,28 @@ log = get_logger(__name__)
 
 @dataclass
 class CaseJob:
-    """One input and the paths its outputs go to."""
+    """One input (the first channel file of a multi-channel case) and the paths its outputs go to."""
 
     case: str
     source: Path
     mask: Path
     probabilities: Path
     gates_dir: Path
+    channels: tuple[Path, ...] = ()  # every channel file of a multi-channel case, in channel order
+
+    @property
+    def inputs(self) -> list[Path]:
+        """The files of the case: its channel files, or ``[source]``."""
+        return list(self.channels) or [self.source]
 
 
-def collect_inputs(input_path: str | Path) -> list[Path]:
+def collect_inputs(input_path: str | Path, channels: int = 1) -> list[Path]:
     """The volumes named by ``input_path``: a volume file, a DICOM series folder, or a folder of them.
+
+    Args:
+        input_path: file or folder.
+        channels: the run's image channels; with more than one, a file ``<case>_0000...`` brings
+            the other channel files of its case from its folder.
 
     Raises:
         InputError: missing path, a file that is not a volume, a folder without volumes.
@@ -69,6 +84,10 @@ def collect_inputs(input_path: str | Path) -> list[Path]:
     if p.is_file():
         if not is_volume_path(p):
             raise InputError(f"{p}: not a volume file (expected .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd or a DICOM folder)")
+        case, channel = split_channel_tag(p)
+        if channels > 1 and channel is not None:
+            tags = [(split_channel_tag(q), q) for q in find_volumes(p.parent)]
+            return [q for (c, ch), q in tags if c == case and ch is not None]
         return [p]
     if is_dicom_dir(p):
         return [p]
@@ -94,25 +113,62 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "map"
 
 
-def plan_jobs(inputs: list[Path], out_dir: str | Path, input_path: str | Path, *, output_format: str = "nii.gz") -> list[CaseJob]:
-    """Output paths for each input, refusing anything that could overwrite an input.
+def group_channels(inputs: list[Path], channels: int = 1) -> list[tuple[str, list[Path]]]:
+    """The cases of ``inputs`` as ``(case, [file per channel])``, in input order.
+
+    One channel: every input is a case named by :func:`medseg.io.case_name` (only nnU-Net's
+    ``_0000`` tag is stripped: ``p_0001.nii.gz`` and ``p_0002.nii.gz`` are two cases). ``n > 1``
+    channels: the files ``<case>_0000 ... <case>_{n-1:04d}`` are the channels of ``<case>``
+    (nnU-Net's naming), each case needs exactly those.
 
     Raises:
-        InputError: ``out_dir`` is the input folder, two inputs give the same case name, or an
-            output path is one of the inputs.
+        InputError: two inputs give one case name; with several channels, a file without a
+            ``_NNNN`` tag, a channel given twice, or a case whose channel files are not
+            ``_0000 ... _{n-1}`` (names the files found and the ones expected).
+    """
+    if channels <= 1:
+        grouped = {}
+        for source in inputs:
+            case = case_name(source)
+            if case in grouped:
+                raise InputError(f"{source}: gives the same case name '{case}' as {grouped[case][0]}; rename one of them")
+            grouped[case] = [source]
+        return list(grouped.items())
+    tagged: dict[str, dict[int, Path]] = {}
+    for source in inputs:
+        case, ch = split_channel_tag(source)
+        if ch is None:
+            raise InputError(f"{source}: this run takes {channels} image channels per case; name each case's files "
+                             f"<case>_0000 ... <case>_{channels - 1:04d} (this name has no _NNNN channel tag)")
+        if ch in tagged.setdefault(case, {}):
+            raise InputError(f"{source}: channel {ch} of case '{case}' is given twice (also {tagged[case][ch]})")
+        tagged[case][ch] = source
+    for case, files in tagged.items():
+        if sorted(files) != list(range(channels)):
+            found = ", ".join(p.name for _, p in sorted(files.items()))
+            raise InputError(f"{next(iter(files.values()))}: case '{case}' has the channel files {found}; this run "
+                             f"needs {channels}: {case}_0000 ... {case}_{channels - 1:04d}")
+    return [(case, [files[c] for c in range(channels)]) for case, files in tagged.items()]
+
+
+def plan_jobs(inputs: list[Path], out_dir: str | Path, input_path: str | Path, *, output_format: str = "nii.gz",
+              channels: int = 1) -> list[CaseJob]:
+    """Output paths for each case of ``inputs`` (see :func:`group_channels`), refusing anything that
+    could overwrite an input.
+
+    Raises:
+        InputError: ``out_dir`` is the input folder, two inputs give the same case name, the
+            channel files do not form whole cases, or an output path is one of the inputs.
     """
     out = Path(out_dir).resolve()
     src = Path(input_path).resolve()
     if src.is_dir() and out == src:
         raise InputError(f"{out_dir}: output folder is the input folder; choose another so that no input can be overwritten")
-    jobs, seen = [], {}
-    for source in inputs:
-        case = case_name(source)
-        if case in seen:
-            raise InputError(f"{source}: gives the same case name '{case}' as {seen[case]}; rename one of them")
-        seen[case] = source
-        jobs.append(CaseJob(case, source, out / f"{case}{_mask_suffix(source, output_format)}",
-                            out / f"{case}_probabilities.nii.gz", out / f"{case}_gates"))
+    jobs = []
+    for case, files in group_channels(inputs, channels):
+        jobs.append(CaseJob(case, files[0], out / f"{case}{_mask_suffix(files[0], output_format)}",
+                            out / f"{case}_probabilities.nii.gz", out / f"{case}_gates",
+                            tuple(files) if len(files) > 1 else ()))
     sources = {s.resolve() for s in inputs}
     for job in jobs:
         for target in (job.mask, job.probabilities, job.gates_dir):
@@ -174,15 +230,17 @@ def run_inference(predictor: Predictor, input_path: str | Path, out_dir: str | P
     Returns:
         The paths written.
     """
-    inputs = collect_inputs(input_path)
-    jobs = select_part(plan_jobs(inputs, out_dir, input_path, output_format=output_format), num_parts, part_id)
+    channels = len(predictor.channel_names)
+    inputs = collect_inputs(input_path, channels)
+    jobs = select_part(plan_jobs(inputs, out_dir, input_path, output_format=output_format, channels=channels),
+                       num_parts, part_id)
     log.info("%d case(s) to segment (part %d of %d) -> %s", len(jobs), part_id + 1, num_parts, out_dir)
     written: list[Path] = []
     failed: list[str] = []
     for i, job in enumerate(jobs, 1):
         log.info("[%d/%d] %s", i, len(jobs), job.source)
         try:
-            result = predictor.predict(job.source, probabilities=save_probabilities, gates=save_gates)
+            result = predictor.predict(job.inputs, probabilities=save_probabilities, gates=save_gates, case=job.case)
         except MedsegError as err:
             if len(jobs) == 1:
                 raise

@@ -1,9 +1,14 @@
 """Sliding-window inference over MONAI's ``sliding_window_inference``.
 
 The volume is cut into overlapping ``roi_size`` windows, each window is run through the
-model (optionally 8 times, mirrored along every subset of the 3 axes: nnU-Net's test-time
-augmentation, Isensee et al., Nature Methods 2021), and the window outputs are blended
-back with a Gaussian importance map (nnU-Net; MONAI ``mode="gaussian"``) or uniformly.
+model (optionally once per subset of the mirror axes the model was trained with, up to 8
+times: nnU-Net's test-time augmentation, Isensee et al., Nature Methods 2021, which mirrors
+only its ``inference_allowed_mirroring_axes``), and the window outputs are blended back with
+a Gaussian importance map (nnU-Net; MONAI ``mode="gaussian"``) or uniformly.
+
+Mirror axes are the spatial axes ``0, 1, 2`` of the preprocessed ``(C, X, Y, Z)`` image, the
+array that training augments (``train.augment.mirror_axes`` flips the same axes of the same
+RAS-reoriented, resampled, cropped array); a window ``(B, C, X, Y, Z)`` flips dim ``axis + 2``.
 
 Memory (what a 512x512x300 CT with 14 classes needs):
 
@@ -39,10 +44,10 @@ from tqdm.auto import tqdm
 
 from medseg.runtime import autocast, resolve_precision
 
-__all__ = ["WindowPredictor", "count_windows", "estimate_buffer_bytes", "pick_buffer_device", "round_roi", "sliding_window_predict"]
+__all__ = ["WindowPredictor", "allowed_mirror_axes", "count_windows", "estimate_buffer_bytes", "pick_buffer_device", "round_roi", "sliding_window_predict"]
 
 LOGITS_KEY = "__logits__"
-MIRROR_AXES = (2, 3, 4)  # spatial axes of a (B, C, X, Y, Z) window
+ALL_AXES = (0, 1, 2)  # spatial axes of a (C, X, Y, Z) image
 
 
 def round_roi(roi_size: Sequence[int], divisor: Sequence[int] | int | None) -> tuple[int, ...]:
@@ -54,11 +59,18 @@ def round_roi(roi_size: Sequence[int], divisor: Sequence[int] | int | None) -> t
     return tuple(int(math.ceil(r / d) * d) for r, d in zip(roi, div))
 
 
-def _mirror_sets(tta: bool) -> list[tuple[int, ...]]:
-    """The flips of test-time mirroring: ``()`` alone, or all 8 subsets of the 3 spatial axes."""
-    if not tta:
-        return [()]
-    return [c for n in range(4) for c in itertools.combinations(MIRROR_AXES, n)]
+def allowed_mirror_axes(augment) -> list[int]:
+    """The spatial axes a run's training mirrored (``train.augment``): ``mirror_axes`` when
+    ``p_mirror > 0``, else none. What test-time mirroring may flip (nnU-Net's
+    ``inference_allowed_mirroring_axes``)."""
+    return sorted({int(a) for a in augment.mirror_axes}) if float(augment.p_mirror) > 0 else []
+
+
+def _mirror_sets(tta: bool, axes: Sequence[int] = ALL_AXES) -> list[tuple[int, ...]]:
+    """The flips of test-time mirroring as window dims: ``()`` alone, or every subset of ``axes``
+    (spatial axes of the image, 0..2; 3 axes give 8 flips)."""
+    dims = sorted({int(a) + 2 for a in axes}) if tta else []
+    return [c for n in range(len(dims) + 1) for c in itertools.combinations(dims, n)]
 
 
 class WindowPredictor:
@@ -70,7 +82,8 @@ class WindowPredictor:
         device: where the model runs.
         amp_dtype: autocast dtype or ``None`` (fp32).
         out_dtype: dtype of what MONAI accumulates (must equal the input window dtype).
-        tta: average over the 8 mirrorings (flip, predict, flip back).
+        tta: average over the mirrorings (flip, predict, flip back) of ``mirror_axes``.
+        mirror_axes: spatial axes (0..2 of the image) test-time mirroring may flip.
         return_attention: also return the gate maps, upsampled to the window size.
         channels_last: feed windows in ``torch.channels_last_3d`` memory format.
 
@@ -79,13 +92,13 @@ class WindowPredictor:
     """
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, amp_dtype: torch.dtype | None,
-                 out_dtype: torch.dtype, tta: bool = False, return_attention: bool = False,
-                 channels_last: bool = False, bar=None):
+                 out_dtype: torch.dtype, tta: bool = False, mirror_axes: Sequence[int] = ALL_AXES,
+                 return_attention: bool = False, channels_last: bool = False, bar=None):
         self.model = model
         self.device = device
         self.amp_dtype = amp_dtype
         self.out_dtype = out_dtype
-        self.flips = _mirror_sets(tta)
+        self.flips = _mirror_sets(tta, mirror_axes)
         self.return_attention = return_attention
         self.channels_last = channels_last
         self.bar = bar  # a tqdm bar advanced by the windows of each call
@@ -177,6 +190,7 @@ def sliding_window_predict(
     precision: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     tta: bool = False,
+    mirror_axes: Sequence[int] = ALL_AXES,
     return_attention: bool = False,
     buffer_device: torch.device | str | None = None,
     channels_last: bool = False,
@@ -197,7 +211,10 @@ def sliding_window_predict(
             :func:`medseg.runtime.resolve_precision` (``"auto"``, ``"bf16"``, ...), or ``None``
             / ``"fp32"``. The stitched buffers use this dtype too.
         device: where the model runs (default: the device of its parameters).
-        tta: mirroring test-time augmentation (8 forward passes per window).
+        tta: mirroring test-time augmentation: one forward pass per subset of ``mirror_axes``
+            (8 for all three axes), averaged.
+        mirror_axes: the spatial axes (0, 1, 2 of ``image``'s ``X, Y, Z``) that TTA may flip:
+            those the model was trained with (:func:`allowed_mirror_axes`); empty = one pass.
         return_attention: also stitch the model's gate maps.
         buffer_device: where the stitched output lives; ``None`` = ``device`` when it fits, else CPU.
         channels_last: run windows in ``channels_last_3d`` memory format.
@@ -221,8 +238,10 @@ def sliding_window_predict(
     amp_dtype = resolve_precision(precision, device) if isinstance(precision, str) else precision
     compute_dtype = amp_dtype or torch.float32
     roi = round_roi(roi_size, getattr(model, "patch_divisor", None))
+    if any(int(a) not in ALL_AXES for a in mirror_axes):
+        raise ValueError(f"mirror_axes must be spatial axes 0, 1 or 2, got {list(mirror_axes)}")
     window = WindowPredictor(model, device=device, amp_dtype=amp_dtype, out_dtype=compute_dtype, tta=tta,
-                             return_attention=return_attention, channels_last=channels_last)
+                             mirror_axes=mirror_axes, return_attention=return_attention, channels_last=channels_last)
     bar = None
     was_training = model.training
     model.eval()

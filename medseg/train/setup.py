@@ -136,7 +136,14 @@ def write_run_files(ctx: Context) -> None:
     if not ctx.info.is_main:
         return
     save_config(ctx.cfg, ctx.run_dir / "config.yaml")
-    atomic_write_text(ctx.run_dir / "plans.json", (ctx.pre_dir / "plans.json").read_text())
+    import json
+
+    from medseg.infer.sliding import allowed_mirror_axes
+
+    plans = json.loads((ctx.pre_dir / "plans.json").read_text())
+    # the axes training mirrors: all that --tta may flip (nnU-Net's inference_allowed_mirroring_axes)
+    plans["inference_allowed_mirroring_axes"] = allowed_mirror_axes(ctx.cfg.train.augment)
+    atomic_write_text(ctx.run_dir / "plans.json", json.dumps(plans, indent=1))
 
 
 def train_loader(ctx: Context, train_cases: list[str]) -> torch.utils.data.DataLoader:
