@@ -141,3 +141,46 @@ def test_load_or_make_splits_saves_seed_and_reuses(tmp_path):
 def test_dicom_series_folder_is_one_unlabelled_case(real_ct):
     info = discover_cases(real_ct / "organs" / "dicom" / "ts_upperabd_dicom20")
     assert len(info.cases) == 1 and info.cases[0].label is None and info.cases[0].images[0].is_dir()
+
+
+def test_load_dataset_json_reads_both_label_conventions(tmp_path):
+    from medseg.data.datasets import load_dataset_json
+
+    assert load_dataset_json(tmp_path) is None  # a folder without dataset.json
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"labels": {"0": "background", "1": "liver", "2": "ignore"}}))
+    info = load_dataset_json(path)
+    assert info.labels == {"background": 0, "liver": 1, "ignore": 2} and info.layout == "decathlon"
+    assert info.label_names == {1: "liver"} and info.ignore_label == 2 and info.num_classes == 2
+    assert info.json_path == path and info.cases == []
+    path.write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))
+    assert load_dataset_json(tmp_path).layout == "nnunet" and load_dataset_json(tmp_path).ignore_label is None
+
+
+@pytest.mark.parametrize("name", ["../../evil", "sub/x", "a\\b", ".."])
+def test_unsafe_case_names_from_dataset_json_are_refused(tmp_path, name, capsys):
+    from medseg.cli import main
+    from medseg.data.phantoms import make_phantom_dataset
+
+    data = make_phantom_dataset(tmp_path / "raw", n_train=2, n_test=0, seed=3, shape=(32, 32, 16))
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["dataset"] = {n: {"images": [f"./imagesTr/{c}_0000.nii.gz"], "label": f"./labelsTr/{c}.nii.gz"}
+                       for n, c in ((name, "phantom_000"), ("ok", "phantom_001"))}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"dataset.json: 'dataset' key .* is not a safe case name"):
+        discover_cases(data)
+    out = tmp_path / "a" / "b" / "pre"
+    code = main(["preprocess", "--data", str(data), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and repr(name) in err and "dataset.json" in err
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file() and "raw" not in p.parts}
+    assert written == set(), written  # refused before anything was written, inside or outside --out
+
+
+def test_load_case_refuses_names_that_leave_the_folder(tmp_path):
+    from medseg.data.pipeline import load_case
+
+    (tmp_path / "pre" / "cases").mkdir(parents=True)
+    (tmp_path / "pre" / "x.json").write_text("{}")
+    with pytest.raises(InputError, match="'../x' is not a safe case name"):
+        load_case(tmp_path / "pre", "../x")

@@ -217,3 +217,29 @@ def test_real_ct_pair_on_flipped_grid_scores_one(real_ct, tmp_path, capsys):
     assert sorted(metrics) == ["1", "2"]  # the dataset's scored_labels for this test case
     for lab in ("1", "2"):
         assert metrics[lab]["Dice"] == 1.0 and metrics[lab]["HD95"] == 0.0 and metrics[lab]["n_ref"] > 1000
+
+
+def test_decathlon_dataset_json_is_read_and_region_labels_refused_by_name(tmp_path, capsys):
+    pred, ref = _two_case_folders(tmp_path)
+    ds = {"name": "Task03_Liver", "labels": {"0": "background", "1": "liver", "2": "tumour"}, "modality": {"0": "CT"}}
+    (tmp_path / "dataset.json").write_text(json.dumps(ds))  # the Decathlon's value -> name map
+    rc, stdout, err = _run(capsys, "--pred", pred, "--ref", ref)
+    assert rc == 0, err
+    s = json.loads((pred / "summary.json").read_text())
+    assert s["label_names"] == {"1": "liver", "2": "tumour"} and "tumour" in stdout
+    assert s["mean"]["1"]["Dice"] == pytest.approx((0.8 + 1.0) / 2)
+    # names from the Decathlon map work in --labels
+    rc, _, _ = _run(capsys, "--pred", pred, "--ref", ref, "--labels", "tumour")
+    assert rc == 0 and list(json.loads((pred / "summary.json").read_text())["mean"]) == ["2"]
+    # a region-based nnU-Net label is refused with what it is
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "whole": [1, 2]}}))
+    rc, _, err = _run(capsys, "--pred", pred, "--ref", ref)
+    assert rc == 2 and "dataset.json: label 'whole' is region-based ([1, 2])" in err
+
+
+def test_evaluate_and_discovery_share_one_dataset_json_reader():
+    import medseg.data.datasets as data_ds
+    import medseg.evaluate.cases as eval_cases
+
+    assert eval_cases.load_dataset_json is data_ds.load_dataset_json
+    assert eval_cases.DatasetInfo is data_ds.DatasetInfo

@@ -140,3 +140,17 @@ def test_agrees_with_monai(seed):
             kwargs = {} if key == "Dice" else {"spacing": spacing}
             metric(onehot(pred), onehot(ref), **kwargs)
             assert ours[key] == pytest.approx(metric.aggregate().item(), rel=1e-5), key
+
+
+def test_ignored_voxels_count_nowhere():
+    ref = np.zeros((12, 12, 12), bool)
+    ref[2:6, 2:6, 2:6] = True
+    ignore = np.zeros_like(ref)
+    ignore[8:11, 8:11, 8:11] = True
+    pred = ref | ignore  # the prediction paints the ignored region too
+    m = compute_metrics(pred, ref, 1.0, metrics=ALL_METRICS, ignore=ignore)
+    assert m["Dice"] == 1.0 and m["IoU"] == 1.0 and m["HD95"] == 0.0 and m["ASSD"] == 0.0 and m["NSD"] == 1.0
+    assert (m["TP"], m["FP"], m["FN"], m["TN"]) == (64, 0, 0, 12**3 - 64 - 27)
+    assert confusion(pred, ref, ignore)["FP"] == 0
+    unmasked = compute_metrics(pred, ref, 1.0, metrics=("dice",))
+    assert unmasked["FP"] == 27 and unmasked["Dice"] < 1.0

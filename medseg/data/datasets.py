@@ -10,12 +10,20 @@ Layouts understood by :func:`discover_cases`:
 - **Decathlon** (Antonelli et al. 2022): ``labels`` ``{"0": "background", ...}`` (int -> name),
   ``modality`` instead of ``channel_names``, explicit ``training`` / ``test`` lists of
   ``{"image": ..., "label": ...}`` paths relative to the root.
+- **Ignore label** (nnU-Net v2): a label named ``"ignore"`` with the highest value marks voxels
+  whose class is unknown. It is not a class: it is left out of :attr:`DatasetInfo.num_classes`,
+  of the loss, of the fingerprint's foreground and of the metrics, and is never predicted.
+  Region-based labels (a list of values per label) are refused.
 - **Plain folders**: ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/`` without a
   ``dataset.json``); classes are read from the label files. A DICOM series folder is a
   dataset of one unlabelled case.
 
 Test cases come from the ``test`` list or from ``imagesTs/`` + ``labelsTs/``. Any volume
 format :func:`medseg.io.read_volume` reads is accepted (NIfTI, NRRD, MHA, DICOM folders).
+Case names become file names, so names with a path separator or ``..`` are refused.
+
+:func:`load_dataset_json` is the one reader of ``dataset.json`` (discovery, preprocessing and
+``medseg evaluate`` all use it).
 """
 
 from __future__ import annotations
@@ -27,14 +35,30 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.data.checks import check_case_name
 from medseg.data.splits import load_or_make_splits, make_splits  # noqa: F401  (re-exported, see docs/architecture.md)
 from medseg.errors import InputError
 from medseg.io import find_volumes, is_dicom_dir, read_volume, strip_volume_suffix
 
-__all__ = ["Case", "DatasetInfo", "build_dataset_json", "discover_cases", "load_dataset_json", "load_or_make_splits",
-           "make_splits"]
+__all__ = ["IGNORE_NAME", "Case", "DatasetInfo", "build_dataset_json", "discover_cases", "ignore_label_of",
+           "load_dataset_json", "load_or_make_splits", "make_splits", "num_classes_of", "parse_labels"]
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+IGNORE_NAME = "ignore"  # nnU-Net v2's name of the ignore label
+
+
+def ignore_label_of(labels: dict[str, int]) -> int | None:
+    """The value of the label named ``"ignore"`` in a ``{name: value}`` map, or ``None``."""
+    value = (labels or {}).get(IGNORE_NAME)
+    return None if value is None else int(value)
+
+
+def num_classes_of(labels: dict[str, int]) -> int:
+    """Classes the network predicts, background included: the largest value that is not the
+    ignore label, plus one (1 for an empty map)."""
+    ignore = ignore_label_of(labels)
+    values = [int(v) for v in (labels or {}).values() if int(v) != ignore]
+    return max(values) + 1 if values else 1
 
 
 @dataclass
@@ -58,25 +82,60 @@ class DatasetInfo:
     test_cases: list[Case] = field(default_factory=list)
     layout: str = "nnunet"  # nnunet | decathlon | folders
     dataset_json: dict | None = None  # the source dataset.json, if any
+    json_path: Path | None = None  # where dataset_json was read from
 
     @property
     def num_classes(self) -> int:
-        """Classes including background (max label value + 1)."""
-        return max(self.labels.values()) + 1 if self.labels else 1
+        """Classes the network predicts, background included (the ignore label is not one)."""
+        return num_classes_of(self.labels)
+
+    @property
+    def ignore_label(self) -> int | None:
+        """The value of nnU-Net v2's ``"ignore"`` label, or ``None``."""
+        return ignore_label_of(self.labels)
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """``{value: name}`` of the foreground classes (no background, no ignore label)."""
+        ignore = self.ignore_label
+        return {int(v): k for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v != 0 and v != ignore}
 
 
-def load_dataset_json(root: Path) -> dict | None:
-    """The parsed ``dataset.json`` of ``root``, or ``None`` when there is none."""
-    path = Path(root) / "dataset.json"
-    if not path.is_file():
-        return None
+def load_dataset_json(path: str | Path) -> DatasetInfo | None:
+    """Read a ``dataset.json`` (nnU-Net v2 or Decathlon): name, labels, channels; no case is listed.
+
+    Args:
+        path: the ``dataset.json`` file, or a folder holding one (its dataset root).
+
+    Returns:
+        a :class:`DatasetInfo` with ``cases == []`` (:func:`discover_cases` fills them), the
+        parsed JSON in ``dataset_json`` and its path in ``json_path``; ``None`` when ``path`` is
+        a folder without a ``dataset.json``.
+
+    Raises:
+        InputError: the file is missing, not a JSON object, or its ``labels`` / ``channel_names``
+            are malformed (see :func:`parse_labels`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "dataset.json"
+        if not path.is_file():
+            return None
     try:
-        data = json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(data, dict):
+    except OSError as err:
+        raise InputError(f"{path}: cannot read dataset.json: {err.strerror or err}") from None
+    if not isinstance(meta, dict):
         raise InputError(f"{path}: expected a JSON object at the top level")
-    return data
+    labels, decathlon = parse_labels(meta.get("labels"), path)
+    channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
+    if not isinstance(channels, dict):
+        raise InputError(f"{path}: 'channel_names' must map channel index to a name")
+    channels = {str(k): str(v) for k, v in channels.items()}
+    return DatasetInfo(path.parent, str(meta.get("name") or path.parent.name), labels, channels, [], [],
+                       "decathlon" if decathlon else "nnunet", meta, path)
 
 
 def discover_cases(root: str | Path, *, ignore_dataset_json: bool = False) -> DatasetInfo:
@@ -92,18 +151,14 @@ def discover_cases(root: str | Path, *, ignore_dataset_json: bool = False) -> Da
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: dataset folder not found")
-    meta = None if ignore_dataset_json else load_dataset_json(root)
-    if meta is None:
+    info = None if ignore_dataset_json else load_dataset_json(root)
+    if info is None:
         return _discover_plain(root)
-    where = root / "dataset.json"
-    labels, decathlon = _parse_labels(meta.get("labels"), where)
-    channels = meta.get("channel_names") or meta.get("modality") or {"0": "CT"}
-    if not isinstance(channels, dict):
-        raise InputError(f"{where}: 'channel_names' must map channel index to a name")
-    channels = {str(k): str(v) for k, v in channels.items()}
+    meta, where = info.dataset_json, info.json_path
     ending = meta.get("file_ending")
     if isinstance(meta.get("dataset"), dict):
-        cases = [_case_from_entry(root, name, e, where) for name, e in meta["dataset"].items()]
+        cases = [_case_from_entry(root, check_case_name(str(name), where, "'dataset' key"), e, where)
+                 for name, e in meta["dataset"].items()]
     elif isinstance(meta.get("training"), list) and meta["training"]:
         cases = [_case_from_entry(root, None, e, where) for e in meta["training"]]
     else:
@@ -116,10 +171,11 @@ def discover_cases(root: str | Path, *, ignore_dataset_json: bool = False) -> Da
         raise InputError(f"{root}: no training cases found (looked in dataset.json and imagesTr/)")
     _check_unique(cases, root)
     for c in cases:
-        if len(c.images) != len(channels):
-            raise InputError(f"{c.images[0]}: case '{c.name}' has {len(c.images)} channel file(s), dataset.json declares {len(channels)}")
-    name = str(meta.get("name") or root.name)
-    return DatasetInfo(root, name, labels, channels, cases, tests, "decathlon" if decathlon else "nnunet", meta)
+        if len(c.images) != len(info.channel_names):
+            raise InputError(f"{c.images[0]}: case '{c.name}' has {len(c.images)} channel file(s), "
+                             f"dataset.json declares {len(info.channel_names)}")
+    info.root, info.cases, info.test_cases = root, cases, tests
+    return info
 
 
 def build_dataset_json(info: DatasetInfo, *, description: str = "") -> dict:
@@ -153,25 +209,41 @@ def build_dataset_json(info: DatasetInfo, *, description: str = "") -> dict:
 
 
 # --------------------------------------------------------------------------- helpers
-def _parse_labels(raw, where: Path) -> tuple[dict[str, int], bool]:
-    """``{name: int}`` (nnU-Net v2) or ``{"int": name}`` (Decathlon) -> ``{name: int}``, decathlon?"""
+def parse_labels(raw, where: str | Path) -> tuple[dict[str, int], bool]:
+    """``dataset.json`` ``labels`` -> ``({name: value}, is_decathlon)``.
+
+    Accepts nnU-Net v2's ``{"background": 0, "liver": 1}`` and the Decathlon's
+    ``{"0": "background", "1": "liver"}``; a label named ``"ignore"`` must have the highest value.
+
+    Raises:
+        InputError: not a non-empty mapping, a region-based label (a list of values), a value
+            outside 0..255, two labels with one value, no background 0, or an ``ignore`` label
+            that is not the highest (``where`` is named in the message).
+    """
     if not isinstance(raw, dict) or not raw:
         raise InputError(f"{where}: 'labels' must be a non-empty mapping (e.g. {{\"background\": 0, \"liver\": 1}})")
     if all(str(k).strip().isdigit() for k in raw) and all(isinstance(v, str) for v in raw.values()):
         labels, decathlon = {str(v): int(k) for k, v in raw.items()}, True
+        if len(labels) != len(raw):
+            raise InputError(f"{where}: two labels share one name ({raw})")
     else:
         labels, decathlon = {}, False
         for k, v in raw.items():
             if isinstance(v, (list, tuple)):
-                raise InputError(f"{where}: label '{k}' is region-based ({v}); medseg supports one integer per class")
+                raise InputError(f"{where}: label '{k}' is region-based ({v}); medseg supports one integer value "
+                                 "per class (nnU-Net v2's region-based training is not supported)")
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 255:
                 raise InputError(f"{where}: label '{k}' must be an integer in 0..255, got {v!r}")
             labels[str(k)] = v
     values = sorted(labels.values())
     if len(set(values)) != len(values):
-        raise InputError(f"{where}: two labels share one value ({labels})")
+        raise InputError(f"{where}: two labels share one value ({raw})")
     if 0 not in values:
         raise InputError(f"{where}: labels must include background = 0 ({labels})")
+    ignore = ignore_label_of(labels)
+    if ignore is not None and (ignore == 0 or ignore != values[-1]):
+        raise InputError(f"{where}: the 'ignore' label ({ignore}) must have the highest value and not be 0 "
+                         f"(nnU-Net v2's rule); labels: {labels}")
     return labels, decathlon
 
 
@@ -202,7 +274,7 @@ def _case_from_entry(root: Path, name: str | None, entry, where: Path) -> Case:
         stem = strip_volume_suffix(paths[0].name)
         paths = sorted(p for p in paths[0].parent.glob(f"{stem}_0*") if _CHANNEL.match(strip_volume_suffix(p.name)))
     label = _resolve(root, entry["label"], where, "label") if entry.get("label") else None
-    case = name or strip_volume_suffix(Path(imgs[0]).name)
+    case = name or check_case_name(strip_volume_suffix(Path(imgs[0]).name), where, f"case name of entry {imgs[0]!r}")
     return Case(str(case), paths, label)
 
 
@@ -226,7 +298,7 @@ def _scan_pair(img_dir: Path, lab_dir: Path, ending: str | None, *, require_labe
         if label is None and require_labels:
             want = lab_dir / f"{case}{ending or '.nii.gz'}"
             raise InputError(f"{want}: file not found (label for image {chans[0][1]})")
-        cases.append(Case(case, [p for _, p in chans], label))
+        cases.append(Case(check_case_name(case, img_dir, "case name from file"), [p for _, p in chans], label))
     return cases
 
 

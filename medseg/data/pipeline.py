@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.data.checks import check_case_name, safe_child
 from medseg.data.datasets import Case, build_dataset_json, discover_cases
 from medseg.data.fingerprint import compute_fingerprint
 from medseg.data.parallel import run_parallel
@@ -31,7 +32,7 @@ from medseg.data.splits import make_splits, read_splits, write_splits
 from medseg.errors import ConfigError, InputError
 from medseg.io import atomic_write, atomic_write_text, read_volume
 
-__all__ = ["PreprocessReport", "load_case", "load_plans", "preprocess_dataset"]
+__all__ = ["PreprocessReport", "case_file", "load_case", "load_plans", "preprocess_dataset"]
 
 
 @dataclass
@@ -64,7 +65,8 @@ class PreprocessReport:
                     if norm["scheme"] == "ct" else f"window {norm.get('window')}")
             lines.append(f"  target spacing {' x '.join(f'{v:.3g}' for v in p['target_spacing'])} mm, patch "
                          f"{' x '.join(str(v) for v in p['patch_size'])}, normalization {norm['scheme']} ({desc}), "
-                         f"{p['num_classes']} classes")
+                         f"{p['num_classes']} classes" + (f" (+ ignore label {p['ignore_label']}, not trained on)"
+                                                           if p.get("ignore_label") is not None else ""))
         for case, ws in sorted(self.warnings.items()):
             lines += [f"  warning: {case}: {w}" for w in ws]
         if self.failed:
@@ -84,19 +86,32 @@ def load_plans(pre_dir: str | Path) -> dict:
         raise InputError(f"{p}: not valid JSON: {err}") from None
 
 
+def case_file(cases_dir: str | Path, name: str, suffix: str) -> Path:
+    """``cases_dir/<name><suffix>``, refusing a case name that would leave ``cases_dir``.
+
+    Raises:
+        InputError: ``name`` holds a path separator or ``..``.
+    """
+    check_case_name(name, cases_dir)
+    return safe_child(cases_dir, f"{name}{suffix}")
+
+
 def load_case(pre_dir: str | Path, name: str, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """One preprocessed case: ``image (C, X, Y, Z) float32``, ``label (1, X, Y, Z) uint8 | None``, properties.
 
     ``mmap=True`` memory-maps the arrays (read-only) instead of loading them.
+
+    Raises:
+        InputError: the case is not (completely) preprocessed, or its name is not a safe file name.
     """
     cases = Path(pre_dir) / "cases"
-    pj = cases / f"{name}.json"
+    pj = case_file(cases, name, ".json")
     if not pj.is_file():
         raise InputError(f"{pj}: case '{name}' is not (completely) preprocessed")
     props = json.loads(pj.read_text())
     mode = "r" if mmap else None
-    image = np.load(cases / f"{name}_image.npy", mmap_mode=mode)
-    lp = cases / f"{name}_label.npy"
+    image = np.load(case_file(cases, name, "_image.npy"), mmap_mode=mode)
+    lp = case_file(cases, name, "_label.npy")
     label = np.load(lp, mmap_mode=mode) if lp.is_file() else None
     return image, label, props
 
@@ -112,10 +127,10 @@ def _preprocess_job(case: Case, plans: dict, cases_dir: Path) -> dict:
     if label is not None and not np.any(label.array):
         warnings.warn(f"{case.label}: label is empty (no foreground voxel); kept as a negative example")
     image, lab, props = preprocess_volume(images if len(images) > 1 else images[0], plans, label, case=case.name)
-    _save_npy(cases_dir / f"{case.name}_image.npy", image)
+    _save_npy(case_file(cases_dir, case.name, "_image.npy"), image)
     if lab is not None:
-        _save_npy(cases_dir / f"{case.name}_label.npy", lab)
-    atomic_write_text(cases_dir / f"{case.name}.json", json.dumps(props))  # last: marks the case complete
+        _save_npy(case_file(cases_dir, case.name, "_label.npy"), lab)
+    atomic_write_text(case_file(cases_dir, case.name, ".json"), json.dumps(props))  # last: marks the case complete
     return {"shape": props["shape"]}
 
 
@@ -188,7 +203,7 @@ def preprocess_dataset(data_dir: str | Path, out_dir: str | Path, *, workers: in
     for case in info.cases:
         if case.name in report.failed:
             continue
-        if (cases_dir / f"{case.name}.json").is_file():
+        if case_file(cases_dir, case.name, ".json").is_file():
             report.skipped.append(case.name)
         else:
             jobs.append((case.name, (case, plans, cases_dir)))

@@ -4,9 +4,12 @@
 ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) and without a trailing ``_0000`` channel suffix, so
 ``liver_3.nrrd`` (prediction) matches ``liver_3.nii.gz`` or ``liver_3_0000.mha`` (reference).
 
-**Labels and scored labels in dataset.json** (nnU-Net v2 layout; ``"labels": {"background": 0,
-"liver": 1, ...}`` gives the class names). A case may restrict the classes it is scored on (e.g. a
-scan whose reference only outlines some organs), in either or both of two forms::
+**Labels and scored labels in dataset.json** (read by :func:`medseg.data.datasets.load_dataset_json`,
+the one reader of dataset.json: nnU-Net v2's ``"labels": {"background": 0, "liver": 1, ...}`` or the
+Decathlon's ``{"0": "background", "1": "liver"}`` give the class names; nnU-Net v2's ``"ignore"``
+label is not a class: reference voxels holding it are left out of every metric). A case may restrict
+the classes it is scored on (e.g. a scan whose reference only outlines some organs), in either or
+both of two forms::
 
     "scored_labels": {"case_a": [1, 2], "case_b": ["liver"]}            # top level: case -> classes
 
@@ -20,15 +23,16 @@ Two different lists for one case are an error.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medseg.data.datasets import DatasetInfo, load_dataset_json  # noqa: F401  (the one dataset.json reader)
 from medseg.errors import InputError
 from medseg.io import case_name, find_volumes
 
-__all__ = ["CaseMatch", "DatasetInfo", "case_key", "find_dataset_json", "load_dataset_json", "match_cases", "parse_label_list"]
+__all__ = ["CaseMatch", "DatasetInfo", "case_key", "find_dataset_json", "load_dataset_json", "match_cases", "parse_label_list",
+           "scored_labels"]
 
 
 case_key = case_name  # one rule with inference: ``'dir/case_0000.nii.gz'`` -> ``'case'``, ``'x_0001.nrrd'`` -> ``'x_0001'``
@@ -76,15 +80,6 @@ def match_cases(pred_dir: str | Path, ref_dir: str | Path) -> CaseMatch:
     return match
 
 
-@dataclass
-class DatasetInfo:
-    """What evaluation needs from ``dataset.json``: class names and per-case scored classes."""
-
-    path: Path | None = None
-    label_names: dict[int, str] = field(default_factory=dict)  # foreground only
-    scored: dict[str, list[int]] = field(default_factory=dict)
-
-
 def find_dataset_json(ref_dir: str | Path) -> Path | None:
     """``dataset.json`` in the reference folder or its parent (nnU-Net's ``labelsTs/..``), or ``None``."""
     ref_dir = Path(ref_dir)
@@ -129,32 +124,21 @@ def _entry_case(entry: dict) -> str | None:
     return None
 
 
-def load_dataset_json(path: str | Path) -> DatasetInfo:
-    """Read class names and scored labels (format in the module docstring).
+def scored_labels(info: DatasetInfo) -> dict[str, list[int]]:
+    """Per-case scored classes of a dataset.json read by :func:`load_dataset_json` (format in the
+    module docstring); ``{}`` when it restricts none.
 
     Raises:
-        InputError: unreadable JSON, region-based (list-valued) labels, unknown scored label names,
-            or two different scored-label lists for one case.
+        InputError: unknown scored label names, the ignore label or background listed, or two
+            different scored-label lists for one case (the dataset.json is named).
     """
-    path = Path(path)
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot read dataset.json: {err}") from None
-    if not isinstance(ds, dict):
-        raise InputError(f"{path}: dataset.json must hold a JSON object")
-    info = DatasetInfo(path=path)
-    for name, value in (ds.get("labels") or {}).items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{path}: labels.{name} = {value!r}: only integer labels are supported (region-based labels are not); pass --labels")
-        if value != 0:
-            info.label_names[value] = str(name)
+    path, ds, names = info.json_path, info.dataset_json or {}, info.label_names
     found: list[tuple[str, list[int], str]] = []
     top = ds.get("scored_labels") or {}
     if not isinstance(top, dict):
         raise InputError(f"{path}: scored_labels must map case names to label lists")
     for case, items in top.items():
-        found.append((case, parse_label_list(items, info.label_names, f"{path}: scored_labels.{case}"), "scored_labels"))
+        found.append((case, parse_label_list(items, names, f"{path}: scored_labels.{case}"), "scored_labels"))
     for section in ("training", "test"):
         for i, entry in enumerate(ds.get(section) or []):
             if isinstance(entry, dict) and "scored_labels" in entry:
@@ -162,9 +146,12 @@ def load_dataset_json(path: str | Path) -> DatasetInfo:
                 if case is None:
                     raise InputError(f"{path}: {section}[{i}] has scored_labels but no label/image/name to name its case")
                 where = f"{path}: {section}[{i}].scored_labels"
-                found.append((case, parse_label_list(entry["scored_labels"], info.label_names, where), f"{section}[{i}]"))
+                found.append((case, parse_label_list(entry["scored_labels"], names, where), f"{section}[{i}]"))
+    scored: dict[str, list[int]] = {}
     for case, labels, where in found:
-        if case in info.scored and info.scored[case] != labels:
-            raise InputError(f"{path}: case '{case}' has two different scored_labels lists ({info.scored[case]} and {labels} in {where})")
-        info.scored[case] = labels
-    return info
+        if info.ignore_label in labels:
+            raise InputError(f"{path}: {where}: label {info.ignore_label} is the ignore label and is not scored")
+        if case in scored and scored[case] != labels:
+            raise InputError(f"{path}: case '{case}' has two different scored_labels lists ({scored[case]} and {labels} in {where})")
+        scored[case] = labels
+    return scored

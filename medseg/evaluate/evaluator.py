@@ -11,6 +11,10 @@ Layout (nnU-Net v2 ``evaluation/evaluate_predictions.py``, so its tooling reads 
      "unmatched_predictions": [..], "label_names": {"1": "liver"}, "metrics": [..],
      "nsd_tolerance_mm": 2.0, "dataset_json": path | null}
 
+nnU-Net v2's ignore label (a ``"ignore"`` entry in dataset.json ``labels``): reference voxels
+holding it are left out of every metric of every class (whatever the prediction holds there),
+and it is never scored as a class; ``summary["ignore_label"]`` records it.
+
 Conventions: a class absent from both prediction and reference has Dice NaN (and every other
 metric NaN) and is left out of the means; HD95/ASSD are ``inf`` when exactly one of the two is
 empty (see :mod:`medseg.evaluate.metrics`). Missing cases are listed, not scored as 0, and do not
@@ -30,7 +34,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from medseg.errors import GeometryError, InputError
-from medseg.evaluate.cases import DatasetInfo, find_dataset_json, load_dataset_json, match_cases, parse_label_list
+from medseg.evaluate.cases import DatasetInfo, find_dataset_json, load_dataset_json, match_cases, parse_label_list, scored_labels
 from medseg.evaluate.metrics import ALL_METRICS, compute_metrics
 from medseg.io import Volume, orientation_code, read_volume, reorient, same_space
 
@@ -91,6 +95,7 @@ def evaluate_case(
     labels: Sequence[int] | None = None,
     metrics: Iterable[str] = ("dice", "iou"),
     nsd_tolerance_mm: float = 2.0,
+    ignore_label: int | None = None,
 ) -> dict:
     """Score one case.
 
@@ -98,19 +103,24 @@ def evaluate_case(
         pred_path, ref_path: label maps ``(I, J, K)`` on the same grid (up to permutation / flip).
         labels: classes to score; ``None`` = every non-zero value found in either file.
         metrics, nsd_tolerance_mm: see :func:`medseg.evaluate.metrics.compute_metrics`.
+        ignore_label: reference value whose voxels are left out of every metric (never a class).
 
     Returns:
-        ``{"metrics": {label: {...}}, "ref_labels": [labels present in the reference], "n_voxels": int}``.
+        ``{"metrics": {label: {...}}, "ref_labels": [labels present in the reference], "n_voxels": int}``
+        (``n_voxels`` counts the voxels scored, ignored ones left out).
     """
     ref = read_volume(ref_path)
     pred = read_volume(pred_path)
     ref_arr = _label_array(ref)
     pred_arr = _label_array(Volume(align_to_reference(pred, ref), ref.affine, pred.path))
-    ref_labels = _present(ref_arr)
-    wanted = sorted(ref_labels | _present(pred_arr)) if labels is None else sorted(labels)
+    ignore = (ref_arr == ignore_label) if ignore_label is not None else None
+    ref_labels = _present(ref_arr) - {ignore_label}
+    wanted = sorted((ref_labels | _present(pred_arr)) - {ignore_label}) if labels is None else sorted(labels)
     spacing = ref.spacing
-    out = {lab: compute_metrics(pred_arr == lab, ref_arr == lab, spacing, metrics=metrics, nsd_tolerance_mm=nsd_tolerance_mm) for lab in wanted}
-    return {"metrics": out, "ref_labels": sorted(ref_labels), "n_voxels": int(ref_arr.size)}
+    out = {lab: compute_metrics(pred_arr == lab, ref_arr == lab, spacing, metrics=metrics, nsd_tolerance_mm=nsd_tolerance_mm,
+                                ignore=ignore) for lab in wanted}
+    n_voxels = int(ref_arr.size) - (int(np.count_nonzero(ignore)) if ignore is not None else 0)
+    return {"metrics": out, "ref_labels": sorted(ref_labels), "n_voxels": n_voxels}
 
 
 def _empty_result(metrics: Iterable[str], n_voxels: int) -> dict:
@@ -135,12 +145,13 @@ def summarize(per_case: list[dict]) -> tuple[dict, dict]:
     return mean, foreground
 
 
-def _resolve_dataset(dataset_json: str | Path | None, ref_dir: Path) -> DatasetInfo:
+def _resolve_dataset(dataset_json: str | Path | None, ref_dir: Path) -> DatasetInfo | None:
+    """The dataset.json to use (``None``: none asked for or found)."""
     if dataset_json is None or str(dataset_json).lower() == "none":
-        return DatasetInfo()
+        return None
     path = find_dataset_json(ref_dir) if str(dataset_json) == "auto" else Path(dataset_json)
     if path is None:
-        return DatasetInfo()
+        return None
     if not path.is_file():
         raise InputError(f"{path}: dataset.json not found")
     return load_dataset_json(path)
@@ -166,7 +177,8 @@ def evaluate_folders(
         metrics: names out of ``dice, iou, hd95, assd, nsd``; surface metrics are in mm.
         nsd_tolerance_mm: NSD tolerance in mm.
         dataset_json: ``"auto"`` (look in ``ref_dir`` and its parent), a path, or ``None``; gives
-            class names and per-case ``scored_labels``.
+            class names (nnU-Net v2 or Decathlon ``labels``), the ignore label and per-case
+            ``scored_labels``.
         workers: processes (1 = in this process).
         progress: tqdm bar over cases (``None``: only on a terminal).
 
@@ -185,23 +197,28 @@ def evaluate_folders(
         raise InputError(f"--metrics: unknown metric(s) {', '.join(bad)} (choose from {', '.join(ALL_METRICS)})")
     ref_dir = Path(ref_dir)
     info = _resolve_dataset(dataset_json, ref_dir)
+    names = info.label_names if info else {}
+    ignore_label = info.ignore_label if info else None
+    scored_by_case = scored_labels(info) if info else {}
     match = match_cases(pred_dir, ref_dir)
     for case, ref in match.missing:
         log.warning("no prediction for reference case '%s' (%s) in %s", case, ref, pred_dir)
     for p in match.unmatched:
         log.warning("prediction %s has no reference in %s; not scored", p, ref_dir)
     if labels:
-        label_set: list[int] | None = parse_label_list(list(labels), info.label_names, "--labels")
+        label_set: list[int] | None = parse_label_list(list(labels), names, "--labels")
+        if ignore_label in label_set:
+            raise InputError(f"--labels: {ignore_label} is the ignore label of {info.json_path}; it is not scored")
     else:
-        label_set = sorted(info.label_names) or None
+        label_set = sorted(names) or None
 
     def wanted(case: str) -> list[int] | None:
-        scored = info.scored.get(case)
+        scored = scored_by_case.get(case)
         if scored is None:
             return label_set
         return scored if label_set is None else [lab for lab in label_set if lab in scored]
 
-    kw = {"metrics": metrics, "nsd_tolerance_mm": nsd_tolerance_mm}
+    kw = {"metrics": metrics, "nsd_tolerance_mm": nsd_tolerance_mm, "ignore_label": ignore_label}
     results: dict[str, dict] = {}
     bar = tqdm(total=len(match.pairs), desc="evaluate", unit="case", disable=(None if progress is None else not progress))
     if workers <= 1 or len(match.pairs) <= 1:
@@ -220,7 +237,7 @@ def evaluate_folders(
     per_case = []
     for case, pred, ref in match.pairs:
         res = results[case]
-        scored = [lab for lab in final if case not in info.scored or lab in info.scored[case]]
+        scored = [lab for lab in final if case not in scored_by_case or lab in scored_by_case[case]]
         per_label = {str(lab): res["metrics"].get(lab) or _empty_result(metrics, res["n_voxels"]) for lab in scored}
         per_case.append({"case": case, "prediction_file": str(pred), "reference_file": str(ref), "metrics": per_label})
     mean, foreground = summarize(per_case)
@@ -230,8 +247,9 @@ def evaluate_folders(
         "foreground_mean": foreground,
         "missing": [case for case, _ in match.missing],
         "unmatched_predictions": [str(p) for p in match.unmatched],
-        "label_names": {str(lab): info.label_names.get(lab, f"label_{lab}") for lab in final},
+        "label_names": {str(lab): names.get(lab, f"label_{lab}") for lab in final},
+        "ignore_label": ignore_label,
         "metrics": metrics,
         "nsd_tolerance_mm": float(nsd_tolerance_mm),
-        "dataset_json": str(info.path) if info.path else None,
+        "dataset_json": str(info.json_path) if info else None,
     }

@@ -28,6 +28,10 @@ exactly one empty    0       0       inf     inf     0
 
 NaN means "not defined" and is left out of means; ``inf`` means "a structure was missed or
 hallucinated", and a mean that includes it is ``inf`` (so a missed organ cannot hide in an average).
+
+**Ignored voxels** (nnU-Net v2's ``ignore`` label in the reference): :func:`confusion` and
+:func:`compute_metrics` take an ``ignore`` mask; those voxels count in no class (not TP, FP, FN
+nor TN) and are background for the surface metrics, whatever the prediction holds there.
 """
 
 from __future__ import annotations
@@ -63,13 +67,27 @@ def _check(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pred, ref
 
 
-def confusion(pred: np.ndarray, ref: np.ndarray) -> dict[str, int]:
-    """Voxel counts ``TP, FP, FN, TN, n_pred, n_ref`` of two boolean masks of the same shape."""
+def _unmask(pred: np.ndarray, ref: np.ndarray, ignore: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """``pred``, ``ref`` with the ``ignore`` voxels set to background, and the number of voxels left."""
     pred, ref = _check(pred, ref)
+    if ignore is None:
+        return pred, ref, int(pred.size)
+    ignore = np.asarray(ignore, dtype=bool)
+    if ignore.shape != pred.shape:
+        raise ValueError(f"ignore mask and masks differ in shape: {ignore.shape} vs {pred.shape}")
+    return pred & ~ignore, ref & ~ignore, int(pred.size - np.count_nonzero(ignore))
+
+
+def confusion(pred: np.ndarray, ref: np.ndarray, ignore: np.ndarray | None = None) -> dict[str, int]:
+    """Voxel counts ``TP, FP, FN, TN, n_pred, n_ref`` of two boolean masks of the same shape.
+
+    ``ignore`` (same shape, optional): voxels counted nowhere (nnU-Net v2's ignore label).
+    """
+    pred, ref, n = _unmask(pred, ref, ignore)
     tp = int(np.count_nonzero(pred & ref))
     n_pred, n_ref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
     fp, fn = n_pred - tp, n_ref - tp
-    return {"TP": tp, "FP": fp, "FN": fn, "TN": int(pred.size) - tp - fp - fn, "n_pred": n_pred, "n_ref": n_ref}
+    return {"TP": tp, "FP": fp, "FN": fn, "TN": n - tp - fp - fn, "n_pred": n_pred, "n_ref": n_ref}
 
 
 def _dice_from(c: dict[str, int]) -> float:
@@ -184,6 +202,7 @@ def compute_metrics(
     *,
     metrics: Iterable[str] = ("dice", "iou"),
     nsd_tolerance_mm: float = 2.0,
+    ignore: np.ndarray | None = None,
 ) -> dict[str, float | int]:
     """Every requested metric of one class at once (surface distances computed only once).
 
@@ -192,6 +211,7 @@ def compute_metrics(
         spacing: voxel size in mm per axis.
         metrics: names out of :data:`ALL_METRICS`.
         nsd_tolerance_mm: NSD tolerance in mm.
+        ignore: boolean mask of voxels left out of every metric (the reference's ignore label).
 
     Returns:
         nnU-Net-style dict: ``{"Dice": .., "IoU": .., "HD95": .., "ASSD": .., "NSD": ..}`` (the requested
@@ -201,13 +221,14 @@ def compute_metrics(
     unknown = [m for m in metrics if m not in METRIC_KEYS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(ALL_METRICS)}")
-    counts = confusion(pred, ref)
+    counts = confusion(pred, ref, ignore)
     out: dict[str, float | int] = {}
     if "dice" in metrics:
         out["Dice"] = _dice_from(counts)
     if "iou" in metrics:
         out["IoU"] = _iou_from(counts)
     if any(m in metrics for m in _SURFACE):
+        pred, ref, _ = _unmask(pred, ref, ignore)
         d = surface_distances(pred, ref, spacing)
         if "hd95" in metrics:
             out["HD95"] = _hd95_from(*d)
