@@ -2,8 +2,8 @@
 
 Per case: spacing and shape in the closest-RAS axis order (the order of the preprocessed
 arrays), the shape of the body box (``image > -500 HU``), and up to 10,000 randomly sampled
-foreground intensities per channel (foreground = label > 0; the body (> -500 HU) for an
-unlabelled case; none for an empty label). Over the dataset: the pooled foreground intensity statistics per channel
+foreground intensities per channel (foreground = label > 0 and not nnU-Net v2's ``ignore``
+label; the body (> -500 HU) for an unlabelled case; none for an empty label). Over the dataset: the pooled foreground intensity statistics per channel
 (``mean``, ``std``, ``median``, ``min``, ``max``, ``percentile_00_5``, ``percentile_99_5``) that
 the ``ct`` normalization uses, plus median spacing / shape.
 """
@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-from medseg.data.datasets import Case, DatasetInfo
+from medseg.data.datasets import Case, DatasetInfo, ignore_label_of
 from medseg.data.parallel import run_parallel
 from medseg.data.preprocess import BODY_THRESHOLD_HU, body_bbox, check_ct_intensities, check_label
 from medseg.errors import GeometryError, InputError
@@ -36,9 +36,15 @@ def _ras_order(values, ornt: np.ndarray) -> list:
 def case_fingerprint(case: Case, labels: dict[str, int] | None = None, *, ct_check: bool = True) -> dict:
     """Read one case and measure it (see the module docstring).
 
+    Args:
+        case: the case's files.
+        labels: ``{name: value}`` of dataset.json (``None``: any value); an ``ignore`` label's
+            voxels are not foreground.
+        ct_check: refuse images whose intensities do not look like CT.
+
     Raises:
-        InputError / GeometryError: unreadable file, non-CT intensities, channel or label not
-            on the image grid, undeclared label values.
+        InputError / GeometryError: unreadable file, non-CT intensities, channel or label
+            not on the image grid, undeclared label values.
     """
     chans = [read_volume(p) for p in case.images]
     ref = chans[0]
@@ -56,6 +62,9 @@ def case_fingerprint(case: Case, labels: dict[str, int] | None = None, *, ct_che
     if label is not None:  # an empty label contributes no sample (its body is not foreground)
         found = check_label(label, ref, values)
         fg = label.array > 0
+        ignore = ignore_label_of(labels)
+        if ignore is not None:
+            fg &= label.array != ignore
     else:  # unlabelled case: the body stands in for the foreground
         fg = (stack > BODY_THRESHOLD_HU).any(axis=0)
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from medseg.data.datasets import ignore_label_of, num_classes_of
 from medseg.errors import ConfigError
 
 __all__ = ["BYTES_PER_VOXEL", "make_plan", "model_plan_args", "suggest_patch_size", "target_spacing_nnunet"]
@@ -133,7 +134,8 @@ def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] 
     return {
         "dataset_name": fingerprint.get("dataset_name", ""),
         "labels": labels,
-        "num_classes": max(labels.values()) + 1,
+        "num_classes": num_classes_of(labels),  # the network's outputs: the ignore label is not a class
+        "ignore_label": ignore_label_of(labels),
         "channel_names": fingerprint.get("channel_names", {"0": "CT"}),
         "target_spacing": [float(v) for v in spacing],
         "normalization": _normalization(cfg, props),

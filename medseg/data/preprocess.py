@@ -196,7 +196,9 @@ def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volu
     Args:
         image: a :class:`Volume` or a list of co-registered channel volumes.
         plans: ``plans.json`` content; uses ``target_spacing``, ``normalization``, ``labels``
-            and optionally ``ct_check`` (default true) and ``body_threshold`` (HU).
+            and optionally ``ignore_label``, ``ct_check`` (default true) and ``body_threshold`` (HU).
+            The ignore label's value is kept in the label map but is not foreground (no
+            ``class_locations``, so foreground oversampling never centres a patch on it).
         label: label volume on the image's grid, or ``None``.
         case: case name (default: the image file name without suffix).
 
@@ -262,7 +264,8 @@ def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volu
         "shape": list(img.shape[1:]),
         "affine": final_affine.tolist(),
         "spacing": spacing_from_affine(final_affine).tolist(),
-        "class_locations": sample_class_locations(lab, values or present) if lab is not None else {},
+        "class_locations": (sample_class_locations(lab, [v for v in values or present if v != plans.get("ignore_label")])
+                            if lab is not None else {}),
     }
     return img, (lab[None] if lab is not None else None), props
 

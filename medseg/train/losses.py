@@ -1,7 +1,12 @@
 """Segmentation loss: Dice + cross-entropy with deep supervision, plus a model's auxiliary losses.
 
-- Dice + CE is MONAI's :class:`~monai.losses.DiceCELoss` (softmax, one-hot target, background
-  left out of the Dice term as in nnU-Net's ``DC_and_CE_loss``; batch Dice by default).
+- Dice + CE: MONAI's :class:`~monai.losses.DiceLoss` (softmax, one-hot target, background left
+  out of the Dice term as in nnU-Net's ``DC_and_CE_loss``; batch Dice by default) plus torch's
+  cross-entropy -- the two terms of MONAI's ``DiceCELoss``, which has no ``ignore_index``.
+- nnU-Net v2's ignore label (``ignore_label``): voxels labelled with it are left out of both
+  terms, as nnU-Net's ``DC_and_CE_loss`` does: the cross-entropy averages over the other voxels
+  (``ignore_index``) and the Dice masks prediction and one-hot target there (MONAI's
+  ``DiceLoss(ignore_index=...)``). A batch with no voxel left contributes 0.
 - Deep supervision (Lee et al., "Deeply-Supervised Nets", AISTATS 2015; nnU-Net's weighting):
   output ``i`` (resolution ``1/2^i``) gets weight ``1/2^i``, the lowest-resolution output gets
   0, the weights are normalized to sum to 1. Targets are downsampled with nearest neighbour.
@@ -17,7 +22,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 
 from medseg.config import TrainConfig
 from medseg.errors import ConfigError
@@ -46,15 +51,39 @@ class SegmentationLoss(torch.nn.Module):
 
     Call: ``outputs`` = logits ``(B, K, X, Y, Z)`` or ``[(B, K, X, Y, Z), (B, K, X/2, ...), ...]``,
     ``label (B, 1, X, Y, Z)`` integer -> scalar float32 loss.
+
+    Args:
+        kind: ``dice_ce``, ``dice`` or ``ce``.
+        batch_dice: Dice over the whole batch (nnU-Net's default) instead of per sample.
+        ignore_label: label value whose voxels enter no term (nnU-Net v2's ``ignore``; it is
+            ``>= K``, not a network output), or ``None``.
+
+    Raises:
+        ConfigError: unknown ``kind``.
     """
 
-    def __init__(self, kind: str = "dice_ce", *, batch_dice: bool = True):
+    def __init__(self, kind: str = "dice_ce", *, batch_dice: bool = True, ignore_label: int | None = None):
         super().__init__()
         if kind not in LOSSES:
             raise ConfigError(f"train.loss: '{kind}' is not valid (use {', '.join(LOSSES)})")
-        lambda_dice, lambda_ce = LOSSES[kind]
-        self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
-                               lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+        self.lambda_dice, self.lambda_ce = LOSSES[kind]
+        self.ignore_label = None if ignore_label is None else int(ignore_label)
+        self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
+                             ignore_index=self.ignore_label)
+
+    def _term(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Dice + CE of one output (float32 logits, ``(B, 1, ...)`` long target)."""
+        loss = logits.new_zeros(())
+        if self.lambda_dice:
+            loss = loss + self.lambda_dice * self.dice(logits, target)
+        if self.lambda_ce:
+            ignore = -100 if self.ignore_label is None else self.ignore_label
+            if self.ignore_label is not None and not bool((target != ignore).any()):
+                ce = logits.sum() * 0.0  # every voxel ignored: no CE (still in the graph, as nnU-Net)
+            else:
+                ce = F.cross_entropy(logits, target[:, 0], ignore_index=ignore)
+            loss = loss + self.lambda_ce * ce
+        return loss
 
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
@@ -65,10 +94,10 @@ class SegmentationLoss(torch.nn.Module):
             if tuple(logits.shape[2:]) != tuple(label.shape[2:]):
                 target = F.interpolate(label.float(), size=logits.shape[2:], mode="nearest-exact").long()
             # weight-0 outputs still enter the graph (DDP needs every head to receive a gradient)
-            total = total + w * self.loss(logits.float(), target)
+            total = total + w * self._term(logits.float(), target)
         return total
 
 
-def build_loss(train_cfg: TrainConfig) -> SegmentationLoss:
-    """The segmentation loss named by ``train.loss``."""
-    return SegmentationLoss(train_cfg.loss, batch_dice=train_cfg.batch_dice)
+def build_loss(train_cfg: TrainConfig, *, ignore_label: int | None = None) -> SegmentationLoss:
+    """The segmentation loss named by ``train.loss``; ``ignore_label``: ``plans["ignore_label"]``."""
+    return SegmentationLoss(train_cfg.loss, batch_dice=train_cfg.batch_dice, ignore_label=ignore_label)

@@ -105,7 +105,7 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
     ctx = Context(cfg=cfg, info=info, run_dir=run_dir, pre_dir=pre_dir, plans=plans, patch=patch, model=model,
                   ddp=model, optimizer=optimizer, scheduler=None,
                   scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
-                  loss_fn=build_loss(cfg.train), amp_dtype=amp_dtype, total_epochs=cfg.train.epochs)
+                  loss_fn=build_loss(cfg.train, ignore_label=plans.get("ignore_label")), amp_dtype=amp_dtype, total_epochs=cfg.train.epochs)
     ctx.scheduler = build_scheduler(optimizer, cfg.train, lambda: ctx.total_epochs * ctx.iters)
     return ctx
 

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from medseg.config import Config
+from medseg.data.datasets import ignore_label_of
 from medseg.evaluate.evaluator import summarize
 from medseg.evaluate.metrics import compute_metrics
 from medseg.infer.sliding import sliding_window_predict
@@ -60,8 +61,9 @@ def mean_foreground_dice(summary: dict) -> float:
     return 0.0 if v is None or math.isnan(v) else float(v)
 
 
-def _score(pred: np.ndarray, label: np.ndarray, classes: Sequence[int], spacing) -> dict:
-    return {str(c): compute_metrics(pred == c, label == c, spacing, metrics=("dice", "iou")) for c in classes}
+def _score(pred: np.ndarray, label: np.ndarray, classes: Sequence[int], spacing, ignore_label: int | None = None) -> dict:
+    ignore = (label == ignore_label) if ignore_label is not None else None  # nnU-Net v2's ignore label: not scored
+    return {str(c): compute_metrics(pred == c, label == c, spacing, metrics=("dice", "iou"), ignore=ignore) for c in classes}
 
 
 @torch.no_grad()
@@ -95,7 +97,7 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
         ref = np.asarray(label[0])
         spacing = tuple(float(s) for s in props.get("spacing", [1.0, 1.0, 1.0]))
         per_case.append({"case": name, "prediction_file": None, "reference_file": f"cases/{name}_label.npy",
-                         "metrics": _score(pred, ref, classes, spacing)})
+                         "metrics": _score(pred, ref, classes, spacing, ignore_label_of(labels))})
         if want_gates:
             views.append(CaseView(name, np.asarray(image), ref, pred,
                                   {k: g[0].float().cpu().numpy() for k, g in gates.items()}, spacing))
