@@ -14,6 +14,7 @@ import zlib
 
 import numpy as np
 
+from medseg.data.checks import check_finite
 from medseg.data.datasets import Case, DatasetInfo, ignore_label_of
 from medseg.data.parallel import run_parallel
 from medseg.data.preprocess import BODY_THRESHOLD_HU, body_bbox, check_ct_intensities, check_label
@@ -43,16 +44,17 @@ def case_fingerprint(case: Case, labels: dict[str, int] | None = None, *, ct_che
         ct_check: refuse images whose intensities do not look like CT.
 
     Raises:
-        InputError / GeometryError: unreadable file, non-CT intensities, channel or label
-            not on the image grid, undeclared label values.
+        InputError / GeometryError: unreadable file, NaN / inf voxels, non-CT intensities,
+            channel or label not on the image grid, undeclared label values.
     """
     chans = [read_volume(p) for p in case.images]
     ref = chans[0]
     for ch in chans[1:]:
         if not same_space(ref, ch):
             raise GeometryError(f"{ch.path}: image channel does not share physical space with {ref.path}")
-    if ct_check:
-        for ch in chans:
+    for ch in chans:
+        check_finite(ch.array, ch.path)
+        if ct_check:
             check_ct_intensities(ch.array, str(ch.path))
     values = sorted(labels.values()) if labels else None
     label = read_volume(case.label) if case.label is not None else None

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from medseg.data.checks import check_finite
 from medseg.data.resample import apply_ornt, interpolate, resample_affine, resample_image, resample_label, resampled_shape
 from medseg.errors import GeometryError, InputError
 from medseg.io import Volume, _inverse_ornt, reorient, same_space, spacing_from_affine, strip_volume_suffix
@@ -207,16 +208,17 @@ def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volu
         properties (see docs/architecture.md).
 
     Raises:
-        InputError / GeometryError: non-CT intensities, channel / label grid mismatch,
-        undeclared label values.
+        InputError / GeometryError: NaN / inf voxels, non-CT intensities, channel / label grid
+        mismatch, undeclared label values.
     """
     chans = [image] if isinstance(image, Volume) else list(image)
     ref = chans[0]
     for ch in chans[1:]:
         if not same_space(ref, ch):
             raise GeometryError(f"{ch.path}: image channel does not share physical space with {ref.path}")
-    if plans.get("ct_check", True):
-        for ch in chans:
+    for ch in chans:
+        check_finite(ch.array, ch.path or "image")
+        if plans.get("ct_check", True):
             check_ct_intensities(ch.array, str(ch.path or "image"))
     values = sorted(int(v) for v in plans.get("labels", {}).values()) or None
     present = check_label(label, ref, values) if label is not None else []
