@@ -27,10 +27,13 @@ conventions:
     trailing _0000; any supported format on either side.
   - a prediction on a permuted / flipped grid of the same physical space (e.g. LAS vs LPS of the
     same scan) is reoriented without interpolation; any other grid difference is an error (exit 2).
-  - dataset.json (--dataset-json, else found in the reference folder or its parent) gives class
-    names and may restrict the classes scored per case, either at top level
+  - dataset.json (--dataset-json, else found in the reference folder or its parent; nnU-Net v2
+    {"liver": 1} or Decathlon {"1": "liver"} labels) gives class names and may restrict the
+    classes scored per case, either at top level
     "scored_labels": {"case": [1, 2]} or inside a "test"/"training" entry
     {"image": ..., "label": "./labelsTs/case.nii.gz", "scored_labels": [1, 2]}.
+  - nnU-Net v2's "ignore" label in dataset.json: reference voxels holding it are left out of
+    every metric of every class, and it is never scored as a class.
 
 exit status: 0 ok; 1 some reference cases have no prediction (unless --allow-missing); 2 bad input.
 """

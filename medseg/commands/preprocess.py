@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dataset.json (copied), splits.json (data.num_folds folds made with data.split_seed) and\n"
         "cases/<case>_image.npy, <case>_label.npy, <case>.json (properties; written last).\n"
         "A re-run skips complete cases; empty labels are kept with a warning (negative examples).\n"
+        "Refused per case (named with its file): NaN / inf voxels, non-CT intensities, grid mismatches,\n"
+        "undeclared label values. Refused for the dataset: case names with '/', '\\' or '..'.\n"
+        "nnU-Net v2's 'ignore' label is kept in the label arrays but is no class (not in num_classes).\n"
         "Exit status: 0 all cases done, 2 a case failed for a data reason (named with its file), 1 unexpected error.\n\n"
         "example: medseg preprocess --data data/Dataset001 --out pre/Dataset001 --workers 4 data.target_spacing=[1,1,2]"
     )
