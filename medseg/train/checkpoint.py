@@ -41,15 +41,20 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng` (CUDA states only when the device count matches)."""
+    """Inverse of :func:`capture_rng` (CUDA states only when the device count matches).
+
+    The generators only take CPU states (``torch.set_rng_state`` needs a CPU ``ByteTensor``), so
+    every tensor is brought to the CPU first, wherever the checkpoint was mapped.
+    """
     py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].cpu().tolist()), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((npy["name"], npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -61,6 +66,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``.
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: where its tensors land. Keep the default (CPU) to resume: the RNG states
+            must be CPU tensors, and ``load_state_dict`` copies weights to the model's device.
+
+    Returns:
+        The checkpoint dict (see the module docstring).
 
     Raises:
         InputError: missing, truncated or not a medseg checkpoint.

@@ -111,8 +111,16 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
 
 
 def resume_from_latest(ctx: Context) -> None:
+    """Load ``checkpoints/latest.pt`` into the context: weights, optimizer, schedule, RNG, budget.
+
+    The file is read on the CPU whatever the device (``load_state_dict`` copies to the model's and
+    optimizer's device; the RNG states must stay CPU tensors).
+
+    Raises:
+        InputError: unreadable checkpoint, or one that does not fit this config's model / optimizer.
+    """
     path = ctx.ckpt_dir / "latest.pt"
-    state = load_checkpoint(path, map_location=ctx.info.device)
+    state = load_checkpoint(path, map_location="cpu")
     try:
         ctx.model.load_state_dict(state["model"])
         ctx.optimizer.load_state_dict(state["optimizer"])
