@@ -1,13 +1,20 @@
-"""Resume: checkpoints load on the CPU whatever the run's device (RNG states must stay CPU tensors)."""
+"""Resume: checkpoints load on the CPU whatever the run's device (RNG states must stay CPU tensors),
+and a run under ``train.max_minutes`` that is interrupted and resumed follows the same LR trajectory
+as one that is not (the shrunk epoch count, the time spent and the last validation's duration are
+in the checkpoint). The clock is simulated: each step takes 10 s, each validation 30 s."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 from medseg.config import load_config
-from medseg.train import setup, train
+from medseg.train import engine, setup, train
 
 TINY = ["model.channels=[4,8,16]", "data.patch_size=[16,16,16]", "train.batch_size=1", "data.num_workers=0",
         "data.val_cases=[phantom_003]", "train.tb_num_cases=0", "train.precision=fp32"]
@@ -55,3 +62,68 @@ def test_resume_on_a_gpu_run_loads_the_checkpoint_on_the_cpu(preprocessed_phanto
     assert len(seen["restored"]) == 1 and seen["restored"][0]
     assert set(seen["restored"][0]) == {"cpu"}
     assert ctx.step == 1
+
+
+class FakeClock:
+    """``perf_counter`` for the engine: 10 s per training step, 30 s per validation."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _simulated(monkeypatch, lrs: list, stop_at_step: int | None = None):
+    """Patch the engine: a fake clock, recorded LRs, a stub validation, SIGTERM after ``stop_at_step``."""
+    clock = FakeClock()
+    real_step = engine._train_step
+
+    def step(ctx, batch):
+        lrs.append(ctx.optimizer.param_groups[0]["lr"])
+        clock.now += 10.0
+        out = real_step(ctx, batch)
+        if stop_at_step is not None and ctx.step + 1 == stop_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # StopRequest turns it into a flag: the loop saves and returns
+        return out
+
+    def validate(ctx, epoch):
+        clock.now += 30.0
+        return 0.5
+
+    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(engine, "_train_step", step)
+    monkeypatch.setattr(engine, "_validate", validate)
+
+
+def test_interrupted_time_budgeted_run_resumes_on_the_same_lr_trajectory(preprocessed_phantoms, tmp_path,
+                                                                         monkeypatch):
+    # 20 configured epochs of 2 steps (20 s each + 30 s validation every 2nd epoch), 4 minutes:
+    # the budget shrinks the schedule to fewer epochs after the first ones
+    cfg = tiny_config(preprocessed_phantoms, "train.epochs=20", "train.iters_per_epoch=2", "train.val_interval=2",
+                      "train.checkpoint_interval=1", "train.max_minutes=4", "train.optimizer=sgd",
+                      "train.scheduler=poly")
+    straight: list = []
+    with monkeypatch.context() as m:
+        _simulated(m, straight)
+        whole = train(cfg, tmp_path / "a")
+    assert whole["status"] == "finished"
+    steps = whole["step"]
+    assert 6 <= steps < 20 * 2  # the budget did shrink the run
+    assert straight[-1] < 0.15 * straight[0]  # ... and the poly schedule decays to ~0 at its end
+
+    first: list = []
+    stop = 7  # mid-epoch 4, after the validation of epoch 2
+    with monkeypatch.context() as m:
+        _simulated(m, first, stop_at_step=stop)
+        part = train(cfg, tmp_path / "b")
+    assert part["status"] == "interrupted" and part["step"] == stop
+    state = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)
+    assert state["budget"]["total_epochs"] < 20 and state["budget"]["train_s"] == pytest.approx(stop * 10.0 + 30.0)
+
+    rest: list = []
+    with monkeypatch.context() as m:
+        _simulated(m, rest)
+        resumed = train(cfg, tmp_path / "b", resume=True)
+    assert resumed["status"] == "finished" and resumed["step"] == steps
+    assert first + rest == pytest.approx(straight, rel=1e-12)

@@ -3,7 +3,9 @@
 A checkpoint is a plain dict (docs/architecture.md): ``model`` (state dict), ``optimizer``,
 ``scheduler``, ``scaler``, ``epoch`` (last completed epoch, 0-based; -1 = none), ``best_metric``,
 ``rng`` (python / numpy / torch / cuda states as tensors and primitives), ``config`` (plain
-dict), ``plans`` (plain dict), plus ``step`` and ``history``. Nothing in it needs pickled
+dict), ``plans`` (plain dict), plus ``step``, ``history`` and ``budget`` (the time budget's state:
+``train_s`` spent, ``val_s`` of the last validation, ``timed_from`` step, ``max_minutes`` and the
+shrunk ``total_epochs`` or None; :func:`medseg.train.setup.restore_budget`). Nothing in it needs pickled
 classes, so ``torch.load(path, weights_only=True)`` reads it (what the predictor does).
 
 Writes go to a temporary file beside the target and are renamed into place

@@ -36,8 +36,8 @@ from medseg.train.checkpoint import capture_rng, save_checkpoint
 from medseg.train.checks import check_config
 from medseg.train.distributed import all_gather_objects, cleanup, init_distributed, mean_across, wrap_ddp
 from medseg.train.optim import refresh_lr
-from medseg.train.setup import (Context, build_context, check_run_dir, open_log, resume_from_latest, train_loader,
-                                write_run_files)
+from medseg.train.setup import (Context, budget_state, build_context, check_run_dir, open_log, resume_from_latest,
+                                train_loader, write_run_files)
 from medseg.train.signals import StopRequest
 from medseg.train.tensorboard import log_case_images, log_gate_histograms, render_case
 from medseg.train.validation import validate
@@ -160,7 +160,7 @@ def _state(ctx: Context) -> dict:
     return {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
             "scheduler": ctx.scheduler.state_dict(), "scaler": ctx.scaler.state_dict(), "epoch": ctx.epoch,
             "step": ctx.step, "best_metric": ctx.best, "rng": rngs, "config": config_to_dict(ctx.cfg),
-            "plans": ctx.plans, "history": ctx.history}
+            "plans": ctx.plans, "history": ctx.history, "budget": budget_state(ctx, time.perf_counter())}
 
 
 def _save(ctx: Context, *names: str) -> None:
@@ -170,13 +170,18 @@ def _save(ctx: Context, *names: str) -> None:
             save_checkpoint(state, ctx.ckpt_dir / f"{name}.pt")
 
 
-def _update_budget(ctx: Context, t_start: float, epochs_run: int, val_seconds: float) -> None:
-    """Under ``train.max_minutes`` shrink ``total_epochs`` to what fits (the LR schedule follows)."""
-    if ctx.cfg.train.max_minutes is None or epochs_run == 0:
+def _update_budget(ctx: Context) -> None:
+    """Under ``train.max_minutes`` shrink ``total_epochs`` to what fits (the LR schedule follows).
+
+    The time counted is the whole run's (earlier sessions included, restored on resume), and an
+    epoch is expected to take its mean so far, validations included.
+    """
+    steps = ctx.step - ctx.timed_from
+    if ctx.cfg.train.max_minutes is None or steps <= 0:
         return
-    elapsed = time.perf_counter() - t_start
-    left = ctx.cfg.train.max_minutes * 60.0 - elapsed - val_seconds
-    fit = ctx.epoch + 1 + max(0, math.floor(left / (elapsed / epochs_run)))
+    elapsed = time.perf_counter() - ctx.clock0
+    left = ctx.cfg.train.max_minutes * 60.0 - elapsed - ctx.val_s
+    fit = ctx.epoch + 1 + max(0, math.floor(left / (elapsed * ctx.iters / steps)))
     fit = min(all_gather_objects(fit, ctx.info))  # every rank must stop at the same epoch
     ctx.total_epochs = max(ctx.epoch + 1, min(ctx.cfg.train.epochs, fit))
     refresh_lr(ctx.scheduler)  # the next step's LR under the new total
@@ -185,7 +190,7 @@ def _update_budget(ctx: Context, t_start: float, epochs_run: int, val_seconds: f
 # --------------------------------------------------------------------------- main
 def _loop(ctx: Context, loader, stop: StopRequest) -> str:
     batches = iter(loader)
-    t_start, epochs_run, val_seconds = time.perf_counter(), 0, 0.0
+    ctx.clock0 = time.perf_counter() - ctx.train_s
     while ctx.step < ctx.total_epochs * ctx.iters:
         epoch = ctx.step // ctx.iters
         rec = _run_epoch(ctx, batches, epoch, stop)
@@ -193,14 +198,14 @@ def _loop(ctx: Context, loader, stop: StopRequest) -> str:
             log.warning("%s received: saving checkpoints/latest.pt at step %d and stopping", stop.name, ctx.step)
             _save(ctx, "latest")
             return "interrupted"
-        ctx.epoch, epochs_run = epoch, epochs_run + 1
+        ctx.epoch = epoch
         _log_epoch(ctx, rec)
-        _update_budget(ctx, t_start, epochs_run, val_seconds)
+        _update_budget(ctx)
         last = ctx.step >= ctx.total_epochs * ctx.iters
         if (epoch + 1) % ctx.cfg.train.val_interval == 0 or last:
             t0 = time.perf_counter()
             rec["val_mean_fg_dice"] = score = _validate(ctx, epoch)
-            val_seconds = time.perf_counter() - t0
+            ctx.val_s = time.perf_counter() - t0
             ctx.history.append(rec)
             if score > ctx.best:
                 ctx.best = score

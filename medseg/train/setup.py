@@ -24,8 +24,8 @@ from medseg.train.distributed import DistInfo
 from medseg.train.losses import build_loss
 from medseg.train.optim import build_optimizer, build_scheduler, refresh_lr
 
-__all__ = ["Context", "build_context", "check_run_dir", "open_log", "resume_from_latest", "train_loader",
-           "write_run_files"]
+__all__ = ["Context", "budget_state", "build_context", "check_run_dir", "open_log", "restore_budget",
+           "resume_from_latest", "train_loader", "write_run_files"]
 
 log = get_logger("medseg.train")
 
@@ -50,6 +50,10 @@ class Context:
     val_cases: list[str] = field(default_factory=list)
     writer: SummaryWriter | None = None
     total_epochs: int = 1  # may shrink under train.max_minutes
+    train_s: float = 0.0  # training wall time before this session (restored on resume)
+    timed_from: int = 0  # the step from which train_s + this session's time is counted
+    val_s: float = 0.0  # duration of the last validation (the budget keeps that much for the final one)
+    clock0: float = 0.0  # the engine's perf_counter() at which the run's counted time is zero
     step: int = 0  # iterations done
     epoch: int = -1  # last completed epoch
     best: float = float("-inf")
@@ -110,6 +114,29 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
     return ctx
 
 
+def restore_budget(ctx: Context, budget: dict | None) -> None:
+    """Time spent, last validation's duration and the schedule's epoch count from a checkpoint's ``budget``.
+
+    The shrunk epoch count is kept only while ``train.max_minutes`` is the one the run saved it
+    under (a changed budget is refitted after the next epoch). A checkpoint without ``budget``
+    (older medseg) counts the time from the resumed step on.
+    """
+    if not budget:
+        ctx.timed_from = ctx.step
+        return
+    ctx.train_s, ctx.val_s, ctx.timed_from = float(budget["train_s"]), float(budget["val_s"]), int(budget["timed_from"])
+    shrunk = budget.get("total_epochs")  # None: the budget had not shrunk the schedule
+    if shrunk is not None and budget.get("max_minutes") == ctx.cfg.train.max_minutes:
+        ctx.total_epochs = min(ctx.cfg.train.epochs, int(shrunk))
+
+
+def budget_state(ctx: Context, now: float) -> dict:
+    """The ``budget`` entry of a checkpoint written at ``now`` (the engine's clock); see :func:`restore_budget`."""
+    shrunk = ctx.total_epochs if ctx.total_epochs < ctx.cfg.train.epochs else None
+    return {"total_epochs": shrunk, "max_minutes": ctx.cfg.train.max_minutes, "train_s": now - ctx.clock0,
+            "timed_from": ctx.timed_from, "val_s": ctx.val_s}
+
+
 def resume_from_latest(ctx: Context) -> None:
     """Load ``checkpoints/latest.pt`` into the context: weights, optimizer, schedule, RNG, budget.
 
@@ -134,9 +161,11 @@ def resume_from_latest(ctx: Context) -> None:
     rng = state.get("rng") or []
     if len(rng) > ctx.info.rank:
         restore_rng(rng[ctx.info.rank])
+    restore_budget(ctx, state.get("budget"))
     refresh_lr(ctx.scheduler)  # the schedule's total may have changed (raised train.epochs)
     if ctx.step >= ctx.total_epochs * ctx.iters:
-        log.warning("the checkpoint is at epoch %d already; raise train.epochs to train longer", ctx.epoch + 1)
+        log.warning("the checkpoint is at epoch %d already; raise train.epochs (or train.max_minutes) to train "
+                    "longer", ctx.epoch + 1)
     log.info("resumed from %s at epoch %d (step %d, best mean fg Dice %.4f)", path, ctx.epoch + 1, ctx.step, ctx.best)
 
 
