@@ -58,8 +58,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(preprocessed_phantoms
     real = setup.build_loss
     calls = {"n": 0}
 
-    def poisoned(train_cfg):
-        loss = real(train_cfg)
+    def poisoned(train_cfg, *args, **kwargs):
+        loss = real(train_cfg, *args, **kwargs)
         forward = loss.forward
 
         def nan_on_third(*a, **k):
