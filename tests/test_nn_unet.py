@@ -142,7 +142,7 @@ def test_build_model_uses_config_widths_norm_and_classes():
         ({"block_attention.bottleneck": "gate"}, "model.block_attention.bottleneck"),
         ({"skip_fusion.name": "add"}, "model.skip_fusion.name"),
         ({"slices": 4}, "model.slices"),
-        ({"strides": "[2,2,2,2,2]"}, "strides"),
+        ({"strides": "[1,2]"}, "strides"),
         ({"channels": "[16]"}, "channels"),
         ({"norm": "layer"}, "norm"),
         ({"act": "swish"}, "act"),
@@ -175,3 +175,31 @@ def test_channels_last_and_bf16_autocast_give_the_same_logits():
     assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
     assert (half.float() - ref).abs().max() < 0.1 * ref.abs().max()
     assert all(m.min() >= 0 and m.max() <= 1 for m in maps.values())
+
+
+def test_strided_stem_predicts_on_the_input_grid_at_an_eighth_of_the_flops():
+    """strides[0] = 2: logits and deep-supervision level 0 on the input grid, levels >= 1 at
+    1 / prod(strides[:i+1]), gate maps at their level, divisor includes the stem, ~1/8 FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    kw = dict(SMALL, channels=[8, 16, 32], skip_fusion="gate", deep_supervision=True)
+    full, stem = make_unet(**kw), make_unet(**kw, strides=[2, 2, 2])
+    assert stem.patch_divisor == (8, 8, 8) and full.patch_divisor == (4, 4, 4)
+    x = torch.randn(1, 1, 32, 32, 16)
+    outs = stem.train()(x)
+    assert [tuple(o.shape[2:]) for o in outs] == [(32, 32, 16), (8, 8, 4)]
+    logits, maps = stem.eval()(x, return_attention=True)
+    assert logits.shape == (1, 3, 32, 32, 16)
+    assert {k: tuple(v.shape[2:]) for k, v in maps.items()} == {"gate/level0": (16, 16, 8), "gate/level1": (8, 8, 4)}
+
+    def flops(m):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            m.eval()(x)
+        return counter.get_total_flops()
+
+    assert 0.08 < flops(stem) / flops(full) < 0.2
+    stem.train()
+    sum(o.float().mean() for o in stem(x)).backward()
+    assert all(p.grad is not None for p in stem.parameters())  # both heads run with deep supervision

@@ -444,6 +444,8 @@ def test_patch_size_scales_with_the_network_width():
     assert model_plan_args(None) == {"divisor": 16, "features": 32}
     args = model_plan_args(ModelConfig(channels=[24, 48, 96, 192], strides=[1, [2, 2, 1], 2, 2]))
     assert args == {"divisor": [8, 8, 4], "features": 24}
+    stem = model_plan_args(ModelConfig(channels=[16, 32, 64, 128], strides=[2, 2, 2, 2]))
+    assert stem == {"divisor": [16, 16, 16], "features": 2.0}  # widest map at 1/8 of the voxels
     from medseg.config import load_config
 
     unet25d = load_config(Path(__file__).resolve().parents[1] / "configs" / "unet25d.yaml").model

@@ -54,7 +54,7 @@ def target_spacing_nnunet(spacings: Sequence[Sequence[float]], shapes: Sequence[
 
 
 def suggest_patch_size(median_shape: Sequence[float], *, memory_budget_gb: float, divisor: int | Sequence[int] = 16,
-                       batch_size: int = PLAN_BATCH_SIZE, features: int = REFERENCE_FEATURES) -> list[int]:
+                       batch_size: int = PLAN_BATCH_SIZE, features: float = REFERENCE_FEATURES) -> list[int]:
     """Largest patch with the median case's aspect that fits the memory budget (see module docstring).
 
     Args:
@@ -101,7 +101,8 @@ def model_plan_args(model_cfg) -> dict:
 
     probe = dataclasses.replace(model_cfg, slice_offset_mm=None)  # the slice step needs a spacing, the divisor does not
     net = build_model(probe, num_classes=max(2, int(model_cfg.num_classes or 0)))
-    return {"divisor": [int(v) for v in net.patch_divisor], "features": int(model_cfg.channels[0])}
+    stem = float(np.prod(getattr(net, "stem_stride", 1)))  # a strided stem keeps no full-resolution feature map
+    return {"divisor": [int(v) for v in net.patch_divisor], "features": float(model_cfg.channels[0]) / stem}
 
 
 def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] = 16,
@@ -140,7 +141,7 @@ def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] 
         "target_spacing": [float(v) for v in spacing],
         "normalization": _normalization(cfg, props),
         "patch_size": patch,
-        "patch_planned_for": {"features": int(features), "divisor": np.broadcast_to(np.asarray(divisor), (3,)).tolist(),
+        "patch_planned_for": {"features": float(features), "divisor": np.broadcast_to(np.asarray(divisor), (3,)).tolist(),
                               "memory_budget_gb": float(cfg.memory_budget_gb), "batch_size": PLAN_BATCH_SIZE},
         "median_shape": [float(v) for v in median_shape],
         "batch_size": PLAN_BATCH_SIZE,
