@@ -85,11 +85,35 @@ def prepare(data_dir: Path, pre_dir: Path, cfg) -> tuple[list[str], str]:
     return names, val
 
 
-def run_variant(cfg, data_dir: Path, run_dir: Path, pred_dir: Path) -> dict:
-    """Train, segment ``imagesTs``, score against ``labelsTs``; one row of the study."""
-    from medseg.evaluate import evaluate_folders
+def predict_run(run_dir: Path, data_dir: Path, pred_dir: Path, checkpoint: str = "final") -> float:
+    """Segment ``imagesTs`` with ``run_dir``'s ``checkpoint`` into ``pred_dir``; returns the seconds taken."""
     from medseg.infer.predictor import Predictor
     from medseg.infer.runner import run_inference
+
+    t0 = time.perf_counter()
+    predictor = Predictor.from_run(run_dir, checkpoint=checkpoint)
+    run_inference(predictor, data_dir / "imagesTs", pred_dir)
+    return time.perf_counter() - t0
+
+
+def score_predictions(pred_dir: Path, data_dir: Path, metrics: tuple[str, ...] = ("dice",)) -> dict:
+    """``evaluate_folders`` of ``pred_dir`` against ``labelsTs`` (``scored_labels`` honoured): per-class
+    ``test_dice`` (and ``test_hd95`` in mm when asked for), ``test_fg_mean_dice``, ``missing`` cases."""
+    from medseg.evaluate import evaluate_folders
+
+    summary = evaluate_folders(pred_dir, data_dir / "labelsTs", dataset_json=data_dir / "dataset.json",
+                               metrics=metrics, progress=False)
+    names = summary.get("label_names", {})
+    dice = {names.get(k, k): v["Dice"] for k, v in summary["mean"].items() if not math.isnan(v.get("Dice", math.nan))}
+    out = {"test_dice": dice, "test_fg_mean_dice": summary["foreground_mean"].get("Dice"),
+           "missing": summary.get("missing", [])}
+    if "hd95" in metrics:
+        out["test_hd95"] = {names.get(k, k): v["HD95"] for k, v in summary["mean"].items() if names.get(k, k) in dice}
+    return out
+
+
+def run_variant(cfg, data_dir: Path, run_dir: Path, pred_dir: Path, metrics: tuple[str, ...] = ("dice",)) -> dict:
+    """Train, segment ``imagesTs`` with ``final.pt``, score against ``labelsTs``; one row of the study."""
     from medseg.train import train
 
     t0 = time.perf_counter()
@@ -97,19 +121,12 @@ def run_variant(cfg, data_dir: Path, run_dir: Path, pred_dir: Path) -> dict:
     train_s = time.perf_counter() - t0
     if out["status"] != "finished":  # Ctrl-C / SIGTERM: the engine saved latest.pt and returned
         raise KeyboardInterrupt(f"training interrupted ({out['status']})")
-    t0 = time.perf_counter()
-    predictor = Predictor.from_run(run_dir, checkpoint="final")
-    run_inference(predictor, data_dir / "imagesTs", pred_dir)
-    infer_s = time.perf_counter() - t0
-    summary = evaluate_folders(pred_dir, data_dir / "labelsTs", dataset_json=data_dir / "dataset.json", progress=False)
-    names = summary.get("label_names", {})
-    dice = {names.get(k, k): v["Dice"] for k, v in summary["mean"].items() if not math.isnan(v.get("Dice", math.nan))}
+    infer_s = predict_run(run_dir, data_dir, pred_dir)
     n_cases = max(1, len(list((data_dir / "imagesTs").iterdir())))
     return {"train_s": train_s, "epochs": out["epoch"] + 1, "steps": out["step"],
             "patches": out["step"] * cfg.train.batch_size, "status": out["status"],
-            "val_dice_train_case": out.get("final_metric"), "test_dice": dice,
-            "test_fg_mean_dice": summary["foreground_mean"].get("Dice"), "infer_s_per_case": infer_s / n_cases,
-            "missing": summary.get("missing", [])}
+            "val_dice_train_case": out.get("final_metric"), **score_predictions(pred_dir, data_dir, metrics),
+            "infer_s_per_case": infer_s / n_cases}
 
 
 # --------------------------------------------------------------------------- report
