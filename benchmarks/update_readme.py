@@ -1,7 +1,7 @@
 """Splice the benchmark tables (``benchmarks/results/*.md``) into README.md.
 
 Everything between the lines ``<!-- perf:start -->`` and ``<!-- perf:end -->`` of README.md is
-replaced by the result files, in the order ``infer_speed``, ``train_speed``, ``real_ct_study``,
+replaced by the result files, in the order ``infer_speed``, ``train_speed``, ``real_ct_study``, ``head_to_head``,
 then any other ``*.md`` alphabetically. Text outside the markers is left as it is; numbers are
 never typed in by hand. Exit 1 when the markers are missing (add them to the "Performance"
 section first).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
-ORDER = ("infer_speed", "train_speed", "real_ct_study")
+ORDER = ("infer_speed", "train_speed", "real_ct_study", "head_to_head")
 
 
 def result_files(results: Path) -> list[Path]:

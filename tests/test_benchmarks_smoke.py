@@ -63,3 +63,129 @@ def test_infer_summary_ratios_and_targets():
 def test_md_table_formats_numbers():
     table = _common.md_table(["a", "b"], [["x", 1.23456], ["y", 123.456], ["z", float("nan")]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| x | 1.23 |", "| y | 123.46 |", "| z | n/a |"]
+
+
+# --------------------------------------------------------------------------- head_to_head
+def _head_to_head():
+    import head_to_head
+
+    return head_to_head
+
+
+def test_head_to_head_marks_default_to_thirds_of_the_budget():
+    h2h = _head_to_head()
+    assert h2h.parse_args([]).marks == [5.0, 10.0, 15.0]
+    assert h2h.parse_args(["--minutes", "12", "--marks", "8", "4"]).marks == [4.0, 8.0, 12.0]  # the end is always a point
+    quick = h2h.parse_args(["--quick", "--minutes", "15"])
+    assert quick.minutes == 0.1 and quick.workers == 0 and quick.marks[-1] == 0.1
+
+
+def test_head_to_head_markdown_lists_scores_curve_and_skips():
+    h2h = _head_to_head()
+    args = h2h.parse_args(["--minutes", "15"])
+    curve = [{"mark_min": m, "at_min": m + 0.01, "steps": 10 * m, "test_dice": {"liver": 0.1 * m / 5, "spleen": 0.05}}
+             for m in (5.0, 10.0, 15.0)]
+    row = {"test_dice": {"liver": 0.3, "spleen": 0.05}, "test_hd95": {"liver": 12.5, "spleen": float("inf")},
+           "test_fg_mean_dice": 0.175, "steps": 150, "patches": 600, "patch_size": [64, 64, 64], "voxels": 600 * 64**3,
+           "train_s": 900.0, "prep_s": 12.0, "infer_s": 3.0, "precision": "bf16", "curve": curve}
+    md = h2h.markdown({"stock_monai": row, "nnunet": {"skipped": h2h.NNUNET_MISSING},
+                       "medseg_unet": {"error": "RuntimeError: boom"}}, args)
+    lines = md.splitlines()
+    stock = next(ln for ln in lines if ln.startswith("| stock_monai | 0.3 | 0.05 | 0.175 | 12.50 | inf | 150 | 600 x 64x64x64"))
+    assert "| 15.00 |" in stock and stock.endswith("| bf16 |")
+    assert f"| nnunet | {h2h.NNUNET_MISSING} |" in md and "| medseg_unet | RuntimeError: boom |" in md
+    assert "| contender | Dice liver / spleen @ 5 min | Dice liver / spleen @ 10 min | Dice liver / spleen @ 15 min |" in md
+    assert "| stock_monai | 0.100 / 0.050 (5.0 min, 50.0 steps) | 0.200 / 0.050 (10.0 min, 100.0 steps) |" in md
+
+
+def test_head_to_head_nnunet_row_says_skipped_without_nnunetv2(tmp_path, monkeypatch):
+    h2h = _head_to_head()
+    for key in ("raw", "preprocessed", "results", "n_proc_DA", "def_n_proc", "compile"):
+        monkeypatch.setenv(f"nnUNet_{key}", "")  # restored after the test
+    monkeypatch.setitem(sys.modules, "nnunetv2", None)  # import nnunetv2 -> ModuleNotFoundError
+    args = h2h.parse_args(["--child", "nnunet"])
+    assert h2h.child_nnunet(args, tmp_path) == {"skipped": "skipped: nnunetv2 not installed (pip install -e '.[bench]')"}
+
+
+def test_medseg_snapshots_saves_weights_past_each_mark_and_restores_the_engine(tmp_path, monkeypatch):
+    import types
+
+    import torch
+
+    from medseg.train import engine
+
+    h2h = _head_to_head()
+    clock = iter([100.0, 100.0, 100.5, 101.5, 102.5, 200.0])  # loop start, then after steps 1..4, loop end
+    monkeypatch.setattr(h2h.time, "perf_counter", lambda: next(clock))
+    model = torch.nn.Linear(2, 1)
+
+    def fake_loop(ctx, loader, stop):
+        for _ in range(4):
+            engine._train_step(ctx, None)  # the engine calls its step through the module global
+            ctx.step += 1
+        return "finished"
+
+    monkeypatch.setattr(engine, "_loop", fake_loop)
+    monkeypatch.setattr(engine, "_train_step", lambda ctx, batch: None)
+    ctx = types.SimpleNamespace(model=model, step=0)
+    run = tmp_path / "run"
+    with h2h.medseg_snapshots(run, [1 / 60, 2 / 60, 1.0]) as hook:  # marks at 1 s, 2 s; the end (1 min) is final.pt
+        assert engine._loop(ctx, None, None) == "finished"
+    assert engine._loop is fake_loop  # unwrapped again
+    assert [(s["steps"], round(s["at_min"] * 60, 1)) for s in hook["snapshots"]] == [(3, 1.5), (4, 2.5)]
+    assert hook["loop_s"] == 100.0
+    saved = torch.load(hook["snapshots"][0]["run_dir"] / "checkpoints" / "final.pt", weights_only=False)
+    assert torch.equal(saved["model"]["weight"], model.weight)
+    assert not (tmp_path / "run_at1min").exists()  # the last mark is the run's own final.pt
+
+
+@pytest.mark.slow
+def test_head_to_head_quick_stock_and_medseg(tmp_path):
+    """The whole benchmark on phantoms (~30 s on 2 cores): stock MONAI and one medseg variant, scored at each mark."""
+    import json
+    import subprocess
+
+    import nibabel as nib
+    import numpy as np
+
+    cmd = [sys.executable, str(BENCH / "head_to_head.py"), "--quick", "--minutes", "0.05", "--contenders", "stock_monai",
+           "medseg", "--variants", "unet", "--work-dir", str(tmp_path / "work"), "--results", str(tmp_path / "res")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    data = tmp_path / "work" / "quick" / "phantoms"
+    names = {v: k for k, v in json.loads((data / "dataset.json").read_text())["labels"].items()}
+    ref = np.unique(np.asarray(nib.load(next((data / "labelsTs").iterdir())).dataobj))
+    scored = {names[int(v)] for v in ref if v != 0}
+    assert len(scored) >= 2 and out["marks"] == pytest.approx([0.05 / 3, 0.1 / 3, 0.05])
+    for name in ("stock_monai", "medseg_unet"):
+        row = out["results"][name]
+        assert set(row["test_dice"]) == scored and all(0.0 <= d <= 1.0 for d in row["test_dice"].values()), row
+        assert set(row["test_hd95"]) == scored and row["steps"] >= 1 and row["voxels"] == row["patches"] * 32**3
+        assert [p["mark_min"] for p in row["curve"]] == out["marks"]
+        for point in row["curve"]:
+            assert set(point["test_dice"]) == scored and all(0.0 <= d <= 1.0 for d in point["test_dice"].values())
+        steps = [p["steps"] for p in row["curve"]]
+        assert steps == sorted(steps) and steps[-1] == row["steps"]
+    md = (tmp_path / "res" / "head_to_head.md").read_text()
+    assert "| stock_monai |" in md and "| medseg_unet |" in md and "@ 0.05 min" in md
+
+
+@pytest.mark.slow
+def test_head_to_head_quick_nnunet(tmp_path):
+    """nnU-Net v2 end to end on phantoms (~1-2 min): its planner, the budget-bound trainer, its predictor."""
+    import json
+    import subprocess
+
+    pytest.importorskip("nnunetv2")
+    cmd = [sys.executable, str(BENCH / "head_to_head.py"), "--quick", "--contenders", "nnunet",
+           "--work-dir", str(tmp_path / "work"), "--results", str(tmp_path / "res")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    row = out["results"]["nnunet"]
+    assert "error" not in row and "skipped" not in row, row
+    assert row["configuration"] == "3d_fullres" and row["epochs"] >= 1 and row["steps"] == row["epochs"] * 2
+    assert len(row["test_dice"]) >= 2 and all(0.0 <= d <= 1.0 for d in row["test_dice"].values())
+    assert [p["mark_min"] for p in row["curve"]] == out["marks"]
+    assert (tmp_path / "res" / "head_to_head.md").read_text().count("| nnunet |") == 2  # table and curve
