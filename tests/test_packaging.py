@@ -34,6 +34,17 @@ def test_environment_matches_pyproject():
             assert have[name].replace(" ", "") == req.replace(" ", ""), name
 
 
+def test_bench_extra_installs_nnunet_with_the_pinned_torch():
+    """The optional `bench` extra (nnU-Net for benchmarks/head_to_head.py) is installed with a constraints
+    file that holds torch at the Makefile's version (nnunetv2 -> timm -> torchvision would replace it)."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["bench"] == ["nnunetv2==2.8.1"]
+    pin = re.search(r"TORCH_VERSION \?= ([\d.]+)", (ROOT / "Makefile").read_text()).group(1)
+    text = (ROOT / "benchmarks" / "constraints-bench.txt").read_text()
+    assert [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")] == [f"torch=={pin}"]
+    assert "pip install -c benchmarks/constraints-bench.txt -e '.[bench]'" in (ROOT / "README.md").read_text()
+
+
 def _medseg(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "medseg", *args], capture_output=True, text=True, cwd=ROOT)
 
