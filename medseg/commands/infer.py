@@ -54,8 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write <case>_probabilities.nii.gz (softmax, input grid)")
     p.add_argument("--save-gates", action="store_true",
                    help="also write every attention/gate map as <case>_gates/<name>.nii.gz in the input grid")
-    p.add_argument("--postprocess", choices=POSTPROCESSORS.names(), default="none",
-                   help="largest-component: keep the largest connected component of each class")
+    p.add_argument("--postprocess", choices=["auto", *POSTPROCESSORS.names()], default="auto",
+                   help="auto (default): what training chose on its validation cases (the run's postprocessing.json: "
+                        "largest component kept for the classes where that raised the validation Dice; none if the "
+                        "run never validated); largest-component: every class; none: the raw arg-max")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="nii.gz",
                    help="mask file format; 'same' keeps the input's (DICOM -> nii.gz)")
     p.add_argument("--num-parts", type=int, default=1,

@@ -29,7 +29,7 @@ import torch
 
 from medseg.config import Config, load_config
 from medseg.errors import ConfigError, InputError
-from medseg.infer.postprocess import apply_postprocess
+from medseg.infer.postprocess import apply_postprocess, load_run_postprocessing
 from medseg.infer.sliding import ALL_AXES, allowed_mirror_axes, sliding_window_predict
 from medseg.io import Volume, case_name, read_volume, split_channel_tag
 from medseg.runtime import get_logger, resolve_channels_last, resolve_device, resolve_precision
@@ -195,14 +195,15 @@ class Predictor:
             default all three). With ``tta`` and none allowed, a warning and one pass.
         channels_last: ``"auto"`` (default: on for 3D nets on the CPU), ``True`` or ``False``; see
             :func:`medseg.runtime.resolve_channels_last`.
-        postprocess: ``None`` / ``"none"`` or ``"largest-component"``.
+        postprocess: ``None`` / ``"none"``, ``"largest-component"`` (every class) or a run's choice
+            ``{"largest_component_classes": [...]}`` (:func:`~medseg.infer.postprocess.choose_largest_component`).
         progress: a tqdm bar over the windows of each case (named after the case).
     """
 
     def __init__(self, model: torch.nn.Module | None, plans: dict, *, roi_size=None, device: str = "auto",
                  precision: str = "auto", overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 2,
                  tta: bool = False, mirror_axes: Sequence[int] = ALL_AXES,
-                 channels_last: bool | str | None = "auto", postprocess: str | None = None, progress: bool = False):
+                 channels_last: bool | str | None = "auto", postprocess: str | dict | None = None, progress: bool = False):
         if not 0.0 <= float(overlap) < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
         if blend not in ("gaussian", "constant"):
@@ -240,6 +241,8 @@ class Predictor:
                  tta: bool | None = None, overrides: list[str] | None = None, **kwargs: Any) -> Predictor:
         """A predictor for a training run directory; options given as ``None`` come from the run's
         ``infer`` section (after ``overrides``), the window size from ``data.patch_size`` or the plans.
+        ``postprocess`` defaults to ``"auto"``: what the run chose on its validation cases
+        (``postprocessing.json``, see :mod:`medseg.infer.postprocess`; none when it never validated).
 
         Raises:
             InputError: missing ``config.yaml`` / ``plans.json`` / checkpoint, or mismatched weights.
@@ -249,6 +252,8 @@ class Predictor:
         inf = cfg.infer
         roi = kwargs.pop("roi_size", None) or cfg.data.patch_size or plans["patch_size"]
         kwargs.setdefault("mirror_axes", run_mirror_axes(cfg, plans))
+        if kwargs.get("postprocess", "auto") == "auto":  # the run's choice on validation data, as nnU-Net
+            kwargs["postprocess"] = load_run_postprocessing(run_dir) or "none"
         return cls(model, plans, roi_size=roi, device=device or inf.device, precision=precision or inf.precision,
                    overlap=inf.overlap if overlap is None else overlap, blend=blend or inf.blend,
                    sw_batch_size=sw_batch_size or inf.sw_batch_size, tta=inf.tta if tta is None else tta, **kwargs)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from medseg.config import Config, config_from_dict, config_to_dict
 from medseg.errors import MedsegError
 from medseg.evaluate.report import write_summary
+from medseg.infer.postprocess import write_run_postprocessing
 from medseg.runtime import autocast, get_logger
 from medseg.train import data as tdata
 from medseg.train.checkpoint import capture_rng, save_checkpoint
@@ -143,6 +144,7 @@ def _validate(ctx: Context, epoch: int) -> float:
              ", ".join(f"{k} {v:.3f}" for k, v in per_class.items()), time.perf_counter() - t0)
     if ctx.info.is_main:
         write_summary(summary, ctx.run_dir / "validation" / "summary.json")
+        write_run_postprocessing(ctx.run_dir, summary["postprocessing"])
         if ctx.writer is not None:
             for cls, v in per_class.items():
                 ctx.writer.add_scalar(f"val/dice/{cls}", v, epoch + 1)

@@ -5,7 +5,10 @@ Each validation case is predicted whole with :func:`medseg.infer.sliding.sliding
 ``infer.blend`` / ``infer.sw_batch_size`` from the config) and scored on the **preprocessed
 grid** against its preprocessed label (Dice and IoU per class, :mod:`medseg.evaluate.metrics`).
 The summary has the layout of ``medseg evaluate``'s ``summary.json`` (nnU-Net's
-``metric_per_case`` / ``mean`` / ``foreground_mean``, built by :func:`medseg.evaluate.evaluator.summarize`).
+``metric_per_case`` / ``mean`` / ``foreground_mean``, built by :func:`medseg.evaluate.evaluator.summarize`)
+plus ``postprocessing``: per class, whether keeping the largest component raised the validation
+Dice (:func:`medseg.infer.postprocess.choose_largest_component`, nnU-Net's rule); the trainer
+writes it to the run's ``postprocessing.json`` for ``medseg infer --postprocess auto``.
 
 With DDP the cases are shared out over the ranks (``cases[rank::world]``) and the per-case
 results gathered on every rank. The first ``train.tb_num_cases`` cases of rank 0 also return
@@ -27,6 +30,7 @@ from medseg.config import Config
 from medseg.data.datasets import ignore_label_of
 from medseg.evaluate.evaluator import summarize
 from medseg.evaluate.metrics import compute_metrics
+from medseg.infer.postprocess import choose_largest_component, largest_component_scores
 from medseg.infer.sliding import sliding_window_predict
 from medseg.train.distributed import DistInfo, all_gather_objects
 
@@ -97,14 +101,17 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
         ref = np.asarray(label[0])
         spacing = tuple(float(s) for s in props.get("spacing", [1.0, 1.0, 1.0]))
         per_case.append({"case": name, "prediction_file": None, "reference_file": f"cases/{name}_label.npy",
-                         "metrics": _score(pred, ref, classes, spacing, ignore_label_of(labels))})
+                         "metrics": _score(pred, ref, classes, spacing, ignore_label_of(labels)),
+                         "largest_component": largest_component_scores(pred, ref, classes,
+                                                                       ignore_label=ignore_label_of(labels))})
         if want_gates:
             views.append(CaseView(name, np.asarray(image), ref, pred,
                                   {k: g[0].float().cpu().numpy() for k, g in gates.items()}, spacing))
     gathered = [c for part in all_gather_objects(per_case, info) for c in part]
     gathered.sort(key=lambda c: c["case"])
+    postprocessing = choose_largest_component([c.pop("largest_component") for c in gathered])
     mean, fg_mean = summarize(gathered)
     names = {str(v): k for k, v in labels.items() if int(v) != 0}
     summary = {"metric_per_case": gathered, "mean": mean, "foreground_mean": fg_mean, "label_names": names,
-               "metrics": ["dice", "iou"], "grid": "preprocessed"}
+               "metrics": ["dice", "iou"], "grid": "preprocessed", "postprocessing": postprocessing}
     return ValidationResult(summary, views)
