@@ -35,8 +35,10 @@ Dice-vs-minutes curve: each contender is scored with its weights at the marks (`
 1/3, 2/3 and all of the budget): one training run, not three, so the LR schedule is that of the full
 budget. medseg: this script saves the model's weights after the first training step that ends past a
 mark (a wrapper around the engine's step, :func:`medseg_snapshots`); stock MONAI: the same, in its
-loop; nnU-Net: after the first epoch (10 iterations) that ends past a mark. The last point is the
-final model; each point records the minute it was actually taken at.
+loop; nnU-Net: the same, in its trainer (``nnunet_budget.py``). The last point is the
+final model; each point records the minute it was actually taken at. medseg's final point applies the
+post-processing its run chose at its end-of-budget validation (``postprocessing.json``); the earlier
+points have none, as no validation had run by then.
 
 Writes ``benchmarks/results/head_to_head.{md,json}`` (a temp folder with ``--quick``) after every
 contender; work files (preprocessed data, runs, predictions) go to ``--work-dir``. The last stdout
@@ -102,9 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.minutes, args.workers = min(args.minutes, 0.1), 0
-    args.marks = sorted(args.marks or [args.minutes / 3, 2 * args.minutes / 3, args.minutes])
-    if args.marks[-1] != args.minutes:
-        args.marks.append(args.minutes)  # the final model is always a point
+    marks = args.marks or [args.minutes / 3, 2 * args.minutes / 3]
+    args.marks = sorted({m for m in marks if 0 < m < args.minutes} | {args.minutes})  # the final model is always a point
     return args
 
 

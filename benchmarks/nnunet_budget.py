@@ -8,19 +8,24 @@
    what ``nnUNetv2_plan_and_preprocess -d 987 -c 3d_fullres`` does.
 3. ``train``: ``nnUNetTrainer`` on fold ``all`` (every training case; there are too few for 5 folds),
    stopped by the budget (:func:`budget_trainer`). nnU-Net itself has no time limit: its schedule is
-   1000 epochs of 250 iterations (days on a CPU). The subclass changes only *when* it stops, in the
-   way nnU-Net's own ``nnUNetTrainer_<X>epochs`` variants do (a smaller ``num_epochs``, the poly LR
+   1000 epochs of 250 iterations (days on a CPU). The subclass changes *when* it stops, the way
+   nnU-Net's own ``nnUNetTrainer_<X>epochs`` variants do (a smaller ``num_epochs``, the poly LR
    decaying to zero over it), with X chosen by the clock: epochs are shortened to ``iters`` training
-   and ``val_iters`` pseudo-validation iterations (nnU-Net's 250:50 ratio) so the clock is read
-   often; after each epoch ``num_epochs`` becomes the number of epochs that fit in the budget at the
-   mean epoch time so far (validations included), as ``train.max_minutes`` does for medseg, and
-   training ends (``on_train_end``: ``checkpoint_final.pth``) once the next epoch would not fit.
-   Everything else is nnU-Net's: network, patch size and batch from its plans, augmentation, loss,
-   SGD, its precision policy (autocast on CUDA only: fp32 on a CPU), its data-augmentation workers
-   (``nnUNet_n_proc_DA``), its checkpointing. Killing the trainer with SIGTERM and taking
-   ``checkpoint_latest`` would lose up to ``save_every`` (50) epochs and keep the LR at its start.
-4. Snapshots: after the first epoch that ends past each mark, the weights are written as
-   ``checkpoint_at_<m>min.pth`` (and the final ones as ``checkpoint_h2h_final.pth``) with the
+   and ``val_iters`` pseudo-validation iterations (nnU-Net's 250:50 ratio), after each epoch
+   ``num_epochs`` (the LR schedule's length) becomes the epochs the budget covers at the mean epoch
+   time so far, as ``train.max_minutes`` does for medseg, and after every iteration training ends
+   (``on_train_end``: ``checkpoint_final.pth``) when the next one, at the mean time per iteration so
+   far (validations included), would end past the budget -- the stock recipe's rule; on a CPU an
+   nnU-Net iteration takes tens of seconds, so stopping only at epoch ends would waste minutes.
+   The per-epoch extras that short epochs would multiply are left out of the budget: the
+   ``checkpoint_best`` / ``checkpoint_latest`` files (never read here: every contender is scored
+   with its final weights) and the progress plot (drawn once, after training). Everything else is
+   nnU-Net's: network, patch size and batch from its plans, augmentation, loss, SGD, its precision
+   policy (autocast on CUDA only: fp32 on a CPU), its data-augmentation workers
+   (``nnUNet_n_proc_DA``), ``checkpoint_final``. Killing the trainer with SIGTERM and taking
+   ``checkpoint_latest`` instead would lose up to ``save_every`` (50) epochs and keep the LR at its start.
+4. Snapshots: after the first training iteration that ends past each mark, the weights are written
+   as ``checkpoint_at_<m>min.pth`` (and the final ones as ``checkpoint_h2h_final.pth``) with the
    fields nnU-Net's predictor reads and ``trainer_name = nnUNetTrainer`` (the subclass builds the
    very same network; the predictor only looks trainer classes up inside nnunetv2).
 5. ``predict``: ``nnUNetPredictor`` (tile step 0.5, Gaussian, **no mirroring TTA**: the other
@@ -95,6 +100,11 @@ def _plan_and_preprocess(configuration: str, n: int) -> None:
     preprocess([DATASET_ID], configurations=(configuration,), num_processes=(n,))
 
 
+# written by nnU-Net after an epoch (best EMA pseudo Dice; every 50 epochs): never read here, and with
+# 25x shorter epochs they would cost 25x what they cost in nnU-Net's own schedule
+PER_EPOCH_FILES = ("checkpoint_best.pth", "checkpoint_latest.pth")
+
+
 class BudgetSpent(Exception):
     """Raised after the last epoch that fits in the budget."""
 
@@ -109,30 +119,42 @@ def budget_trainer(minutes: float, marks_min=(), iters: int = 10, val_iters: int
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = iters, val_iters
             self.budget_s, self.pending = minutes * 60.0, sorted(m * 60.0 for m in marks_min if m < minutes)
-            self.snapshots, self.epochs_run, self.train_s = [], 0, 0.0
+            self.snapshots, self.steps, self.epochs_run, self.train_s = [], 0, 0, 0.0
 
         def on_train_start(self):
             super().on_train_start()
+            self.plot_progress, self.logger.plot_progress_png = self.logger.plot_progress_png, lambda *_: None
             self.t0 = time.perf_counter()  # data loaders and network set up: the clock starts
 
-        def on_epoch_end(self):
-            super().on_epoch_end()
-            self.epochs_run += 1
+        def save_checkpoint(self, filename: str) -> None:
+            if Path(filename).name not in PER_EPOCH_FILES:
+                super().save_checkpoint(filename)
+
+        def train_step(self, batch: dict) -> dict:
+            out = super().train_step(batch)
+            self.steps += 1
             elapsed = time.perf_counter() - self.t0
             while self.pending and elapsed >= self.pending[0]:
                 mark = self.pending.pop(0) / 60
                 path = self.snapshot(f"checkpoint_at_{mark:g}min.pth")
                 self.snapshots.append({"mark_min": mark, "at_min": elapsed / 60, "steps": self.steps, "checkpoint": path.name})
-            fit = self.epochs_run + max(0, math.floor((self.budget_s - elapsed) / (elapsed / self.epochs_run)))
-            self.num_epochs = max(self.current_epoch, fit)
-            self.lr_scheduler.max_steps = self.num_epochs  # poly decay to 0 over the epochs that fit
-            if self.current_epoch >= self.num_epochs:
+            self.check_budget(elapsed)
+            return out
+
+        def on_epoch_end(self):
+            super().on_epoch_end()
+            self.epochs_run += 1
+            elapsed = time.perf_counter() - self.t0
+            fit = self.epochs_run + (self.budget_s - elapsed) / (elapsed / self.epochs_run)  # epochs the budget covers
+            self.num_epochs = max(self.epochs_run + 1, math.ceil(fit))
+            self.lr_scheduler.max_steps = self.num_epochs  # poly decay to ~0 at the end of the budget
+            self.check_budget(elapsed)
+
+        def check_budget(self, elapsed: float) -> None:
+            """Stop when the next iteration (at the mean time per iteration so far) would end past the budget."""
+            if elapsed + elapsed / self.steps > self.budget_s:
                 self.train_s = elapsed
                 raise BudgetSpent
-
-        @property
-        def steps(self) -> int:
-            return self.epochs_run * self.num_iterations_per_epoch
 
         def snapshot(self, name: str) -> Path:
             """The weights in the checkpoint format ``nnUNetPredictor`` reads."""
@@ -150,6 +172,8 @@ def budget_trainer(minutes: float, marks_min=(), iters: int = 10, val_iters: int
                 self.train_s = time.perf_counter() - self.t0
             except BudgetSpent:
                 self.on_train_end()
+            if self.epochs_run:  # nothing to plot before the first epoch's end
+                self.plot_progress(self.output_folder)
 
     return nnUNetTrainerWallClock
 

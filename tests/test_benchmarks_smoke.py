@@ -78,6 +78,7 @@ def test_head_to_head_marks_default_to_thirds_of_the_budget():
     assert h2h.parse_args(["--minutes", "12", "--marks", "8", "4"]).marks == [4.0, 8.0, 12.0]  # the end is always a point
     quick = h2h.parse_args(["--quick", "--minutes", "15"])
     assert quick.minutes == 0.1 and quick.workers == 0 and quick.marks[-1] == 0.1
+    assert h2h.parse_args(["--quick", "--marks", "0.05", "0.2"]).marks == [0.05, 0.1]  # none past the budget
 
 
 def test_head_to_head_markdown_lists_scores_curve_and_skips():
@@ -139,6 +140,45 @@ def test_medseg_snapshots_saves_weights_past_each_mark_and_restores_the_engine(t
     assert not (tmp_path / "run_at1min").exists()  # the last mark is the run's own final.pt
 
 
+def test_nnunet_budget_trainer_fits_the_schedule_snapshots_marks_and_stops_in_time(monkeypatch):
+    """The clock logic of the nnU-Net contender on a simulated run: 2 s per iteration, 10 + validation per epoch."""
+    pytest.importorskip("nnunetv2")
+    import types
+
+    import nnunet_budget as nb
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    saved = []
+    monkeypatch.setattr(nnUNetTrainer, "__init__", lambda self, *a, **kw: None)  # no plans, data or network
+    monkeypatch.setattr(nnUNetTrainer, "train_step", lambda self, batch: {"loss": 0.0})
+    monkeypatch.setattr(nnUNetTrainer, "on_epoch_end", lambda self: setattr(self, "current_epoch", self.current_epoch + 1))
+    monkeypatch.setattr(nnUNetTrainer, "save_checkpoint", lambda self, filename: saved.append(filename))
+    clock = [0.0]
+    monkeypatch.setattr(nb.time, "perf_counter", lambda: clock[0])
+    trainer = nb.budget_trainer(1.0, marks_min=(0.25, 0.5, 1.0))(plans={}, configuration="3d_fullres", fold="all",
+                                                                   dataset_json={}, device=None)
+    assert (trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (10, 2)
+    trainer.t0, trainer.current_epoch = 0.0, 0
+    trainer.lr_scheduler = types.SimpleNamespace(max_steps=1000)
+    trainer.snapshot = lambda name: Path(name)
+    with pytest.raises(nb.BudgetSpent):
+        for _ in range(10):
+            for _ in range(10):
+                clock[0] += 2.0
+                trainer.train_step(None)
+            clock[0] += 1.0  # pseudo-validation
+            trainer.on_epoch_end()
+    # epochs of 21 s: after the first, 1 + 39/21 -> 3 epochs cover the minute (the poly LR's length)
+    assert trainer.epochs_run == 2 and trainer.lr_scheduler.max_steps == 3 == trainer.num_epochs
+    # stop when the next iteration (at the mean so far, 58/28 s) would end past 60 s
+    assert trainer.steps == 28 and trainer.train_s == 58.0
+    assert [(s["mark_min"], round(s["at_min"] * 60, 6), s["steps"]) for s in trainer.snapshots] == [(0.25, 16.0, 8), (0.5, 31.0, 15)]
+    trainer.save_checkpoint("out/checkpoint_best.pth")
+    trainer.save_checkpoint("out/checkpoint_latest.pth")
+    trainer.save_checkpoint("out/checkpoint_final.pth")
+    assert saved == ["out/checkpoint_final.pth"]  # the per-epoch files are not written
+
+
 @pytest.mark.slow
 def test_head_to_head_quick_stock_and_medseg(tmp_path):
     """The whole benchmark on phantoms (~30 s on 2 cores): stock MONAI and one medseg variant, scored at each mark."""
@@ -185,7 +225,7 @@ def test_head_to_head_quick_nnunet(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     row = out["results"]["nnunet"]
     assert "error" not in row and "skipped" not in row, row
-    assert row["configuration"] == "3d_fullres" and row["epochs"] >= 1 and row["steps"] == row["epochs"] * 2
+    assert row["configuration"] == "3d_fullres" and row["steps"] >= 1 and row["epochs"] <= row["steps"] / 2  # 2 per epoch
     assert len(row["test_dice"]) >= 2 and all(0.0 <= d <= 1.0 for d in row["test_dice"].values())
     assert [p["mark_min"] for p in row["curve"]] == out["marks"]
     assert (tmp_path / "res" / "head_to_head.md").read_text().count("| nnunet |") == 2  # table and curve
