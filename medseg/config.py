@@ -291,14 +291,16 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...] | None) -
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides.
 
+    ``path`` may also name a shipped config (``"attention_unet3d"``, see :mod:`medseg.configs`).
+
     Raises:
         ConfigError: the file is missing or not YAML, a key is unknown, a value has the wrong type.
     """
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        from medseg.configs import resolve_config
+
+        p = resolve_config(path)  # a file, or a shipped config's name (``attention_unet3d``)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:

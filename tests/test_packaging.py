@@ -63,3 +63,39 @@ def test_unknown_subcommand_fails():
     res = _medseg("segment", "--help")
     assert res.returncode == 2
     assert "invalid choice: 'segment'" in res.stderr and "usage: medseg" in res.stderr
+
+
+# --------------------------------------------------------------------------- shipped configs
+def test_configs_ship_inside_the_package():
+    """The YAML configs live in medseg/configs/ (package data); configs/ at the root is a link to them."""
+    from medseg.configs import CONFIG_DIR, shipped_configs
+
+    assert CONFIG_DIR == ROOT / "medseg" / "configs"
+    assert (ROOT / "configs").resolve() == CONFIG_DIR
+    names = set(shipped_configs())
+    assert {"demo", "unet3d", "attention_unet3d", "cbam_unet3d", "real_organs"} <= names
+    assert names == {p.stem for p in (ROOT / "configs").glob("*.yaml")}
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert data == {"medseg.configs": ["*.yaml"]}
+
+
+def test_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
+    """`--config attention_unet3d`, `attention_unet3d.yaml` and `configs/attention_unet3d.yaml` name the shipped
+    file from any working directory; an existing file wins; an unknown name lists the shipped ones."""
+    from medseg.config import config_to_dict, load_config
+    from medseg.configs import resolve_config
+    from medseg.errors import ConfigError
+
+    shipped = ROOT / "medseg" / "configs" / "attention_unet3d.yaml"
+    monkeypatch.chdir(tmp_path)
+    for spec in ("attention_unet3d", "attention_unet3d.yaml", "configs/attention_unet3d.yaml"):
+        assert resolve_config(spec) == shipped
+    by_name = load_config("attention_unet3d", ["train.epochs=7"])
+    assert by_name.model.skip_fusion.name == "gate" and by_name.train.epochs == 7
+    assert config_to_dict(load_config("attention_unet3d")) == config_to_dict(load_config(shipped))
+    (tmp_path / "unet3d").write_text("name: mine\n")  # a local file of a shipped config's name wins
+    assert load_config("unet3d").name == "mine"
+    with pytest.raises(ConfigError, match=r"config file not found: atention_unet3d .*attention_unet3d, bam_unet3d"):
+        load_config("atention_unet3d")
+    with pytest.raises(ConfigError, match="config file not found"):
+        resolve_config("elsewhere/unet3d.yaml")  # a path with another folder is a path, not a name
