@@ -2,7 +2,8 @@
 
 Each command lives in ``medseg/commands/<name>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int``; this module only dispatches (commands are imported lazily so that
-``medseg --help`` is fast). User errors (:class:`medseg.errors.MedsegError`) print one
+``medseg --help`` is fast). ``medseg --version`` prints the version; ``--quiet`` (before or
+after the command) turns progress bars off and logging down to warnings. User errors (:class:`medseg.errors.MedsegError`) print one
 ``medseg: error: ...`` line and exit with status 2; Ctrl-C exits with 130.
 """
 
@@ -21,18 +22,48 @@ COMMANDS: dict[str, str] = {
 }
 
 
+QUIET_HELP = "no progress bars; log warnings and errors only (also accepted after the command)"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    from medseg import __version__
+
     parser = argparse.ArgumentParser(
         prog="medseg",
         description="3D CT segmentation with attention U-Nets (MONAI + PyTorch).",
         epilog="Run `medseg <command> --help` for the options of one command.",
     )
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # SUPPRESS: a subcommand's default must not undo `medseg --quiet <command>`
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
         if name == command:
             _module(name).add_arguments(p)
     return parser
+
+
+def set_quiet(quiet: bool) -> None:
+    """``--quiet``: the ``medseg`` loggers speak from WARNING up, and progress bars stay off.
+
+    The library shows its bars only while the ``medseg`` logger speaks at INFO, and worker
+    processes (data loaders, ``torchrun`` ranks) inherit ``MEDSEG_LOGLEVEL``.
+    """
+    import logging
+    import os
+
+    from medseg.runtime import get_logger
+
+    if quiet:
+        os.environ["MEDSEG_LOGLEVEL"] = "WARNING"
+        get_logger().setLevel(logging.WARNING)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether a command draws progress bars (not with ``--quiet``)."""
+    return not getattr(args, "quiet", False)
 
 
 def _module(name: str):
@@ -49,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
+    set_quiet(args.quiet)
     try:
         return int(_module(args.command).run(args) or 0)
     except MedsegError as err:

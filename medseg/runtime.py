@@ -13,7 +13,7 @@ import torch
 
 from medseg.errors import ConfigError
 
-__all__ = ["autocast", "cpu_supports_bf16", "get_logger", "resolve_channels_last", "resolve_device", "resolve_precision", "seed_everything"]
+__all__ = ["autocast", "cpu_supports_bf16", "get_logger", "progress_enabled", "resolve_channels_last", "resolve_device", "resolve_precision", "seed_everything"]
 
 
 def get_logger(name: str = "medseg") -> logging.Logger:
@@ -27,6 +27,12 @@ def get_logger(name: str = "medseg") -> logging.Logger:
         root.setLevel(os.environ.get("MEDSEG_LOGLEVEL", "INFO"))
         root.propagate = False
     return logger
+
+
+def progress_enabled() -> bool:
+    """Whether progress bars may be drawn: while the ``medseg`` logger speaks at INFO (``medseg --quiet``
+    and ``MEDSEG_LOGLEVEL=WARNING`` turn both off)."""
+    return get_logger().isEnabledFor(logging.INFO)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

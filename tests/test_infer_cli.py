@@ -277,3 +277,38 @@ def test_real_dicom_series_folder(tmp_path, real_ct, run_dir):
     assert mask.orientation == "LPS"
     gate = read_volume(tmp_path / "out" / "ts_upperabd_dicom20_gates" / "gate_level0.nii.gz")
     assert gate.shape == ref.shape and np.allclose(gate.affine, ref.affine, atol=1e-4)
+
+
+def test_predict_args_record_the_settings_and_the_checkpoint(tmp_path, run_dir):
+    """predict_args.json beside the masks: resolved settings (flags over the run's infer section) and the
+    checkpoint's path, sha256 and epoch, as nnU-Net's predict_from_raw_data_args.json."""
+    write_inputs(tmp_path / "in", [("a.nii.gz", "RAS", 0.0)])
+    assert infer(run_dir, tmp_path / "in", tmp_path / "out", "--precision", "fp32", "--overlap", "0.25",
+                 "--blend", "constant", "infer.sw_batch_size=3") == 0
+    rec = json.loads((tmp_path / "out" / "predict_args.json").read_text())
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    assert rec["checkpoint"] == {"name": "best", "path": str(ckpt.resolve()), "epoch": 1, "step": None,
+                                 "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
+    s = rec["settings"]
+    assert (s["device"], s["precision"], s["overlap"], s["blend"], s["sw_batch_size"]) == ("cpu", "fp32", 0.25, "constant", 3)
+    assert s["roi_size"] == PLANS["patch_size"] and s["postprocess"] == "none"  # the run never validated
+    assert rec["model"] == str(run_dir.resolve()) and rec["input"] == str((tmp_path / "in").resolve())
+    assert rec["overrides"] == ["infer.sw_batch_size=3"] and rec["continue"] is False
+
+
+def test_continue_skips_cases_already_written(tmp_path, run_dir, capsys):
+    """--continue leaves a finished case's mask alone and segments only the missing ones."""
+    write_inputs(tmp_path / "in", [("a.nii.gz", "RAS", 0.0), ("b.nii.gz", "LPS", 0.0)])
+    out = tmp_path / "out"
+    assert infer(run_dir, tmp_path / "in", out, "--precision", "fp32") == 0
+    (out / "b.nii.gz").unlink()
+    a_before = (out / "a.nii.gz").stat().st_mtime_ns
+    capsys.readouterr()
+    assert infer(run_dir, tmp_path / "in", out, "--precision", "fp32", "--continue") == 0
+    assert "wrote 1 file(s)" in capsys.readouterr().out
+    assert (out / "a.nii.gz").stat().st_mtime_ns == a_before and (out / "b.nii.gz").is_file()
+    assert json.loads((out / "predict_args.json").read_text())["continue"] is True
+    # a case without the probabilities asked for now is not finished: both are redone
+    assert infer(run_dir, tmp_path / "in", out, "--precision", "fp32", "--continue", "--save-probabilities") == 0
+    assert (out / "a_probabilities.nii.gz").is_file() and (out / "b_probabilities.nii.gz").is_file()
+    assert (out / "a.nii.gz").stat().st_mtime_ns != a_before

@@ -382,8 +382,8 @@ def test_cli_missing_file_and_folder(tmp_path, capsys):
     assert code == 2 and "labelsTr/phantom_001.nii.gz: file not found" in text
     code, text = _cli(capsys, "--data", tmp_path / "nowhere", "--out", tmp_path / "pre")
     assert code == 2 and "nowhere: dataset folder not found" in text
-    code, text = _cli(capsys, "--data", data, "--out", tmp_path / "pre", "model.channels=[4]")
-    assert code == 2 and "data.* overrides only" in text
+    code, text = _cli(capsys, "--data", data, "--out", tmp_path / "pre", "train.epochs=3")
+    assert code == 2 and "data.* and model.* overrides only" in text
 
 
 def test_real_mr_fails_preprocess_with_a_named_reason(real_ct, tmp_path, capsys):

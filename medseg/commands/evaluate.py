@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated metrics out of dice,iou,hd95,assd,nsd, or 'all' (default: dice,iou; "
                         "surface metrics cost more on large volumes)")
     parser.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM", help="NSD tolerance in mm (default: 2.0)")
-    parser.add_argument("-o", "--output", type=Path, default=None, metavar="JSON",
-                        help="summary.json to write (default: <pred>/summary.json)")
+    parser.add_argument("-o", "--output", "--out", dest="output", type=Path, default=None, metavar="PATH",
+                        help="where the results go: a .json file, or a folder that gets summary.json "
+                        "(default: <pred>/summary.json)")
     parser.add_argument("--csv", type=Path, default=None, metavar="CSV",
                         help="per-case, per-class CSV to write (default: the summary path with .csv)")
     parser.add_argument("--dataset-json", default="auto", metavar="PATH",
@@ -68,7 +69,16 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
+def summary_path(output: Path | None, pred: Path) -> Path:
+    """``-o/--output/--out``: a path ending in ``.json`` is the summary file; anything else is a folder
+    (as ``--out`` of the other commands) that gets ``summary.json``; none: ``<pred>/summary.json``."""
+    if output is None:
+        return pred / "summary.json"
+    return output if output.suffix.lower() == ".json" else output / "summary.json"
+
+
 def run(args: argparse.Namespace) -> int:
+    from medseg.cli import show_progress
     from medseg.evaluate import ALL_METRICS, evaluate_folders, format_table, write_summary
 
     metrics = list(ALL_METRICS) if args.metrics.strip().lower() == "all" else [m.lower() for m in _split(args.metrics)]
@@ -86,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
         nsd_tolerance_mm=args.nsd_tolerance,
         dataset_json=args.dataset_json,
         workers=args.workers,
+        progress=None if show_progress(args) else False,  # None: a bar on a terminal
     )
-    json_path, csv_path = write_summary(summary, args.output or args.pred / "summary.json", args.csv)
+    json_path, csv_path = write_summary(summary, summary_path(args.output, args.pred), args.csv)
     print(format_table(summary))
     print(f"wrote {json_path} and {csv_path} ({len(summary['metric_per_case'])} cases)")
     missing = summary["missing"]

@@ -7,6 +7,9 @@ A thin layer over :class:`medseg.infer.predictor.Predictor` and
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+from pathlib import Path
 
 from medseg.infer.postprocess import POSTPROCESSORS
 from medseg.infer.runner import OUTPUT_FORMATS
@@ -20,16 +23,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "  <case>_probabilities.nii.gz  (--save-probabilities) 4-D (I,J,K,C): volume c = P(label c),\n"
         "                               uint16 with scl_slope 1/65535 (readers return floats in [0,1])\n"
         "  <case>_gates/<name>.nii.gz   (--save-gates) each attention map, float32 in [0,1]\n"
+        "once per call:\n"
+        "  predict_args.json            the resolved settings and the checkpoint's identity (path, sha256, epoch)\n"
         "<case> is the input name without suffix and nnU-Net's _0000 tag (a DICOM folder: its name);\n"
         "for a run trained on several image channels, <case>_0000, <case>_0001, ... (one file per channel) are one case.\n"
         "Options left unset come from the run's config.yaml `infer` section; trailing\n"
-        "section.key=value overrides (e.g. infer.overlap=0.25) apply to that config."
+        "section.key=value overrides (e.g. infer.overlap=0.25) apply to that config.\n"
+        "--continue skips the cases whose mask (and --save-probabilities file) is already in OUT_DIR."
     )
     p.add_argument("--model", "-m", required=True, metavar="RUN_DIR",
                    help="training run directory (config.yaml, plans.json, checkpoints/<name>.pt)")
     p.add_argument("-i", "--input", required=True, metavar="INPUT",
                    help="a volume file (.nii.gz, .nii, .nrrd, .mha, .mhd), a DICOM series folder, or a folder of them")
-    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
+    p.add_argument("-o", "--output", "--out", dest="output", required=True, metavar="OUT_DIR",
                    help="output folder (created; must not be the input folder)")
     p.add_argument("--checkpoint", choices=("best", "final", "latest"), default=None,
                    help="which checkpoint of the run to load (default: infer.checkpoint, normally best)")
@@ -63,11 +69,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-parts", type=int, default=1,
                    help="split the input folder into this many parts (one per machine / GPU)")
     p.add_argument("--part-id", type=int, default=0, help="which part this process segments, 0..num-parts-1")
+    p.add_argument("--continue", dest="continue_", action="store_true",
+                   help="skip the cases already segmented in OUT_DIR (their mask, and probabilities when asked for, exist)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides applied to the run's config.yaml (e.g. infer.sw_batch_size=4)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from medseg.cli import show_progress
     from medseg.infer.predictor import Predictor
     from medseg.infer.runner import run_inference, select_part
 
@@ -84,12 +93,70 @@ def run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         channels_last=args.channels_last,  # None: auto
         postprocess=args.postprocess,
-        progress=True,
+        progress=show_progress(args),
     )
+    if Path(args.output).resolve() != Path(args.input).resolve():  # run_inference refuses the input folder
+        write_predict_args(args, predictor)
     written = run_inference(
         predictor, args.input, args.output, output_format=args.output_format,
         save_probabilities=args.save_probabilities, save_gates=args.save_gates,
-        num_parts=args.num_parts, part_id=args.part_id,
+        num_parts=args.num_parts, part_id=args.part_id, skip_existing=args.continue_,
     )
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0
+
+
+def checkpoint_identity(path: Path) -> dict:
+    """``{"path", "sha256", "epoch", "step"}`` of a checkpoint (``epoch``: the last completed one, 0-based)."""
+    from medseg.train.checkpoint import load_checkpoint
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    state = load_checkpoint(path)
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest(), "epoch": state.get("epoch"),
+            "step": state.get("step")}
+
+
+def write_predict_args(args: argparse.Namespace, predictor) -> Path:
+    """``OUT_DIR/predict_args.json``: what this call ran with (as nnU-Net's predict_from_raw_data_args.json).
+
+    The settings are the predictor's resolved ones (after the run's ``infer`` section, the overrides
+    and the flags; ``precision`` is the autocast dtype actually used), plus the checkpoint's identity.
+    """
+    from medseg import __version__
+    from medseg.config import load_config
+    from medseg.io import atomic_write_text
+
+    run = Path(args.model)
+    name = args.checkpoint or load_config(run / "config.yaml", args.overrides).infer.checkpoint
+    amp = predictor.amp_dtype
+    record = {
+        "medseg_version": __version__,
+        "model": str(run.resolve()),
+        "checkpoint": {"name": name, **checkpoint_identity(run / "checkpoints" / f"{name}.pt")},
+        "input": str(Path(args.input).resolve()),
+        "output": str(Path(args.output).resolve()),
+        "overrides": list(args.overrides),
+        "settings": {
+            "device": str(predictor.device),
+            "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+            "roi_size": list(predictor.roi_size),
+            "overlap": predictor.overlap,
+            "blend": predictor.blend,
+            "sw_batch_size": predictor.sw_batch_size,
+            "tta": predictor.tta,
+            "mirror_axes": list(predictor.mirror_axes),
+            "channels_last": predictor.channels_last,
+            "postprocess": predictor.postprocess,
+            "channels": list(predictor.channel_names),
+        },
+        "output_format": args.output_format,
+        "save_probabilities": args.save_probabilities,
+        "save_gates": args.save_gates,
+        "num_parts": args.num_parts,
+        "part_id": args.part_id,
+        "continue": args.continue_,
+    }
+    return atomic_write_text(Path(args.output) / "predict_args.json", json.dumps(record, indent=2) + "\n")

@@ -221,11 +221,13 @@ def write_result(result: PredictionResult, job: CaseJob) -> list[Path]:
 
 def run_inference(predictor: Predictor, input_path: str | Path, out_dir: str | Path, *, output_format: str = "nii.gz",
                   save_probabilities: bool = False, save_gates: bool = False, num_parts: int = 1,
-                  part_id: int = 0) -> list[Path]:
+                  part_id: int = 0, skip_existing: bool = False) -> list[Path]:
     """Segment every input of ``input_path`` (this machine's part of them) into ``out_dir``.
 
     A case that fails with a user error is reported and skipped; the others still run, then
-    an :class:`InputError` lists the failed cases.
+    an :class:`InputError` lists the failed cases. ``skip_existing`` (``medseg infer --continue``)
+    leaves out the cases whose mask (and probabilities, when asked for) already exist: writes are
+    atomic, so an existing file is a finished one.
 
     Returns:
         The paths written.
@@ -234,6 +236,11 @@ def run_inference(predictor: Predictor, input_path: str | Path, out_dir: str | P
     inputs = collect_inputs(input_path, channels)
     jobs = select_part(plan_jobs(inputs, out_dir, input_path, output_format=output_format, channels=channels),
                        num_parts, part_id)
+    if skip_existing:
+        todo = [j for j in jobs if not (j.mask.is_file() and (not save_probabilities or j.probabilities.is_file()))]
+        if len(todo) < len(jobs):
+            log.info("--continue: %d case(s) already segmented in %s, skipped", len(jobs) - len(todo), out_dir)
+        jobs = todo
     log.info("%d case(s) to segment (part %d of %d) -> %s", len(jobs), part_id + 1, num_parts, out_dir)
     written: list[Path] = []
     failed: list[str] = []

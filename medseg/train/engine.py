@@ -31,7 +31,7 @@ from medseg.config import Config, config_from_dict, config_to_dict
 from medseg.errors import MedsegError
 from medseg.evaluate.report import write_summary
 from medseg.infer.postprocess import write_run_postprocessing
-from medseg.runtime import autocast, get_logger
+from medseg.runtime import autocast, get_logger, progress_enabled
 from medseg.train import data as tdata
 from medseg.train.checkpoint import capture_rng, save_checkpoint
 from medseg.train.checks import check_config
@@ -92,7 +92,7 @@ def _run_epoch(ctx: Context, batches, epoch: int, stop: StopRequest) -> dict | N
     sums, n, t0 = torch.zeros(3, dtype=torch.float64), 0, time.perf_counter()
     lr = ctx.optimizer.param_groups[0]["lr"]  # the epoch's first (largest) learning rate
     bar = tqdm(total=end - ctx.step, desc=f"epoch {epoch + 1}/{ctx.total_epochs}", leave=False,
-               disable=not ctx.info.is_main or None)
+               disable=not (ctx.info.is_main and progress_enabled()) or None)
     try:
         while ctx.step < end:
             terms = _train_step(ctx, next(batches))

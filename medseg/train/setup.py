@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from medseg.config import Config, save_config
 from medseg.errors import ConfigError, InputError
 from medseg.io import atomic_write_text
-from medseg.runtime import get_logger, resolve_precision, seed_everything
+from medseg.runtime import get_logger, progress_enabled, resolve_precision, seed_everything
 from medseg.train import data as tdata
 from medseg.train.checkpoint import load_checkpoint, restore_rng
 from medseg.train.checks import resolve_patch_size
@@ -186,7 +186,8 @@ def write_run_files(ctx: Context) -> None:
 def train_loader(ctx: Context, train_cases: list[str]) -> torch.utils.data.DataLoader:
     cfg, info = ctx.cfg, ctx.info
     mode = tdata.resolve_cache_mode(cfg.data.cache, ctx.pre_dir, train_cases, copies=info.local_world_size)
-    cases = tdata.case_dataset(ctx.pre_dir, train_cases, mode, workers=cfg.data.num_workers, progress=info.is_main)
+    cases = tdata.case_dataset(ctx.pre_dir, train_cases, mode, workers=cfg.data.num_workers,
+                               progress=info.is_main and progress_enabled())
     tdata.check_foreground(cases, ctx.pre_dir)
     log.info("%d training cases (cache: %s), %d validation cases, patch %s, batch %d x %d rank(s)", len(train_cases),
              mode, len(ctx.val_cases), ctx.patch, cfg.train.batch_size, info.world_size)

@@ -32,6 +32,7 @@ from medseg.evaluate.evaluator import summarize
 from medseg.evaluate.metrics import compute_metrics
 from medseg.infer.postprocess import choose_largest_component, largest_component_scores
 from medseg.infer.sliding import sliding_window_predict
+from medseg.runtime import progress_enabled
 from medseg.train.distributed import DistInfo, all_gather_objects
 
 __all__ = ["CaseView", "ValidationResult", "mean_foreground_dice", "validate"]
@@ -88,7 +89,7 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
     mine = list(cases)[info.rank::info.world_size]
     classes = list(range(1, num_classes))
     per_case, views = [], []
-    for i, name in enumerate(tqdm(mine, desc="validation", leave=False, disable=not info.is_main or None)):
+    for i, name in enumerate(tqdm(mine, desc="validation", leave=False, disable=not (info.is_main and progress_enabled()) or None)):
         image, label, props = load_case(Path(pre_dir), name)
         want_gates = info.is_main and i < draw
         out = sliding_window_predict(
