@@ -99,3 +99,38 @@ def test_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
         load_config("atention_unet3d")
     with pytest.raises(ConfigError, match="config file not found"):
         resolve_config("elsewhere/unet3d.yaml")  # a path with another folder is a path, not a name
+
+
+# --------------------------------------------------------------------------- non-editable install
+def test_ci_checks_a_non_editable_install_after_the_tests():
+    """CI (.ci/run) runs `make check-install` after `make test`; the target installs `.` without -e into a venv
+    without the system site-packages and runs the checks from outside the source tree."""
+    steps = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip().startswith("make ")]
+    assert steps == ["make test", "make check-install"]
+    make = (ROOT / "Makefile").read_text()
+    recipe = make.split("\ncheck-install:\n", 1)[1].split("\n\n", 1)[0]
+    assert "-m venv $(CHECK_VENV)" in recipe and "system-site-packages" not in recipe
+    assert "pip install -q torch==$(TORCH_VERSION)" in recipe and "pip install -q .\n" in recipe + "\n"
+    assert " -e " not in recipe and "cd $(CHECK_VENV) && bin/medseg demo --help" in recipe
+    assert "cd $(CHECK_VENV) && bin/python $(CURDIR)/.ci/check_install.py" in recipe
+
+
+def test_check_install_script_refuses_the_source_tree(tmp_path):
+    """.ci/check_install.py fails when medseg is imported from the checkout (an editable install)."""
+    res = subprocess.run([sys.executable, str(ROOT / ".ci" / "check_install.py")], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert res.returncode != 0
+    assert "not from an installed copy" in res.stderr
+
+
+@pytest.mark.slow
+def test_non_editable_install_ships_the_configs(tmp_path):
+    """`make check-install` (minutes: a scratch venv, torch, `pip install .`): medseg demo --help works and every
+    shipped config loads by name from outside the source tree."""
+    venv = tmp_path / "venv"
+    res = subprocess.run(["make", "check-install", f"CHECK_VENV={venv}"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    n = len(list((ROOT / "medseg" / "configs").glob("*.yaml")))
+    assert f"{n} configs load by name" in res.stdout
+    assert str(venv) in res.stdout.split("check-install ok:")[1]  # imported from the scratch venv
