@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="medseg variants, one row each (default: attention unet)")
     p.add_argument("--nnunet-config", default="3d_fullres", choices=["3d_fullres", "3d_lowres", "2d"],
                    help="nnU-Net configuration to train (default 3d_fullres: 3D organs, few cases; see README)")
+    p.add_argument("--nnunet-memory-gb", type=float, default=None,
+                   help="memory target of nnU-Net's planner, which sizes its patch (default: nnU-Net's 8 GB of GPU memory)")
     p.add_argument("--real-ct", type=Path, default=REAL_CT, help="the real_ct folder (default ../shared/data/real_ct)")
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "medseg_head_to_head",
                    help="preprocessed data, runs, checkpoints and predictions (default /tmp/medseg_head_to_head)")
@@ -245,7 +247,7 @@ def child_nnunet(args: argparse.Namespace, work: Path) -> dict:
         return {"skipped": f"skipped: nnunetv2 failed to import ({type(err).__name__}: {err})"}
     name = nb.make_raw_dataset(discover_cases(args.data_dir), out / "raw")
     t0 = time.perf_counter()
-    nb.plan_and_preprocess(args.nnunet_config)
+    nb.plan_and_preprocess(args.nnunet_config, args.nnunet_memory_gb)
     prep_s = time.perf_counter() - t0
     tr = nb.train(name, args.nnunet_config, minutes=args.minutes, marks_min=args.marks, **(QUICK_NNUNET if args.quick else {}))
     final = {"mark_min": args.marks[-1], "at_min": tr["train_s"] / 60, "steps": tr["steps"], "checkpoint": tr["final"]}
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         child = [Path(__file__).resolve(), "--child", name, "--data-dir", data_dir, "--dataset", args.dataset,
                  "--minutes", args.minutes, "--marks", *args.marks, "--work-dir", args.work_dir, "--threads", args.threads,
                  "--workers", args.workers, "--seed", args.seed, "--nnunet-config", args.nnunet_config,
+                 *(["--nnunet-memory-gb", args.nnunet_memory_gb] if args.nnunet_memory_gb else []),
                  *(["--quick"] if args.quick else []), *args.overrides]
         try:
             rows[name] = run_child(child)

@@ -82,21 +82,22 @@ def _link(src: Path, dst: Path) -> None:
         dst.symlink_to(Path(src).resolve())
 
 
-def plan_and_preprocess(configuration: str) -> None:
+def plan_and_preprocess(configuration: str, gpu_memory_gb: float | None = None) -> None:
+    """nnU-Net's fingerprint, plans (``gpu_memory_gb``: its planner's memory target, default 8) and preprocessing."""
     n = int(os.environ["nnUNet_def_n_proc"])
     workers = os.environ["nnUNet_n_proc_DA"]
     os.environ["nnUNet_n_proc_DA"] = str(max(1, int(workers)))  # the planner sets torch's threads to it
     try:
-        _plan_and_preprocess(configuration, n)
+        _plan_and_preprocess(configuration, n, gpu_memory_gb)
     finally:
         os.environ["nnUNet_n_proc_DA"] = workers
 
 
-def _plan_and_preprocess(configuration: str, n: int) -> None:
+def _plan_and_preprocess(configuration: str, n: int, gpu_memory_gb: float | None) -> None:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
 
     extract_fingerprints([DATASET_ID], num_processes=n, check_dataset_integrity=True)
-    plan_experiments([DATASET_ID])
+    plan_experiments([DATASET_ID], gpu_memory_target_in_gb=gpu_memory_gb)
     preprocess([DATASET_ID], configurations=(configuration,), num_processes=(n,))
 
 
