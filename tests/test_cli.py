@@ -123,6 +123,11 @@ def test_train_reads_the_preprocessed_folder_it_is_given(tmp_path, capsys):
     assert str(missing) in capsys.readouterr().err
 
 
+def test_train_without_a_preprocessed_folder_names_the_flag(tmp_path, capsys):
+    assert main(["train", "--config", "unet3d", "--out", str(tmp_path / "run")]) == 2
+    assert "data.preprocessed: not set; pass --preprocessed DIR" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- preprocess: model overrides
 def test_preprocess_plans_for_the_model_of_the_overrides(tmp_path, capsys):
     """model.* overrides reach the plan: a 6-level net (total stride 32) gets patch axes divisible by 32."""

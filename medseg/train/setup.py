@@ -91,7 +91,7 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
     from medseg.nn import build_model
 
     if not cfg.data.preprocessed:
-        raise ConfigError("data.preprocessed: not set; pass --data PREPROCESSED_DIR or set it in the config")
+        raise ConfigError("data.preprocessed: not set; pass --preprocessed DIR (medseg train) or set it in the config")
     pre_dir = Path(cfg.data.preprocessed).resolve()
     plans = tdata.read_plans(pre_dir)
     amp_dtype = resolve_precision(cfg.train.precision, info.device)
