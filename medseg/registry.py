@@ -12,6 +12,21 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
+__all__ = ["NONE_NAMES", "Registry", "is_none_name"]
+
+NONE_NAMES = ("", "none", "identity")
+
+
+def is_none_name(name: object) -> bool:
+    """Whether a config setting names "no module": ``None``, ``""``, ``"none"`` or ``"identity"``
+    (any case, surrounding blanks ignored).
+
+    The one rule for every optional registry setting (``model.block_attention.name``,
+    ``.bottleneck``, ``model.skip_fusion.name``, the MONAI baselines' checks): each accepts
+    exactly these spellings, so a value accepted by one is accepted by all.
+    """
+    return name is None or (isinstance(name, str) and name.strip().lower() in NONE_NAMES)
+
 
 class Registry:
     """A named mapping of factories with helpful errors."""

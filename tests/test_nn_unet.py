@@ -115,7 +115,8 @@ def test_training_reaches_every_parameter_and_auxiliary_loss_only_where_declared
 
 @pytest.mark.parametrize("arch", ["monai_unet", "monai_attention_unet", "monai_dynunet"])
 def test_monai_baselines_through_build_model(arch):
-    model = build_model(model_cfg(arch=arch, channels=[4, 8, 16, 32], deep_supervision=True), num_classes=3)
+    # deep supervision: only DynUNet has it (the others refuse it, tests/test_monai_baselines.py)
+    model = build_model(model_cfg(arch=arch, channels=[4, 8, 16, 32], deep_supervision=arch == "monai_dynunet"), num_classes=3)
     assert model.patch_divisor == (8, 8, 8)
     x = torch.randn(1, 1, 16, 16, 16)
     model.eval()

@@ -19,7 +19,7 @@ from medseg.nn.monai_baselines import monai_attention_unet, monai_dynunet, monai
 from medseg.nn.registries import BLOCK_ATTENTION, SKIP_FUSION
 from medseg.nn.slice25d import SliceStack25D, SliceStack25DWithAuxiliaryLoss, slice_step
 from medseg.nn.unet import make_unet
-from medseg.registry import Registry
+from medseg.registry import Registry, is_none_name
 
 __all__ = ["MODELS", "build_model", "unet_kwargs"]
 
@@ -31,9 +31,7 @@ MODELS.register("monai_dynunet", monai_dynunet)
 
 
 def _check_name(registry: Registry, name: str | None, key: str, allow_none: bool = True) -> None:
-    if name is None and allow_none:
-        return
-    if isinstance(name, str) and name.lower() in ("", "none") and allow_none:
+    if allow_none and is_none_name(name):
         return
     if name not in registry:
         raise ConfigError(f"{key}: unknown {registry.kind} '{name}'; valid names: {', '.join(registry.names())}")

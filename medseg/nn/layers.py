@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UnetResBlock
 from monai.networks.layers.factories import Norm
+from monai.networks.layers.utils import get_norm_layer
 from torch import nn
 
 __all__ = [
@@ -131,15 +132,13 @@ def act_spec(name: str) -> tuple:
 
 
 def make_norm(name: str, channels: int, spatial_dims: int) -> nn.Module:
-    """A norm layer for ``(B, channels, *spatial)`` tensors."""
-    key = str(name).lower()
-    if key == "instance":
-        return (InstanceNorm2d if spatial_dims == 2 else InstanceNorm3d)(channels, affine=True)
-    if key == "batch":
-        return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels)
-    if key == "group":
-        return nn.GroupNorm(math.gcd(8, channels), channels)
-    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {name!r}")
+    """A norm layer for ``(B, channels, *spatial)`` tensors: MONAI's ``get_norm_layer`` of
+    :func:`norm_spec` (the one place that maps a norm name to its layer and arguments).
+
+    Raises:
+        ValueError: ``name`` not one of :data:`NORMS`, or ``spatial_dims`` not 2/3.
+    """
+    return get_norm_layer(norm_spec(name, channels), spatial_dims=check_spatial_dims(spatial_dims), channels=channels)
 
 
 # --------------------------------------------------------------------------- convolutions

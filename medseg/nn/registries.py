@@ -1,7 +1,7 @@
 """Registries and factories of the attention blocks and skip fusions (timm's ``create_attn`` habit).
 
 * ``create_block_attention(name, channels, *, spatial_dims=3, **kw)``: a module ``(B, C, *S) -> (B, C, *S)``;
-  ``None`` (or ``"none"``) gives :class:`torch.nn.Identity`.
+  ``None`` (or ``"none"`` / ``"identity"``: :func:`medseg.registry.is_none_name`) gives :class:`torch.nn.Identity`.
 * ``create_skip_fusion(name, skip_channels, gating_channels, *, spatial_dims=3, **kw)``: a module
   called as ``fusion(x, g)`` with the skip ``x: (B, Cs, *S)`` and the gating signal from the coarser
   decoder level ``g: (B, Cg, *S / scale)``; returns ``(B, fusion.out_channels, *S)``.
@@ -20,16 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from medseg.registry import Registry
+from medseg.registry import Registry, is_none_name
 
 __all__ = ["BLOCK_ATTENTION", "SKIP_FUSION", "call_with_map", "create_block_attention", "create_skip_fusion"]
 
 BLOCK_ATTENTION = Registry("block attention")
 SKIP_FUSION = Registry("skip fusion")
-
-
-def _is_none(name: Any) -> bool:
-    return name is None or (isinstance(name, str) and name.lower() in ("", "none", "identity"))
 
 
 def create_block_attention(name: str | None, channels: int, *, spatial_dims: int = 3, **kw: Any) -> nn.Module:
@@ -38,7 +34,7 @@ def create_block_attention(name: str | None, channels: int, *, spatial_dims: int
     Raises:
         ValueError: unknown name (the message lists the valid names) or a bad argument.
     """
-    if _is_none(name):
+    if is_none_name(name):
         return nn.Identity()
     return BLOCK_ATTENTION.get(name)(channels, spatial_dims=spatial_dims, **kw)
 
@@ -51,7 +47,7 @@ def create_skip_fusion(
     Raises:
         ValueError: unknown name (the message lists the valid names) or a bad argument.
     """
-    key = "concat" if _is_none(name) else name
+    key = "concat" if is_none_name(name) else name
     return SKIP_FUSION.get(key)(skip_channels, gating_channels, spatial_dims=spatial_dims, **kw)
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from medseg.nn.layers import check_positive_int, check_spatial_dims, conv_nd, conv_stage, to_tuple
 from medseg.nn.registries import BLOCK_ATTENTION, SKIP_FUSION, call_with_map, create_block_attention, create_skip_fusion
+from medseg.registry import is_none_name
 
 __all__ = ["Decoder", "Encoder", "UNet", "UNetWithAuxiliaryLoss", "make_unet"]
 
@@ -41,7 +42,7 @@ WHERE = ("encoder", "decoder", "both")
 def _with_defaults(registry, name: str | None, kwargs: dict, **defaults: Any) -> dict:
     """``kwargs`` plus those ``defaults`` that the factory ``name`` accepts and the user did not set."""
     out = dict(kwargs or {})
-    if name is None or str(name).lower() in ("", "none", "identity") or name not in registry:
+    if is_none_name(name) or name not in registry:
         return out
     params = inspect.signature(registry.get(name)).parameters
     for key, value in defaults.items():
