@@ -156,16 +156,11 @@ def plan_for_image(image: Path, labels: dict[str, int], *, target_spacing: Seque
 
 
 def num_windows(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
-    """Windows MONAI's ``sliding_window_inference`` runs over ``shape`` (its scan-interval rule)."""
-    import math
+    """Windows MONAI's ``sliding_window_inference`` runs over ``shape``: the library's own count,
+    :func:`medseg.infer.sliding.count_windows` (imported here, not at module level: torch loads lazily)."""
+    from medseg.infer.sliding import count_windows
 
-    n = 1
-    for s, r in zip(shape, roi):
-        if s <= r:
-            continue
-        step = max(int(r * (1 - overlap)), 1)
-        n *= math.ceil((s - r) / step) + 1
-    return n
+    return count_windows(shape, roi, overlap)
 
 
 # --------------------------------------------------------------------------- output

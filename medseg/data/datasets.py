@@ -29,7 +29,6 @@ Case names become file names, so names with a path separator or ``..`` are refus
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +37,11 @@ import numpy as np
 from medseg.data.checks import check_case_name
 from medseg.data.splits import load_or_make_splits, make_splits  # noqa: F401  (re-exported, see docs/architecture.md)
 from medseg.errors import InputError
-from medseg.io import find_volumes, is_dicom_dir, read_volume, strip_volume_suffix
+from medseg.io import find_volumes, is_dicom_dir, read_volume, split_channel_tag, strip_volume_suffix
 
 __all__ = ["IGNORE_NAME", "Case", "DatasetInfo", "build_dataset_json", "discover_cases", "ignore_label_of",
            "load_dataset_json", "load_or_make_splits", "make_splits", "num_classes_of", "parse_labels"]
 
-_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 IGNORE_NAME = "ignore"  # nnU-Net v2's name of the ignore label
 
 
@@ -256,7 +254,7 @@ def _resolve(root: Path, rel, where: Path, what: str) -> Path:
     # nnU-Net / Decathlon lists name the case file without the channel suffix
     stem = strip_volume_suffix(p.name)
     for cand in sorted(p.parent.glob(f"{stem}_0*")) if p.parent.is_dir() else []:
-        if _CHANNEL.match(strip_volume_suffix(cand.name)):
+        if split_channel_tag(cand)[0] == stem:
             return p
     raise InputError(f"{p}: file not found ({what} listed in {where})")
 
@@ -272,7 +270,7 @@ def _case_from_entry(root: Path, name: str | None, entry, where: Path) -> Case:
     paths = [_resolve(root, r, where, "image") for r in imgs]
     if len(paths) == 1 and not paths[0].exists():  # 'case.nii.gz' listed, 'case_0000.nii.gz' on disk
         stem = strip_volume_suffix(paths[0].name)
-        paths = sorted(p for p in paths[0].parent.glob(f"{stem}_0*") if _CHANNEL.match(strip_volume_suffix(p.name)))
+        paths = sorted(p for p in paths[0].parent.glob(f"{stem}_0*") if split_channel_tag(p)[0] == stem)
     label = _resolve(root, entry["label"], where, "label") if entry.get("label") else None
     case = name or check_case_name(strip_volume_suffix(Path(imgs[0]).name), where, f"case name of entry {imgs[0]!r}")
     return Case(str(case), paths, label)
@@ -284,9 +282,8 @@ def _scan_pair(img_dir: Path, lab_dir: Path, ending: str | None, *, require_labe
         return []
     groups: dict[str, list[tuple[int, Path]]] = {}
     for p in find_volumes(img_dir):
-        stem = strip_volume_suffix(p.name)
-        m = _CHANNEL.match(stem)
-        case, ch = (m["case"], int(m["ch"])) if m else (stem, 0)
+        case, ch = split_channel_tag(p)
+        ch = 0 if ch is None else ch
         groups.setdefault(case, []).append((ch, p))
     labels = {strip_volume_suffix(p.name): p for p in find_volumes(lab_dir)} if lab_dir.is_dir() else {}
     cases = []

@@ -60,14 +60,15 @@ def _init_worker() -> None:
 
 
 def run_parallel(fn: Callable, jobs: Sequence[tuple[str, tuple]], *, workers: int = 1, desc: str = "",
-                 progress: bool = True) -> Iterator[Outcome]:
+                 progress: bool | None = True) -> Iterator[Outcome]:
     """Yield an :class:`Outcome` per ``(key, args)`` job as they finish (``fn(*args)`` in a worker).
 
-    ``workers <= 1`` runs in this process (simplest to debug). ``fn`` must be importable at
-    module level (it is pickled to the workers).
+    The one process pool of the package (fingerprint, preprocess, evaluate). ``workers <= 1``
+    runs in this process (simplest to debug). ``fn`` must be importable at module level (it is
+    pickled to the workers). ``progress``: a tqdm bar on stderr (``None``: only on a terminal).
     """
-    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress or not jobs, file=sys.stderr,
-               dynamic_ncols=True)
+    disable = True if not jobs else (None if progress is None else not progress)
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=disable, file=sys.stderr, dynamic_ncols=True)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for key, args in jobs:

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from medseg.data.parallel import run_parallel
 from medseg.errors import GeometryError, InputError
 from medseg.evaluate.cases import DatasetInfo, find_dataset_json, load_dataset_json, match_cases, parse_label_list, scored_labels
 from medseg.evaluate.metrics import ALL_METRICS, compute_metrics
@@ -123,6 +122,11 @@ def evaluate_case(
     return {"metrics": out, "ref_labels": sorted(ref_labels), "n_voxels": n_voxels}
 
 
+def _evaluate_job(pred_path: Path, ref_path: Path, labels: list[int] | None, kw: dict) -> dict:
+    """:func:`evaluate_case` with its keywords packed (what :func:`run_parallel` pickles to a worker)."""
+    return evaluate_case(pred_path, ref_path, labels=labels, **kw)
+
+
 def _empty_result(metrics: Iterable[str], n_voxels: int) -> dict:
     """The metrics of a class absent from both prediction and reference (no file read needed)."""
     return compute_metrics(np.zeros(1, bool), np.zeros(1, bool), 1.0, metrics=metrics) | {"TN": n_voxels}
@@ -187,10 +191,11 @@ def evaluate_folders(
         listed in ``summary["missing"]`` and logged as a warning; the caller decides whether that fails.
 
     Raises:
-        InputError / GeometryError: unreadable files, non-label data, or grids that differ.
+        InputError: unreadable files, non-label data, or grids that differ; every case is tried
+            first (in ``workers`` processes, :func:`medseg.data.parallel.run_parallel`) and the
+            message lists each failed case with its reason.
+        RuntimeError: an unexpected error (a bug) in some case, listed the same way.
     """
-    from tqdm import tqdm
-
     metrics = [m.lower() for m in metrics]
     bad = [m for m in metrics if m not in ALL_METRICS]
     if bad:
@@ -219,19 +224,14 @@ def evaluate_folders(
         return scored if label_set is None else [lab for lab in label_set if lab in scored]
 
     kw = {"metrics": metrics, "nsd_tolerance_mm": nsd_tolerance_mm, "ignore_label": ignore_label}
-    results: dict[str, dict] = {}
-    bar = tqdm(total=len(match.pairs), desc="evaluate", unit="case", disable=(None if progress is None else not progress))
-    if workers <= 1 or len(match.pairs) <= 1:
-        for case, pred, ref in match.pairs:
-            results[case] = evaluate_case(pred, ref, labels=wanted(case), **kw)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(evaluate_case, pred, ref, labels=wanted(case), **kw): case for case, pred, ref in match.pairs}
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                bar.update()
-    bar.close()
+    jobs = [(case, (pred, ref, wanted(case), kw)) for case, pred, ref in match.pairs]
+    outcomes = sorted(run_parallel(_evaluate_job, jobs, workers=workers, desc="evaluate", progress=progress),
+                      key=lambda o: o.key)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:  # a user's data problem is an InputError; anything else is a bug and stays one
+        error = RuntimeError if any(o.unexpected for o in failed) else InputError
+        raise error(f"{len(failed)} case(s) could not be scored:\n" + "\n".join(f"  {o.key}: {o.error}" for o in failed))
+    results = {o.key: o.value for o in outcomes}
 
     final = label_set if label_set is not None else sorted({lab for r in results.values() for lab in r["ref_labels"]})
     per_case = []

@@ -17,7 +17,6 @@ one co-registered file per channel, in channel order (``predict([ct, pet])``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -142,16 +141,11 @@ def load_run(run_dir: str | Path, checkpoint: str | None = "best", overrides: li
     if not ckpt.is_file():
         have = sorted(p.stem for p in (run / "checkpoints").glob("*.pt")) if (run / "checkpoints").is_dir() else []
         raise InputError(f"{ckpt}: checkpoint not found (available: {', '.join(have) or 'none'})")
-    try:
-        plans = json.loads(plans_path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{plans_path}: not valid JSON: {err}") from None
-    try:
-        payload = torch.load(ckpt, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001  (torch raises several types for a corrupt or unsafe file)
-        raise InputError(f"{ckpt}: cannot load checkpoint: {err}") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
-        raise InputError(f"{ckpt}: not a medseg checkpoint (no 'model' state dict)")
+    from medseg.data.pipeline import load_plans
+    from medseg.train.checkpoint import load_checkpoint
+
+    plans = load_plans(run)
+    payload = load_checkpoint(ckpt, map_location=map_location)  # weights_only=True
     return cfg, plans, _strip_prefixes(payload["model"]), ckpt
 
 

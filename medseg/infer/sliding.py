@@ -138,8 +138,12 @@ class WindowPredictor:
 
 
 def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
-    """How many windows MONAI's ``sliding_window_inference`` visits (its scan-interval rule)."""
-    size = [max(int(s), int(r)) for s, r in zip(image_shape[-3:], roi_size)]
+    """How many windows MONAI's ``sliding_window_inference`` visits (its scan-interval rule).
+
+    The one window count (the benchmarks use it too). ``image_shape`` may carry leading batch /
+    channel axes: its last ``len(roi_size)`` entries are the spatial size.
+    """
+    size = [max(int(s), int(r)) for s, r in zip(image_shape[-len(roi_size):], roi_size)]
     interval = [r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi_size)]
     return len(dense_patch_slices(size, roi_size, interval))
 

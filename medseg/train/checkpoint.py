@@ -6,7 +6,8 @@ A checkpoint is a plain dict (docs/architecture.md): ``model`` (state dict), ``o
 dict), ``plans`` (plain dict), plus ``step``, ``history`` and ``budget`` (the time budget's state:
 ``train_s`` spent, ``val_s`` of the last validation, ``timed_from`` step, ``max_minutes`` and the
 shrunk ``total_epochs`` or None; :func:`medseg.train.setup.restore_budget`). Nothing in it needs pickled
-classes, so ``torch.load(path, weights_only=True)`` reads it (what the predictor does).
+classes, so ``torch.load(path, weights_only=True)`` reads it (:func:`load_checkpoint`, which the
+predictor uses too).
 
 Writes go to a temporary file beside the target and are renamed into place
 (:func:`medseg.io.atomic_write`): a ``kill -9`` mid-write leaves the previous checkpoint intact.
@@ -67,18 +68,20 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``.
+    """Read a checkpoint with ``weights_only=True``: the one checkpoint reader (resuming a run and
+    :func:`medseg.infer.predictor.load_run` both call it).
 
     Args:
         path: the ``.pt`` file.
-        map_location: where its tensors land. Keep the default (CPU) to resume: the RNG states
-            must be CPU tensors, and ``load_state_dict`` copies weights to the model's device.
+        map_location: where its tensors land. Keep the default (CPU) to resume and to predict:
+            the RNG states must be CPU tensors, and ``load_state_dict`` copies weights to the
+            model's device.
 
     Returns:
         The checkpoint dict (see the module docstring).
 
     Raises:
-        InputError: missing, truncated or not a medseg checkpoint.
+        InputError: missing, truncated or not a medseg checkpoint (no ``model`` state dict).
     """
     p = Path(path)
     if not p.is_file():
@@ -87,6 +90,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, ...
         raise InputError(f"{p}: cannot read checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise InputError(f"{p}: not a medseg checkpoint (no 'model' entry)")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise InputError(f"{p}: not a medseg checkpoint (no 'model' state dict)")
     return state

@@ -175,9 +175,10 @@ def write_run_files(ctx: Context) -> None:
     save_config(ctx.cfg, ctx.run_dir / "config.yaml")
     import json
 
+    from medseg.data.pipeline import load_plans
     from medseg.infer.sliding import allowed_mirror_axes
 
-    plans = json.loads((ctx.pre_dir / "plans.json").read_text())
+    plans = load_plans(ctx.pre_dir)
     # the axes training mirrors: all that --tta may flip (nnU-Net's inference_allowed_mirroring_axes)
     plans["inference_allowed_mirroring_axes"] = allowed_mirror_axes(ctx.cfg.train.augment)
     atomic_write_text(ctx.run_dir / "plans.json", json.dumps(plans, indent=1))
