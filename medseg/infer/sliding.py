@@ -20,7 +20,12 @@ Memory (what a 512x512x300 CT with 14 classes needs):
   everything stays float32. No float64 copy is ever made.
 - Windows run on ``device``; the stitching buffer lives on ``buffer_device``. ``None`` picks
   the compute device when the estimated buffer fits into its free memory, the CPU otherwise
-  (MONAI's ``sw_device`` / ``device`` arguments).
+  (MONAI's ``sw_device`` / ``device`` arguments). The environment variable
+  ``MEDSEG_BUFFER_DEVICE`` (``cpu``, ``cuda``, ``cuda:i``; unset / ``auto``: that choice) forces
+  the buffer device of every call that leaves it ``None``, e.g. ``MEDSEG_BUFFER_DEVICE=cpu medseg
+  infer ...`` runs the CPU-stitching fallback on a GPU that has the memory
+  (``benchmarks/gpu_check.py`` compares both). The choice is logged at DEBUG level
+  (``MEDSEG_LOGLEVEL=DEBUG``).
 - Gate maps (``model(x, return_attention=True)``) come back at their own coarse resolution;
   they are upsampled to the window size inside the window (trilinear, align_corners=False)
   and stitched by the same call as the logits (MONAI takes dict outputs). Stitching them at
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,9 +48,14 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
-from medseg.runtime import autocast, resolve_precision
+from medseg.errors import ConfigError
+from medseg.runtime import autocast, get_logger, resolve_precision
 
-__all__ = ["WindowPredictor", "allowed_mirror_axes", "count_windows", "estimate_buffer_bytes", "pick_buffer_device", "round_roi", "sliding_window_predict"]
+__all__ = ["WindowPredictor", "allowed_mirror_axes", "buffer_device_override", "count_windows", "estimate_buffer_bytes",
+           "pick_buffer_device", "round_roi", "sliding_window_predict"]
+
+log = get_logger(__name__)
+BUFFER_DEVICE_ENV = "MEDSEG_BUFFER_DEVICE"
 
 LOGITS_KEY = "__logits__"
 ALL_AXES = (0, 1, 2)  # spatial axes of a (C, X, Y, Z) image
@@ -160,6 +171,25 @@ def estimate_buffer_bytes(image_shape: Sequence[int], roi_size: Sequence[int], n
     return vox * item * (n_out_channels + 1 + 2 * n_maps)
 
 
+def buffer_device_override() -> torch.device | None:
+    """The stitching-buffer device forced by ``MEDSEG_BUFFER_DEVICE``, or ``None`` (the automatic choice).
+
+    Returns:
+        ``torch.device`` of the variable's value (``cpu``, ``cuda``, ``cuda:i``); ``None`` when it is
+        unset, empty or ``auto``.
+
+    Raises:
+        ConfigError: a value that is not a device name.
+    """
+    value = os.environ.get(BUFFER_DEVICE_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    try:
+        return torch.device(value)
+    except RuntimeError:
+        raise ConfigError(f"{BUFFER_DEVICE_ENV}={value!r} is not a device (use auto, cpu, cuda or cuda:i)") from None
+
+
 def pick_buffer_device(device: torch.device, needed_bytes: int, *, headroom: float = 0.8) -> torch.device:
     """``device`` when ``needed_bytes`` fits into ``headroom`` x its free memory, else the CPU."""
     if device.type != "cuda":
@@ -220,7 +250,8 @@ def sliding_window_predict(
         mirror_axes: the spatial axes (0, 1, 2 of ``image``'s ``X, Y, Z``) that TTA may flip:
             those the model was trained with (:func:`allowed_mirror_axes`); empty = one pass.
         return_attention: also stitch the model's gate maps.
-        buffer_device: where the stitched output lives; ``None`` = ``device`` when it fits, else CPU.
+        buffer_device: where the stitched output lives; ``None`` = ``MEDSEG_BUFFER_DEVICE`` when set
+            (:func:`buffer_device_override`), else ``device`` when it fits, else CPU.
         channels_last: run windows in ``channels_last_3d`` memory format.
         progress: tqdm bar over the windows (a string: the bar's description, e.g. the case name).
 
@@ -251,6 +282,8 @@ def sliding_window_predict(
     model.eval()
     try:
         if buffer_device is None:
+            buffer_device = buffer_device_override()
+        if buffer_device is None:
             if device.type == "cuda":
                 n_out, n_maps = _probe_outputs(window, img, roi)
                 need = estimate_buffer_bytes(img.shape, roi, n_out, n_maps, compute_dtype)
@@ -259,6 +292,7 @@ def sliding_window_predict(
             else:
                 buffer_device = device
         buffer_device = torch.device(buffer_device)
+        log.debug("sliding window: windows on %s, stitching buffers on %s", device, buffer_device)
         inputs = img.to(buffer_device, dtype=compute_dtype)[None]
         if progress:
             desc = progress if isinstance(progress, str) else None
