@@ -9,7 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, I
 
 from medseg.config import load_config
 from medseg.train import train
-from medseg.train.tensorboard import export_gate_grid, render_case, slice_indices
+from medseg.errors import InputError
+from medseg.train.tensorboard import export_gate_grid, main, render_case, slice_indices
 
 
 def test_event_file_holds_the_documented_tags(preprocessed_phantoms, tmp_path):
@@ -69,3 +70,11 @@ def test_render_case_is_radiological_and_colours_labels():
     assert red[:, -5:].mean() > 40 and abs(red[:, :5].mean()) < 1  # gate on patient left = image right
     cor = out["coronal/segmentation"]
     assert cor.shape[0] == pytest.approx(cor.shape[1] / 3, rel=0.1)  # 10 slices x 2 mm = 20 mm = 20 x 1 mm wide
+
+
+def test_export_without_images_is_an_input_error_and_its_main_exits_2(tmp_path, capsys):
+    (tmp_path / "tb").mkdir()
+    with pytest.raises(InputError, match="tb: no validation images"):
+        export_gate_grid(tmp_path / "tb", tmp_path / "x.png")
+    assert main(["--logdir", str(tmp_path / "tb"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no validation images" in capsys.readouterr().err and not (tmp_path / "x.png").exists()

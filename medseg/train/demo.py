@@ -15,7 +15,6 @@ Each step is the library function behind its command (``make_phantom_dataset``,
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -41,25 +40,6 @@ def _config(config: str | Path | None, overrides: list[str] | None, minutes: flo
     return cfg
 
 
-def _idle_cpu_threads() -> int:
-    """torch's CPU threads, capped to the cores idle now (at least 1), unless OMP_NUM_THREADS is set.
-
-    On a machine shared with other work, a compute thread that loses its core stalls every
-    parallel region of the others: with 2 threads on 2 busy cores a training step was measured
-    ~40x slower than with 1 thread.
-    """
-    import torch
-
-    n = torch.get_num_threads()
-    if "OMP_NUM_THREADS" in os.environ:
-        return n
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        return n
-    return max(1, min(n, int((os.cpu_count() or n) - busy + 0.5)))
-
-
 def run_demo(out_dir: str | Path = "runs/demo", *, config: str | Path | None = None, minutes: float | None = None,
              overrides: list[str] | None = None, n_train: int = 10, n_test: int = 4, seed: int = 0) -> dict:
     """Run the demo into ``out_dir`` (see the module docstring); returns the evaluation summary.
@@ -76,14 +56,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, config: str | Path | None = N
     from medseg.infer.runner import run_inference
     from medseg.train import train
 
-    import torch
-
     cfg = _config(config, overrides, minutes)
     out = Path(out_dir)
-    threads = _idle_cpu_threads()
-    if threads != torch.get_num_threads():
-        log.info("using %d CPU thread(s): the other cores are busy (set OMP_NUM_THREADS to override)", threads)
-        torch.set_num_threads(threads)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()

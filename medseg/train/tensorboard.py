@@ -24,10 +24,13 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import sys
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from medseg.errors import InputError, MedsegError
 
 __all__ = ["VIEWS", "export_gate_grid", "log_case_images", "log_gate_histograms", "render_case", "slice_indices"]
 
@@ -156,8 +159,10 @@ def _latest_images(logdir: Path, case: str | None) -> tuple[str, dict[str, np.nd
     tags = acc.Tags()["images"]
     cases = sorted({t.split("/")[1] for t in tags if t.startswith(("val/", "gates/"))})
     if not cases:
-        raise SystemExit(f"{logdir}: no validation images in the event files")
+        raise InputError(f"{logdir}: no validation images in the event files (has the run validated yet?)")
     case = case or cases[0]
+    if case not in cases:
+        raise InputError(f"{logdir}: no validation images of case '{case}' (cases: {', '.join(cases)})")
     out = {}
     for t in tags:
         parts = t.split("/")
@@ -169,7 +174,11 @@ def _latest_images(logdir: Path, case: str | None) -> tuple[str, dict[str, np.nd
 
 def export_gate_grid(logdir: str | Path, out_png: str | Path, *, case: str | None = None,
                      views: tuple[str, ...] = ("axial", "coronal"), dpi: int = 80) -> Path:
-    """Tile the newest images of ``case`` into a labelled PNG: per view, CT | truth | prediction, then every gate."""
+    """Tile the newest images of ``case`` into a labelled PNG: per view, CT | truth | prediction, then every gate.
+
+    Raises:
+        InputError: ``logdir`` holds no validation images, or none of ``case``.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -209,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", nargs="+", default=list(VIEWS), choices=sorted(VIEWS), help="slice orientations")
     parser.add_argument("--dpi", type=int, default=80, help="resolution of the PNG")
     args = parser.parse_args(argv)
-    print(export_gate_grid(args.logdir, args.out, case=args.case, views=tuple(args.views), dpi=args.dpi))
+    try:
+        print(export_gate_grid(args.logdir, args.out, case=args.case, views=tuple(args.views), dpi=args.dpi))
+    except MedsegError as err:  # as the medseg CLI: the message, exit status 2, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

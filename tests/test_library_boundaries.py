@@ -1,0 +1,41 @@
+"""Decisions that belong to the command line stay there (issue 14 item 4): the library raises typed
+errors instead of exiting, and uses the threads it is given instead of reading the machine's load."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from medseg.commands.demo import idle_cpu_threads
+
+PKG = Path(__file__).resolve().parents[1] / "medseg"
+CLI_LAYER = {"cli.py", "__main__.py"}
+
+
+def _library_files():
+    return [p for p in sorted(PKG.rglob("*.py")) if p.name not in CLI_LAYER and "commands" not in p.relative_to(PKG).parts]
+
+
+def test_library_code_neither_exits_nor_reads_the_load_average():
+    offenders = []
+    for path in _library_files():
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"\bSystemExit\b|\bsys\.exit\b|\bgetloadavg\b", code) and "raise SystemExit(main())" not in code:
+                offenders.append(f"{path.relative_to(PKG)}:{i}: {line.strip()}")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("threads,load,cpus,omp,expected", [
+    (2, 0.0, 2, False, 2),   # idle machine: every thread
+    (2, 1.2, 2, False, 1),   # one core busy: int(2 - 1.2 + 0.5) = 1
+    (8, 2.6, 8, False, 5),   # int(8 - 2.6 + 0.5) = 5
+    (2, 7.0, 2, False, 1),   # overloaded: never below 1
+    (4, 0.0, 16, False, 4),  # never above what torch was given
+    (2, 1.9, 2, True, 2),    # OMP_NUM_THREADS set: the user decides
+    (2, None, 2, False, 2),  # no load average on this platform
+])
+def test_the_demo_command_picks_threads_from_idle_cores(threads, load, cpus, omp, expected):
+    assert idle_cpu_threads(threads, load=load, cpu_count=cpus, omp_set=omp) == expected
