@@ -33,7 +33,9 @@ def test_registry_lists_every_block_and_rejects_unknown_names():
 @pytest.mark.parametrize("name,dims,shape", CASES)
 def test_block_keeps_shape_and_gradients_reach_input_and_every_parameter(name, dims, shape):
     torch.manual_seed(0)
-    block = randomize(create_block_attention(name, shape[1], spatial_dims=dims)).train()
+    # BAM's channel batch norm has no batch statistics for one sample (it refuses: see test_nn_attention_paper)
+    kw = {"channel_norm": "none"} if name == "bam" and shape[0] == 1 else {}
+    block = randomize(create_block_attention(name, shape[1], spatial_dims=dims, **kw)).train()
     x = torch.randn(shape, requires_grad=True)
     y = block(x)
     assert y.shape == x.shape
@@ -168,6 +170,11 @@ def test_abn_reweights_by_one_plus_foreground_and_its_loss_is_ce_on_downsampled_
         ("cbam", {"reduction": -2}, "reduction"),
         ("bam", {"dilation": 0}, "dilation"),
         ("bam", {"norm": "layer"}, "norm"),
+        ("bam", {"channel_norm": "instance"}, "channel_norm"),
+        ("bam", {"min_hidden": 0}, "min_hidden"),
+        ("se", {"min_hidden": -1}, "min_hidden"),
+        ("cbam", {"min_hidden": 0}, "min_hidden"),
+        ("cbam", {"arrangement": "serial"}, "arrangement"),
         ("nonlocal", {"inter_channels": 0}, "inter_channels"),
         ("abn", {"num_classes": 1}, "num_classes"),
     ],

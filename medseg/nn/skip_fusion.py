@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.nn.channel import reduced_channels
+from medseg.nn.channel import MIN_HIDDEN, reduced_channels
 from medseg.nn.layers import Upsample, check_positive_int, check_spatial_dims, conv_nd, make_norm, match_size, spatial_mean, to_tuple
 from medseg.nn.registries import SKIP_FUSION
 
@@ -129,10 +129,11 @@ class MSCAM(nn.Module):
     Shapes: ``(B, C, *S) -> (B, C, *S)`` weights in [0, 1].
     """
 
-    def __init__(self, channels: int, *, spatial_dims: int = 3, reduction: int = 4, norm: str = "instance"):
+    def __init__(self, channels: int, *, spatial_dims: int = 3, reduction: int = 4, min_hidden: int = MIN_HIDDEN,
+                 norm: str = "instance"):
         super().__init__()
         sd = spatial_dims
-        h = reduced_channels(channels, reduction)
+        h = reduced_channels(channels, reduction, min_hidden)
         self.local = nn.Sequential(
             conv_nd(sd, channels, h, 1), make_norm(norm, h, sd), nn.ReLU(inplace=True), conv_nd(sd, h, channels, 1), make_norm(norm, channels, sd)
         )
@@ -152,12 +153,14 @@ class AttentionalFeatureFusion(nn.Module):
         skip_channels: Cs. gating_channels: Cg. spatial_dims: 2 or 3.
         scale: resolution ratio between ``x`` and ``g``, default 2.
         reduction: r of the MS-CAM (4 in the paper). norm: instance | batch | group (local branch).
+        min_hidden: floor of the MS-CAM's hidden width, ``max(C // r, min(min_hidden, C))``; 8 by
+            default, 1 for the paper's exact ratio (:func:`~medseg.nn.channel.reduced_channels`).
 
     Shapes: ``x (B, Cs, *S), g (B, Cg, *S') -> (B, Cs, *S)``; with ``return_map=True`` also the
     channel-mean of ``M``, ``(B, 1, *S)`` in [0, 1] (the share of the skip in the fusion).
 
     Raises:
-        ValueError: non-positive channel counts / scale / reduction, bad ``spatial_dims`` / ``norm``.
+        ValueError: non-positive channel counts / scale / reduction / min_hidden, bad ``spatial_dims`` / ``norm``.
     """
 
     returns_map = True
@@ -172,14 +175,15 @@ class AttentionalFeatureFusion(nn.Module):
         spatial_dims: int = 3,
         scale: int | Sequence[int] = 2,
         reduction: int = 4,
+        min_hidden: int = MIN_HIDDEN,
         norm: str = "instance",
     ):
         super().__init__()
         sd = _check(skip_channels, gating_channels, spatial_dims)
         self.up = Upsample(sd, gating_channels, skip_channels, scale)
-        self.mscam = MSCAM(skip_channels, spatial_dims=sd, reduction=reduction, norm=norm)
+        self.mscam = MSCAM(skip_channels, spatial_dims=sd, reduction=reduction, min_hidden=min_hidden, norm=norm)
         if self.iterative:
-            self.mscam_init = MSCAM(skip_channels, spatial_dims=sd, reduction=reduction, norm=norm)
+            self.mscam_init = MSCAM(skip_channels, spatial_dims=sd, reduction=reduction, min_hidden=min_hidden, norm=norm)
         self.out_channels = skip_channels
 
     def forward(self, x: torch.Tensor, g: torch.Tensor, return_map: bool = False):
