@@ -23,7 +23,6 @@ factor applied (sequential arrangements) or the channel mean of the applied 3-D 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medseg.nn.channel import MIN_HIDDEN, ChannelMLP
