@@ -193,7 +193,7 @@ def split_channel_tag(path: str | Path) -> tuple[str, int | None]:
         four-digit ``_NNNN`` tag gives ``(name, None)``.
     """
     stem = strip_volume_suffix(Path(path).name)
-    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isascii() and stem[-4:].isdigit():  # ASCII: "²".isdigit() too
         return stem[:-5], int(stem[-4:])
     return stem, None
 

@@ -186,3 +186,10 @@ def test_dataset_discovery_splits_channel_tags_with_io(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     assert [(c.name, [p.name for p in c.images]) for c in discover_cases(tmp_path).cases] == [
         ("a_01", ["a_01_0000.nii.gz"]), ("b", ["b_0000.nii.gz"])]
+
+
+def test_a_non_ascii_digit_is_no_channel_tag():
+    from medseg.io import split_channel_tag
+
+    assert split_channel_tag("a_0001.nii.gz") == ("a", 1)
+    assert split_channel_tag("a_000\u00b2.nii.gz") == ("a_000\u00b2", None)  # '²'.isdigit() is True, int('²') fails
