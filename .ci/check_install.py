@@ -2,7 +2,7 @@
 
 Run from a folder outside the source tree: medseg must come from the venv's site-packages (not the
 checkout), and every shipped config must load by name (package data, no source tree needed),
-the demo's default config included. Prints one line per config and a final "ok" line.
+the demo's default config included (it must resolve inside the installed package). Prints one line per config and a final "ok" line.
 """
 
 import sys
@@ -23,4 +23,8 @@ if names != expected:
 for name in names:
     cfg = load_config(name)
     print(f"{name}: {cfg.model.arch}, channels {cfg.model.channels}")
+from medseg.pipelines.demo import DEFAULT_CONFIG  # noqa: E402  (after the import-location check)
+
+if not DEFAULT_CONFIG.is_file() or not DEFAULT_CONFIG.resolve().is_relative_to(package):
+    sys.exit(f"check-install: the demo's default config {DEFAULT_CONFIG} is not in the installed package")
 print(f"check-install ok: medseg {medseg.__version__} from {package}, {len(names)} configs load by name")

@@ -1,6 +1,7 @@
-"""Step script: the whole job (phantoms or a dataset -> preprocess -> train -> infer -> evaluate).
+"""Step script: the whole job on synthetic CT phantoms (phantoms -> preprocess -> train -> infer -> evaluate).
 
-Same as `medseg demo ...` (see `python pipelines/run_all.py --help`).
+Same as `medseg demo ...` (see `python pipelines/run_all.py --help`); the library function is
+`medseg.pipelines.demo.run_demo`. For a dataset of your own, run the four steps (README: Bring your own dataset).
 """
 
 import sys

@@ -146,3 +146,36 @@ def test_preprocess_plans_for_the_model_of_the_overrides(tmp_path, capsys):
     assert all(p % 32 == 0 for p in deep), deep
     assert run("c", "train.epochs=3") == 2
     assert "takes data.* and model.* overrides only" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- demo
+def test_demo_lives_above_the_engines_and_finds_its_config_in_the_package():
+    from medseg.configs import CONFIG_DIR
+    from medseg.pipelines.demo import DEFAULT_CONFIG
+
+    assert not (ROOT / "medseg" / "train" / "demo.py").exists()
+    assert DEFAULT_CONFIG == CONFIG_DIR / "demo.yaml" and DEFAULT_CONFIG.is_file()
+    train_code = "\n".join(p.read_text() for p in (ROOT / "medseg" / "train").glob("*.py"))
+    assert "medseg.pipelines" not in train_code and "evaluate_folders" not in train_code
+
+
+def test_demo_time_is_one_number_in_help_readme_and_output():
+    """The demo's time: the help, the README and demo.yaml's budget say the same; the output prints the total."""
+    import re
+
+    from medseg.commands.demo import format_timings
+    from medseg.config import load_config
+
+    budget = load_config("demo").train.max_minutes
+    help_text = _demo_help()
+    assert re.search(r"medseg demo +# ~(\d+) minutes", help_text).group(1) == f"{budget:.0f}"
+    demo = (ROOT / "README.md").read_text().split("\n## Demo\n", 1)[1].split("\n## ", 1)[0]
+    assert f"(default {budget:.0f};" in demo and f"about\n{budget:.0f} minutes" in demo
+    assert format_timings({"phantoms + preprocess": 3.2, "train": 360.4, "infer": 1.6}) == \
+        "phantoms + preprocess 3 s, train 360 s, infer 2 s; total 6 min 5 s"
+
+
+def _demo_help() -> str:
+    parser = build_parser("demo")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["demo"].format_help()

@@ -46,7 +46,7 @@ def test_demo_pipeline_learns_end_to_end(tmp_path, capsys, one_thread):
 
 @pytest.mark.slow
 def test_demo_reaches_the_dice_target(tmp_path):
-    from medseg.train.demo import run_demo
+    from medseg.pipelines.demo import run_demo
 
     summary = run_demo(tmp_path / "demo")
     assert summary["status"] == "finished"

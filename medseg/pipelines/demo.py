@@ -19,20 +19,18 @@ import time
 from pathlib import Path
 
 from medseg.config import Config, load_config
+from medseg.configs import CONFIG_DIR
 from medseg.errors import ConfigError, InputError
 from medseg.runtime import get_logger
 
 __all__ = ["DEFAULT_CONFIG", "run_demo"]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"  # package data: found in a non-editable install too
 log = get_logger("medseg.demo")
 
 
 def _config(config: str | Path | None, overrides: list[str] | None, minutes: float | None) -> Config:
-    path = Path(config) if config else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{path}: demo config not found (pass --config FILE)")
-    cfg = load_config(path, overrides)
+    cfg = load_config(config or DEFAULT_CONFIG, overrides)  # a file or a shipped config's name
     if minutes is not None:
         if minutes <= 0:
             raise ConfigError(f"--minutes: must be > 0, got {minutes}")
@@ -45,7 +43,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, config: str | Path | None = N
     """Run the demo into ``out_dir`` (see the module docstring); returns the evaluation summary.
 
     Args:
-        config: YAML config (default ``configs/demo.yaml``); ``overrides`` are applied on top.
+        config: YAML config or a shipped config's name (default ``demo``: ``medseg/configs/demo.yaml``);
+            ``overrides`` are applied on top.
         minutes: training time budget (``train.max_minutes``).
         n_train, n_test, seed: phantom cases for training / held out, and their seed.
     """
