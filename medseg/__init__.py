@@ -3,6 +3,7 @@
 Layers (an upper layer may import a lower one, never the reverse)::
 
     medseg/cli.py, medseg/commands/, pipelines/   thin mains
+    medseg/pipelines/                             whole jobs over the engines (the demo)
     medseg/train/ medseg/infer/ medseg/evaluate/  engines
     medseg/nn/                                    models
     medseg/data/                                  datasets, plans, preprocessing, phantoms
