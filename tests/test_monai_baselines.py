@@ -71,3 +71,11 @@ def test_what_a_baseline_honours_reaches_the_monai_network():
 def test_an_unknown_keyword_is_a_programming_error():
     with pytest.raises(TypeError, match="colour"):
         monai_unet(spatial_dims=3, in_channels=1, num_classes=2, channels=[4, 8], colour="red")
+
+
+def test_monai_unet_group_norm_must_divide_the_class_outputs():
+    with pytest.raises(ConfigError, match="^model.norm: group norm with 4 groups .* 3 class outputs"):
+        _build("monai_unet", "model.norm=group")  # 4 groups (gcd(8, 4)); MONAI normalises the 3 logits too
+    cfg = load_config(None, ["model.arch=monai_unet", "model.channels=[4,8,16,32]", "model.norm=group"]).model
+    net = build_model(cfg, num_classes=4).net
+    assert [m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)][-1] == 4

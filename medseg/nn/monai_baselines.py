@@ -176,7 +176,13 @@ def monai_unet(*, spatial_dims, in_channels, num_classes, channels, strides=None
     """
     check_settings("monai_unet", settings, {"residual": (True,)})
     kwargs, down = _common("monai_unet", spatial_dims, in_channels, num_classes, channels, strides, kernel_sizes)
-    net = MonaiUNet(**kwargs, num_res_units=2, norm=norm_spec(norm, min(channels)), act=act_spec(act))
+    norm_t = norm_spec(norm, min(channels))
+    groups = norm_t[1].get("num_groups", 1)
+    if num_classes % groups:  # MONAI normalises its top up-convolution's num_classes outputs too
+        raise ConfigError(f"model.norm: group norm with {groups} groups (from the narrowest stage, {min(channels)} "
+                          f"channels) cannot normalise the {num_classes} class outputs of MONAI's UNet top "
+                          "up-convolution; use another norm or widths/classes that share the group count")
+    net = MonaiUNet(**kwargs, num_res_units=2, norm=norm_t, act=act_spec(act))
     return MonaiBaseline(net, _divisor(down, spatial_dims))
 
 
