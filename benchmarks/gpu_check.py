@@ -638,7 +638,8 @@ def infer_child(args: argparse.Namespace) -> dict:
     from medseg.runtime import resolve_precision
 
     set_threads(args.threads)
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     torch.ones(1, device=device).sum().item()  # CUDA context before the clock, for both pipelines
     amp = resolve_precision(args.precision, device)
     kind, model = args.child_infer
@@ -647,9 +648,10 @@ def infer_child(args: argparse.Namespace) -> dict:
     if kind == "ours":
         from medseg.infer.predictor import Predictor
 
-        pred = Predictor.from_run(args.run_dir, device="cuda", precision=args.precision, postprocess="none")
+        pred = Predictor.from_run(args.run_dir, device=str(device), precision=args.precision, postprocess="none")
         for _ in range(args.repeats):
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             result = pred.predict(args.image)
             write_volume(result.mask, args.out / f"{result.case}.nii.gz")
@@ -660,7 +662,8 @@ def infer_child(args: argparse.Namespace) -> dict:
             times.append(stock_on_device(args.image, args.out, model, device=device, amp_dtype=amp, channels=WIDTHS)["total"])
         extra = {"roi": [96, 96, 96], "overlap": 0.25, "sw_batch_size": 4}
     return {"times": times, "first_s": times[0], "best_s": min(times[1:]) if len(times) > 1 else times[0],
-            "precision": str(amp).replace("torch.", ""), "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3, **extra}
+            "precision": str(amp).replace("torch.", ""),
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else float("nan"), **extra}
 
 
 def check_infer_speed(kind: str, model: str, runs: dict, image: Path, work: Path, precision: str, repeats: int,
@@ -706,6 +709,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # of --child-infer (cpu: a dry run of the script)
     return p.parse_args(argv)
 
 
