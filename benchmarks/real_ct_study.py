@@ -9,8 +9,9 @@ LIDC outlines, test CT from pyradiomics):
 2. ``splits.json`` = train on every training case, validate on one of them (the last by name):
    with 2 cases there is nothing to hold out, so the validation Dice is a *training-case*
    number; **the held-out test case is the honest number**;
-3. per variant (``configs/{unet3d,attention_unet3d,cbam_unet3d,unet25d}.yaml``: their ``model``
-   section on the dataset config), ``medseg.train.train`` with ``train.max_minutes = --minutes``;
+3. per variant (``configs/{unet3d,attention_unet3d,cbam_unet3d,unet25d}.yaml``: their attention
+   settings -- ``arch``, ``block_attention``, ``skip_fusion``, ``slices`` -- on the dataset config's
+   backbone and recipe), ``medseg.train.train`` with ``train.max_minutes = --minutes``;
 4. ``Predictor.from_run(run, checkpoint="final")`` over ``imagesTs`` (``medseg.infer.runner``), then
    ``medseg.evaluate.evaluate_folders`` against ``labelsTs`` (``scored_labels`` honoured).
 
@@ -59,12 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- steps
+VARIANT_KEYS = ("arch", "block_attention", "skip_fusion", "slices", "slice_offset_mm")
+
+
 def study_config(dataset_cfg: Path, variant: str, *, pre_dir: Path, data_dir: Path, minutes: float, overrides: list[str]):
-    """The dataset config with the ``model`` section of ``configs/<variant>.yaml``, the budget and the overrides."""
+    """The dataset config (data, training recipe and backbone: widths, strides, norm, deep
+    supervision) with the attention settings of ``configs/<variant>.yaml`` (``VARIANT_KEYS``: what
+    makes a variant a variant), the budget and the overrides. Every variant of a study thus has
+    the same backbone and recipe, and only its attention differs."""
     from medseg.config import apply_overrides, config_from_dict, config_to_dict, load_config
 
     base = config_to_dict(load_config(dataset_cfg))
-    base["model"] = config_to_dict(load_config(ROOT / "configs" / f"{VARIANTS[variant]}.yaml").model)
+    variant_model = config_to_dict(load_config(ROOT / "configs" / f"{VARIANTS[variant]}.yaml").model)
+    base["model"].update({k: variant_model[k] for k in VARIANT_KEYS})
     base["name"] = f"{base['name']}_{variant}"
     base["data"].update(dataset=str(data_dir), preprocessed=str(pre_dir))
     base["train"]["max_minutes"] = float(minutes)
