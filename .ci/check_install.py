@@ -2,7 +2,8 @@
 
 Run from a folder outside the source tree: medseg must come from the venv's site-packages (not the
 checkout), and every shipped config must load by name (package data, no source tree needed),
-the demo's default config included (it must resolve inside the installed package). Prints one line per config and a final "ok" line.
+the demo's default config included (it must resolve inside the installed package). Prints one
+line per config and a final "ok" line.
 """
 
 import sys

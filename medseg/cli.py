@@ -3,8 +3,9 @@
 Each command lives in ``medseg/commands/<name>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int``; this module only dispatches (commands are imported lazily so that
 ``medseg --help`` is fast). ``medseg --version`` prints the version; ``--quiet`` (before or
-after the command) turns progress bars off and logging down to warnings. User errors (:class:`medseg.errors.MedsegError`) print one
-``medseg: error: ...`` line and exit with status 2; Ctrl-C exits with 130.
+after the command) turns progress bars off and logging down to warnings. User errors
+(:class:`medseg.errors.MedsegError`) print one ``medseg: error: ...`` line and exit with
+status 2; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  medseg demo --minutes 2 --out runs/quick\n"
         "  medseg demo model.block_attention.name=cbam --out runs/demo_cbam"
     )
-    parser.add_argument("-o", "--output", "--out", dest="out", default="runs/demo", help="output folder (default: runs/demo)")
+    parser.add_argument("-o", "--output", "--out", dest="out", default="runs/demo",
+                        help="output folder (default: runs/demo)")
     parser.add_argument("--config", help="YAML config or a shipped config's name (default: demo)")
     parser.add_argument("--minutes", type=float, help="training time budget in minutes (default: train.max_minutes "
                         "of the config, 6); the LR schedule is fitted to it")

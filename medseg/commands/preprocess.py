@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", "--out", dest="out",
                         help="preprocessed output folder (default: data.preprocessed of --config)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes for fingerprint and preprocessing (default 1)")
-    parser.add_argument("--config", help="YAML config or a shipped config's name; its data section, and the model's first-stage width and total stride "
+    parser.add_argument("--config", help="YAML config or a shipped config's name; its data section, and the model's "
+                        "first-stage width and total stride "
                         "(the suggested patch size fits data.memory_budget_gb for that network)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo everything in --out (needed when the data settings changed since the last run)")
