@@ -83,7 +83,7 @@ def test_two_channel_run_serves_through_api_and_cli(two_channel_run, tmp_path, c
     # CLI on the folder: one mask per case (not per channel file), named after the case
     assert main(["infer", "--model", str(run), "--checkpoint", "final", "-i", str(images), "-o", str(tmp_path / "out"),
                  "--device", "cpu", "--precision", "fp32"]) == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ph_003.nii.gz", "ph_004.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ph_003.nii.gz", "ph_004.nii.gz", "predict_args.json"]
     cli_mask = read_volume(tmp_path / "out" / "ph_003.nii.gz").array
     assert np.array_equal(cli_mask, res.mask.array)
     # one channel file as the input: its case's other channel comes from its folder
@@ -156,7 +156,7 @@ def test_numbered_cases_are_segmented_separately_and_evaluated(tmp_path, capsys)
     run = make_run(tmp_path / "run")
     inputs = write_inputs(tmp_path / "in", [("patient_0001.nii.gz", "RAS", 0.0), ("patient_0002.nii.gz", "LPS", 0.0)])
     assert infer(run, tmp_path / "in", tmp_path / "out") == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["patient_0001.nii.gz", "patient_0002.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["patient_0001.nii.gz", "patient_0002.nii.gz", "predict_args.json"]
     refs = tmp_path / "labelsTs"
     for src in inputs:
         write_volume(read_volume(tmp_path / "out" / src.name), refs / src.name)
@@ -165,4 +165,4 @@ def test_numbered_cases_are_segmented_separately_and_evaluated(tmp_path, capsys)
     assert "no prediction" not in capsys.readouterr().err
     # a single one, too: written under its own name, not as patient.nii.gz
     assert infer(run, inputs[0], tmp_path / "single") == 0
-    assert [p.name for p in (tmp_path / "single").iterdir()] == ["patient_0001.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["patient_0001.nii.gz", "predict_args.json"]

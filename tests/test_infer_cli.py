@@ -312,3 +312,14 @@ def test_continue_skips_cases_already_written(tmp_path, run_dir, capsys):
     assert infer(run_dir, tmp_path / "in", out, "--precision", "fp32", "--continue", "--save-probabilities") == 0
     assert (out / "a_probabilities.nii.gz").is_file() and (out / "b_probabilities.nii.gz").is_file()
     assert (out / "a.nii.gz").stat().st_mtime_ns != a_before
+
+
+def test_predict_args_follow_the_predictions_only(tmp_path, capsys, run_dir):
+    """A refused call leaves no predict_args.json; a call where some cases failed records the ones written."""
+    inputs = write_inputs(tmp_path / "in", [("a.nii.gz", "RAS", 0.0)])
+    assert infer(run_dir, inputs[0], tmp_path / "in") == 2  # would overwrite its input
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["a.nii.gz"]
+    _, lab = make_phantom_case(1, shape=(32, 32, 20), orientation="RAS")
+    write_volume(lab, tmp_path / "in" / "seg.nii.gz")  # a label map: refused as an image
+    assert infer(run_dir, tmp_path / "in", tmp_path / "out") == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "predict_args.json"]

@@ -95,15 +95,24 @@ def run(args: argparse.Namespace) -> int:
         postprocess=args.postprocess,
         progress=show_progress(args),
     )
-    if Path(args.output).resolve() != Path(args.input).resolve():  # run_inference refuses the input folder
-        write_predict_args(args, predictor)
-    written = run_inference(
-        predictor, args.input, args.output, output_format=args.output_format,
-        save_probabilities=args.save_probabilities, save_gates=args.save_gates,
-        num_parts=args.num_parts, part_id=args.part_id, skip_existing=args.continue_,
-    )
+    out = Path(args.output)
+    before, finished = _listing(out), False
+    try:
+        written = run_inference(
+            predictor, args.input, out, output_format=args.output_format,
+            save_probabilities=args.save_probabilities, save_gates=args.save_gates,
+            num_parts=args.num_parts, part_id=args.part_id, skip_existing=args.continue_,
+        )
+        finished = True
+    finally:  # after a partial failure or Ctrl-C too, once something was written; a refused call writes nothing
+        if finished or _listing(out) - before:
+            write_predict_args(args, predictor)
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0
+
+
+def _listing(folder: Path) -> set[Path]:
+    return set(folder.iterdir()) if folder.is_dir() else set()
 
 
 def checkpoint_identity(path: Path) -> dict:
