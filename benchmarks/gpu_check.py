@@ -290,7 +290,7 @@ def build_report(env: dict, checks: Sequence[dict], tables: Sequence[dict] = (),
     rows = []
     for c in checks:
         what = c["details"].get("result", "") if c["status"] == "ok" else (c["error"] or "").splitlines()[0]
-        rows.append([c["name"], c["status"].upper() if c["status"] == "failed" else c["status"], c["seconds"],
+        rows.append([c["name"], c["status"].upper() if c["status"] == "failed" else c["status"], round(c["seconds"], 1),
                      str(what).replace("|", "/")])
     lines.append(md_table(["check", "status", "s", "result"], rows))
     failed = [c for c in checks if c["status"] == "failed"]
@@ -332,8 +332,12 @@ def run_proc(cmd: Sequence, *, timeout: float, env: dict | None = None) -> tuple
     proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} ... exited {proc.returncode}:\n{tail}")
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        errors = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception)\b", ln)
+                  and "ChildFailedError" not in ln]  # the worker's own error: torchrun's summary hides it
+        tail = "\n".join(errors[-1:] + lines[-15:])
+        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))} ... exited {proc.returncode}: "
+                           f"{errors[-1] if errors else ''}\n{tail}")
     return proc, wall
 
 
@@ -350,7 +354,8 @@ def train_config(pre: Path, *, arch: str, precision: str, channels_last: bool, e
           "train.device=cuda", f"train.val_interval={epochs}", f"train.checkpoint_interval={checkpoint_interval or epochs}",
           "train.tb_num_cases=1"]
     if arch != "unet":
-        ov += [f"model.arch={arch}", "model.deep_supervision=false", "model.skip_fusion.name=concat"]
+        ov += [f"model.arch={arch}", "model.deep_supervision=false", "model.skip_fusion.name=concat",
+               "model.skip_fusion.kwargs={}"]  # MONAI's nets refuse settings they cannot honour
     return load_config(config_path("attention_unet3d"), ov)
 
 

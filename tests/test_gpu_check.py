@@ -259,3 +259,21 @@ def test_sliding_window_reads_the_buffer_switch(monkeypatch):
         logger.setLevel(old)
     assert out.shape == (2, 8, 8, 8) and out.device.type == "cpu"
     assert [gc.BUFFER_LINE.findall(r) for r in records if "stitching" in r] == [["cpu"]]  # what gpu_check parses
+
+
+# --------------------------------------------------------------------------- configs and subprocess errors
+@pytest.mark.parametrize("name", sorted(gc.TRAIN_MODELS))
+def test_train_config_builds_every_model(name, tmp_path):
+    from medseg.nn import build_model
+
+    cfg = gc.train_config(tmp_path, arch=gc.TRAIN_MODELS[name], precision="fp16", channels_last=True, epochs=4, iters=10,
+                          patch=(32, 32, 32), channels=(4, 8, 16, 32, 64), workers=0)
+    assert (cfg.train.precision, cfg.train.device, cfg.train.channels_last, cfg.train.val_interval) == ("fp16", "cuda", True, 4)
+    model = build_model(cfg.model, num_classes=3, spacing=(1.5, 1.5, 1.5))  # MONAI's nets refuse settings they ignore
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_run_proc_names_the_inner_error():
+    code = "import sys; print('Traceback (most recent call last):', file=sys.stderr); raise ValueError('inner boom')"
+    with pytest.raises(RuntimeError, match=r"exited 1: ValueError: inner boom"):
+        gc.run_proc([sys.executable, "-c", code], timeout=60)
