@@ -190,11 +190,18 @@ def write_results(name: str, title: str, body_md: str, data: dict, meta: dict, *
     return md_path, js_path
 
 
+def repo_relative(value: str | Path) -> str:
+    """An absolute path as a path relative to the repository (published results hold no machine
+    paths); anything else unchanged."""
+    text = str(value)
+    return os.path.relpath(text, ROOT) if os.path.isabs(text) else text
+
+
 def meta_now(threads: int, argv: Sequence[str] | None = None) -> dict:
     """Commit, machine, date and command line of this run."""
     import datetime
 
     return {"commit": commit(), "machine": machine(threads),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "argv": list(sys.argv if argv is None else argv),
+            "argv": [repo_relative(a) for a in (sys.argv if argv is None else argv)],
             "loadavg_start": os.getloadavg()[0]}  # other work on the machine skews wall-clock timings

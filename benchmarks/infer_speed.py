@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REAL_CT, ROOT, WIDTHS, make_run_dir, md_table, meta_now, num_windows, peak_rss_gb  # noqa: E402
-from _common import plan_for_image, run_child, set_threads, write_phantom_ct, write_results  # noqa: E402
+from _common import plan_for_image, repo_relative, run_child, set_threads, write_phantom_ct, write_results  # noqa: E402
 
 DEFAULT_IMAGE = REAL_CT / "organs" / "imagesTr" / "lidc0001_chest.nii.gz"
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "lung": 4, "heart": 5}
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     md = table(rows)
     print(md)
     meta = meta_now(args.threads)
+    source = repo_relative(source)
     notes = (f"Input: {source}. Untrained weights, 6 classes, channels {tuple(args.channels)}, one subprocess per "
              f"pipeline (peak RSS = its own `ru_maxrss`), {args.threads} threads, fastest of {args.repeats} interleaved run(s). "
              "Ours: `Predictor.from_run(...).predict(path)` + writing the mask, Gaussian blending; precision `auto` "

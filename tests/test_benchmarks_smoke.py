@@ -229,3 +229,12 @@ def test_head_to_head_quick_nnunet(tmp_path):
     assert len(row["test_dice"]) >= 2 and all(0.0 <= d <= 1.0 for d in row["test_dice"].values())
     assert [p["mark_min"] for p in row["curve"]] == out["marks"]
     assert (tmp_path / "res" / "head_to_head.md").read_text().count("| nnunet |") == 2  # table and curve
+
+
+def test_recorded_command_lines_hold_no_machine_paths():
+    """meta_now's argv (the published "Reproduce" provenance) writes absolute paths relative to the repository."""
+    shared = _common.ROOT.parent / "shared" / "data" / "x.nii.gz"
+    meta = _common.meta_now(1, argv=["benchmarks/x.py", "--work-dir", "/tmp/w", str(shared), "--minutes", "15"])
+    assert meta["argv"] == ["benchmarks/x.py", "--work-dir", _common.repo_relative("/tmp/w"),
+                            "../shared/data/x.nii.gz", "--minutes", "15"]
+    assert not any(a.startswith("/") for a in meta["argv"])
