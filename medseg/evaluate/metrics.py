@@ -100,9 +100,9 @@ def _iou_from(c: dict[str, int]) -> float:
     return float("nan") if den == 0 else c["TP"] / den
 
 
-def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice = 2|P∩R| / (|P|+|R|); NaN when both masks are empty."""
-    return _dice_from(confusion(pred, ref))
+def dice(pred: np.ndarray, ref: np.ndarray, ignore: np.ndarray | None = None) -> float:
+    """Dice = 2|P∩R| / (|P|+|R|); NaN when both masks are empty; ``ignore`` voxels count nowhere."""
+    return _dice_from(confusion(pred, ref, ignore))
 
 
 def iou(pred: np.ndarray, ref: np.ndarray) -> float:

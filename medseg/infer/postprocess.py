@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from medseg.evaluate.metrics import dice
 from medseg.registry import Registry
 
 __all__ = ["POSTPROCESSORS", "apply_postprocess", "choose_largest_component", "keep_largest_component",
@@ -82,13 +83,6 @@ def apply_postprocess(mask: np.ndarray, name: str | dict | None) -> np.ndarray:
     return POSTPROCESSORS.get(name or "none")(mask)
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray, ignore: np.ndarray | None) -> float:
-    if ignore is not None:
-        pred, ref = pred & ~ignore, ref & ~ignore
-    denom = int(pred.sum()) + int(ref.sum())
-    return float("nan") if denom == 0 else 2.0 * int((pred & ref).sum()) / denom
-
-
 def largest_component_scores(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int], *,
                              ignore_label: int | None = None) -> dict[str, list[float]]:
     """One validation case: ``{class: [Dice without, Dice with largest-component]}`` (NaN when the
@@ -98,7 +92,7 @@ def largest_component_scores(pred: np.ndarray, ref: np.ndarray, classes: Sequenc
     out = {}
     for c in classes:
         r = ref == c
-        out[str(int(c))] = [_dice(pred == c, r, ign), _dice(keep_largest_component(pred, [int(c)]) == c, r, ign)]
+        out[str(int(c))] = [dice(pred == c, r, ign), dice(keep_largest_component(pred, [int(c)]) == c, r, ign)]
     return out
 
 
