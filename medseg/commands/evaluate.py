@@ -35,6 +35,13 @@ conventions:
   - nnU-Net v2's "ignore" label in dataset.json: reference voxels holding it are left out of
     every metric of every class, and it is never scored as a class.
 
+gate localisation (--gates [DIR]): each map of DIR/<case>_gates/<map>.nii.gz (what `medseg infer
+  --save-gates` writes; DIR defaults to --pred) against the case's reference, per class and for the
+  whole foreground ("fg"), each class dilated by --gate-margin mm: energy_fraction (share of the map's
+  sum inside the class), volume_fraction (the class's share of the volume: what a flat map scores),
+  mean_inside, mean_outside and their ratio (1 for a flat map). Written to summary.json under
+  "gate_localisation" ("per_case", "mean", "missing"), and printed as a second table.
+
 exit status: 0 ok; 1 some reference cases have no prediction (unless --allow-missing); 2 bad input.
 """
 
@@ -62,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-missing", action="store_true",
                         help="exit 0 even when some reference cases have no prediction (they are still listed in "
                         "summary.json 'missing' and left out of the means)")
+    parser.add_argument("--gates", nargs="?", const="", default=None, metavar="DIR",
+                        help="also measure where the attention maps of DIR/<case>_gates/ look (default DIR: --pred); "
+                        "see 'gate localisation' below")
+    parser.add_argument("--gate-margin", type=float, default=None, metavar="MM",
+                        help="dilation of each reference class for --gates, mm (default: 5.0; 0: none)")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="processes scoring cases in parallel (default: 1)")
 
 
@@ -80,6 +92,7 @@ def summary_path(output: Path | None, pred: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from medseg.cli import show_progress
     from medseg.evaluate import ALL_METRICS, evaluate_folders, format_table, write_summary
+    from medseg.evaluate.gates import format_gate_table
 
     metrics = list(ALL_METRICS) if args.metrics.strip().lower() == "all" else [m.lower() for m in _split(args.metrics)]
     if not metrics:
@@ -88,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--workers: must be >= 1, got {args.workers}")
     if not (args.nsd_tolerance >= 0) or args.nsd_tolerance == float("inf"):
         raise InputError(f"--nsd-tolerance: must be a finite number >= 0 mm, got {args.nsd_tolerance}")
+    if args.gate_margin is not None and (not (args.gate_margin >= 0) or args.gate_margin == float("inf")):
+        raise InputError(f"--gate-margin: must be a finite number >= 0 mm, got {args.gate_margin}")
+    gates_dir = None if args.gates is None else Path(args.gates) if args.gates else args.pred
     summary = evaluate_folders(
         args.pred,
         args.ref,
@@ -97,9 +113,13 @@ def run(args: argparse.Namespace) -> int:
         dataset_json=args.dataset_json,
         workers=args.workers,
         progress=None if show_progress(args) else False,  # None: a bar on a terminal
+        gates_dir=gates_dir,
+        gate_margin_mm=args.gate_margin,
     )
     json_path, csv_path = write_summary(summary, summary_path(args.output, args.pred), args.csv)
     print(format_table(summary))
+    if "gate_localisation" in summary:
+        print(format_gate_table(summary["gate_localisation"], summary.get("label_names")))
     print(f"wrote {json_path} and {csv_path} ({len(summary['metric_per_case'])} cases)")
     missing = summary["missing"]
     if missing:

@@ -171,6 +171,8 @@ def evaluate_folders(
     dataset_json: str | Path | None = "auto",
     workers: int = 1,
     progress: bool | None = None,
+    gates_dir: str | Path | None = None,
+    gate_margin_mm: float | None = None,
 ) -> dict:
     """Score every reference case in ``ref_dir`` against its prediction in ``pred_dir``.
 
@@ -185,6 +187,11 @@ def evaluate_folders(
             ``scored_labels``.
         workers: processes (1 = in this process).
         progress: tqdm bar over cases (``None``: only on a terminal).
+        gates_dir: a folder of ``<case>_gates/`` folders (``medseg infer --save-gates``): their maps
+            are scored against the references into ``summary["gate_localisation"]``
+            (:func:`medseg.evaluate.gates.gate_localisation_folders`); ``None``: not done.
+        gate_margin_mm: dilation of the reference classes for the gate localisation, mm
+            (``None``: :data:`medseg.evaluate.gates.DEFAULT_MARGIN_MM`).
 
     Returns:
         the summary dict described in the module docstring. References without a prediction are
@@ -241,6 +248,13 @@ def evaluate_folders(
         per_label = {str(lab): res["metrics"].get(lab) or _empty_result(metrics, res["n_voxels"]) for lab in scored}
         per_case.append({"case": case, "prediction_file": str(pred), "reference_file": str(ref), "metrics": per_label})
     mean, foreground = summarize(per_case)
+    extra = {}
+    if gates_dir is not None:
+        from medseg.evaluate.gates import DEFAULT_MARGIN_MM, gate_localisation_folders
+
+        extra["gate_localisation"] = gate_localisation_folders(
+            gates_dir, [(case, ref) for case, _, ref in match.pairs], ignore_label=ignore_label,
+            margin_mm=DEFAULT_MARGIN_MM if gate_margin_mm is None else gate_margin_mm)
     return {
         "metric_per_case": per_case,
         "mean": mean,
@@ -252,4 +266,4 @@ def evaluate_folders(
         "metrics": metrics,
         "nsd_tolerance_mm": float(nsd_tolerance_mm),
         "dataset_json": str(info.json_path) if info else None,
-    }
+    } | extra

@@ -40,7 +40,7 @@ from medseg.train.optim import refresh_lr
 from medseg.train.setup import (Context, budget_state, build_context, check_run_dir, open_log, resume_from_latest,
                                 train_loader, write_run_files)
 from medseg.train.signals import StopRequest
-from medseg.train.tensorboard import log_case_images, log_gate_histograms, render_case
+from medseg.train.tensorboard import log_case_images, log_gate_histograms, log_gate_localisation, render_case
 from medseg.train.validation import validate
 
 __all__ = ["TrainingDiverged", "train"]
@@ -153,6 +153,7 @@ def _validate(ctx: Context, epoch: int) -> float:
                 renders = render_case(view.image, view.label, view.pred, view.gates, view.spacing)
                 log_case_images(ctx.writer, view.case, renders, epoch + 1)
                 log_gate_histograms(ctx.writer, view.gates, epoch + 1)
+            log_gate_localisation(ctx.writer, summary, epoch + 1)
             ctx.writer.flush()
     return score
 

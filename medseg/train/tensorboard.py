@@ -9,7 +9,10 @@ Tags (documented in README.md, "Inspecting gate maps"):
   ``val/<case>/<view>/segmentation`` (CT | ground truth | prediction, colour overlays) and
   ``gates/<case>/<view>/<map name>`` (each gate map, e.g. ``gate/level2`` or ``cbam/enc1``,
   resampled to the slice and drawn as a ``jet`` heat overlay on the CT, fixed scale 0..1);
-- histograms: ``gate_hist/<map name>`` (gate values over the whole validation case).
+- histograms: ``gate_hist/<map name>`` (gate values over the whole validation case);
+- scalars of where each map looks (:mod:`medseg.evaluate.gates`, mean over the drawn validation
+  cases): ``gate_loc/<map name>/<class name | fg>/<metric>`` with metric ``energy_fraction``,
+  ``volume_fraction`` (what a flat map scores), ``mean_inside``, ``mean_outside``, ``ratio``.
 
 Slices are shown radiologically (patient right on the image left, anterior / superior up)
 with square millimetres (rows and columns resampled by their spacing). Colour maps come from
@@ -32,7 +35,8 @@ import numpy as np
 
 from medseg.errors import InputError, MedsegError
 
-__all__ = ["VIEWS", "export_gate_grid", "log_case_images", "log_gate_histograms", "render_case", "slice_indices"]
+__all__ = ["VIEWS", "export_gate_grid", "log_case_images", "log_gate_histograms", "log_gate_localisation", "render_case",
+           "slice_indices"]
 
 VIEWS = {"axial": 2, "coronal": 1}  # view -> array axis the slice is taken across
 MIN_SIDE_PX = 192  # small phantoms are upscaled (nearest) to at least this many pixels
@@ -147,6 +151,21 @@ def log_gate_histograms(writer, gates: Mapping[str, np.ndarray], step: int, max_
         if v.size > max_values:
             v = v[:: int(math.ceil(v.size / max_values))]
         writer.add_histogram(f"gate_hist/{name}", v, step)
+
+
+def log_gate_localisation(writer, summary: Mapping, step: int) -> int:
+    """Scalars ``gate_loc/<map>/<class>/<metric>`` of a validation summary's ``gate_localisation``
+    mean (classes named by its ``label_names``; ``inf`` ratios are written, NaN left out);
+    returns how many were written (0 when the summary has no gate maps)."""
+    from medseg.evaluate.gates import localisation_scalars
+
+    loc = summary.get("gate_localisation")
+    if not loc:
+        return 0
+    scalars = localisation_scalars(loc["mean"], summary.get("label_names"))
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, step)
+    return len(scalars)
 
 
 # --------------------------------------------------------------------------- export

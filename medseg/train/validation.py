@@ -12,7 +12,10 @@ writes it to the run's ``postprocessing.json`` for ``medseg infer --postprocess 
 
 With DDP the cases are shared out over the ranks (``cases[rank::world]``) and the per-case
 results gathered on every rank. The first ``train.tb_num_cases`` cases of rank 0 also return
-their image, label, prediction and gate maps for the TensorBoard overlays.
+their image, label, prediction and gate maps for the TensorBoard overlays, and where those maps
+look is measured against the label (:func:`medseg.evaluate.gates.gate_localisation`, classes
+dilated by :data:`~medseg.evaluate.gates.DEFAULT_MARGIN_MM`): rank 0's summary gets
+``gate_localisation`` (``per_case``, ``mean``), logged as ``gate_loc/<map>/<class>/<metric>``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tqdm import tqdm
 from medseg.config import Config
 from medseg.data.datasets import ignore_label_of
 from medseg.evaluate.evaluator import summarize
+from medseg.evaluate.gates import DEFAULT_MARGIN_MM, gate_localisation, mean_localisation
 from medseg.evaluate.metrics import compute_metrics
 from medseg.infer.postprocess import choose_largest_component, largest_component_scores
 from medseg.infer.sliding import sliding_window_predict
@@ -88,7 +92,7 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
 
     mine = list(cases)[info.rank::info.world_size]
     classes = list(range(1, num_classes))
-    per_case, views = [], []
+    per_case, views, gate_loc = [], [], {}
     for i, name in enumerate(tqdm(mine, desc="validation", leave=False, disable=not (info.is_main and progress_enabled()) or None)):
         image, label, props = load_case(Path(pre_dir), name)
         want_gates = info.is_main and i < draw
@@ -108,6 +112,9 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
         if want_gates:
             views.append(CaseView(name, np.asarray(image), ref, pred,
                                   {k: g[0].float().cpu().numpy() for k, g in gates.items()}, spacing))
+            if gates:
+                gate_loc[name] = gate_localisation(views[-1].gates, ref, spacing=spacing, classes=classes,
+                                                   ignore_label=ignore_label_of(labels))
     gathered = [c for part in all_gather_objects(per_case, info) for c in part]
     gathered.sort(key=lambda c: c["case"])
     postprocessing = choose_largest_component([c.pop("largest_component") for c in gathered])
@@ -115,4 +122,7 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
     names = {str(v): k for k, v in labels.items() if int(v) != 0}
     summary = {"metric_per_case": gathered, "mean": mean, "foreground_mean": fg_mean, "label_names": names,
                "metrics": ["dice", "iou"], "grid": "preprocessed", "postprocessing": postprocessing}
+    if gate_loc:
+        summary["gate_localisation"] = {"per_case": gate_loc, "mean": mean_localisation(list(gate_loc.values())),
+                                        "margin_mm": DEFAULT_MARGIN_MM, "resampling": "maps stitched on the label grid"}
     return ValidationResult(summary, views)
