@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "train": "train a U-Net variant from a YAML config into a run directory",
     "infer": "segment NIfTI / NRRD / MHA / DICOM volumes with a trained run, in each input's own geometry",
     "evaluate": "score predicted masks against references (Dice, IoU, HD95, ASSD, NSD) into summary.json + CSV",
+    "run": "the whole job on a dataset: preprocess -> train -> infer on imagesTs -> evaluate against labelsTs",
     "demo": "phantoms -> preprocess -> train -> infer -> evaluate on CPU, then print where to look",
 }
 

@@ -1,7 +1,9 @@
-"""Step script: the whole job on synthetic CT phantoms (phantoms -> preprocess -> train -> infer -> evaluate).
+"""Step script: the whole job, preprocess -> train -> infer -> evaluate.
 
-Same as `medseg demo ...` (see `python pipelines/run_all.py --help`); the library function is
-`medseg.pipelines.demo.run_demo`. For a dataset of your own, run the four steps (README: Bring your own dataset).
+With ``--data DATASET`` it is ``medseg run --data DATASET ...`` (your own dataset; see
+``python pipelines/run_all.py --data X --help``); without, ``medseg demo ...`` (generated CT
+phantoms). The library functions are :func:`medseg.pipelines.job.run_job` and
+:func:`medseg.pipelines.demo.run_demo`.
 """
 
 import sys
@@ -9,4 +11,6 @@ import sys
 from medseg.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["demo", *sys.argv[1:]]))
+    args = sys.argv[1:]
+    command = "run" if any(a == "--data" or a.startswith("--data=") for a in args) else "demo"
+    sys.exit(main([command, *args]))

@@ -49,7 +49,7 @@ def idle_cpu_threads(threads: int, *, load: float | None, cpu_count: int | None,
     return max(1, min(threads, int((cpu_count or threads) - load + 0.5)))
 
 
-def _use_idle_cores() -> None:
+def use_idle_cores() -> None:
     import os
 
     import torch
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.train_cases < 2 or args.test_cases < 1:
         raise ConfigError("--train-cases must be >= 2 and --test-cases >= 1")
-    _use_idle_cores()
+    use_idle_cores()
     summary = run_demo(args.out, config=args.config, minutes=args.minutes, overrides=args.overrides,
                        n_train=args.train_cases, n_test=args.test_cases, seed=args.seed)
     if summary["status"] != "finished":

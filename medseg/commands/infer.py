@@ -7,8 +7,6 @@ A thin layer over :class:`medseg.infer.predictor.Predictor` and
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
 
 from medseg.infer.postprocess import POSTPROCESSORS
@@ -78,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medseg.cli import show_progress
     from medseg.infer.predictor import Predictor
-    from medseg.infer.runner import run_inference, select_part
+    from medseg.infer.runner import run_inference, select_part, write_predict_args
 
     select_part([], args.num_parts, args.part_id)  # validate before loading the model
     predictor = Predictor.from_run(
@@ -106,66 +104,13 @@ def run(args: argparse.Namespace) -> int:
         finished = True
     finally:  # after a partial failure or Ctrl-C too, once something was written; a refused call writes nothing
         if finished or _listing(out) - before:
-            write_predict_args(args, predictor)
+            write_predict_args(out, predictor, run=args.model, checkpoint=args.checkpoint, input_path=args.input,
+                               overrides=args.overrides, output_format=args.output_format,
+                               save_probabilities=args.save_probabilities, save_gates=args.save_gates,
+                               num_parts=args.num_parts, part_id=args.part_id, continue_=args.continue_)
     print(f"wrote {len(written)} file(s) to {args.output}")
     return 0
 
 
 def _listing(folder: Path) -> set[Path]:
     return set(folder.iterdir()) if folder.is_dir() else set()
-
-
-def checkpoint_identity(path: Path) -> dict:
-    """``{"path", "sha256", "epoch", "step"}`` of a checkpoint (``epoch``: the last completed one, 0-based)."""
-    from medseg.train.checkpoint import load_checkpoint
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    state = load_checkpoint(path)
-    return {"path": str(path.resolve()), "sha256": digest.hexdigest(), "epoch": state.get("epoch"),
-            "step": state.get("step")}
-
-
-def write_predict_args(args: argparse.Namespace, predictor) -> Path:
-    """``OUT_DIR/predict_args.json``: what this call ran with (as nnU-Net's predict_from_raw_data_args.json).
-
-    The settings are the predictor's resolved ones (after the run's ``infer`` section, the overrides
-    and the flags; ``precision`` is the autocast dtype actually used), plus the checkpoint's identity.
-    """
-    from medseg import __version__
-    from medseg.config import load_config
-    from medseg.io import atomic_write_text
-
-    run = Path(args.model)
-    name = args.checkpoint or load_config(run / "config.yaml", args.overrides).infer.checkpoint
-    amp = predictor.amp_dtype
-    record = {
-        "medseg_version": __version__,
-        "model": str(run.resolve()),
-        "checkpoint": {"name": name, **checkpoint_identity(run / "checkpoints" / f"{name}.pt")},
-        "input": str(Path(args.input).resolve()),
-        "output": str(Path(args.output).resolve()),
-        "overrides": list(args.overrides),
-        "settings": {
-            "device": str(predictor.device),
-            "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
-            "roi_size": list(predictor.roi_size),
-            "overlap": predictor.overlap,
-            "blend": predictor.blend,
-            "sw_batch_size": predictor.sw_batch_size,
-            "tta": predictor.tta,
-            "mirror_axes": list(predictor.mirror_axes),
-            "channels_last": predictor.channels_last,
-            "postprocess": predictor.postprocess,
-            "channels": list(predictor.channel_names),
-        },
-        "output_format": args.output_format,
-        "save_probabilities": args.save_probabilities,
-        "save_gates": args.save_gates,
-        "num_parts": args.num_parts,
-        "part_id": args.part_id,
-        "continue": args.continue_,
-    }
-    return atomic_write_text(Path(args.output) / "predict_args.json", json.dumps(record, indent=2) + "\n")

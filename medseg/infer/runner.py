@@ -260,3 +260,67 @@ def run_inference(predictor: Predictor, input_path: str | Path, out_dir: str | P
     if failed:
         raise InputError(f"{len(failed)} of {len(jobs)} case(s) failed: " + "; ".join(failed))
     return written
+
+
+def checkpoint_identity(path: Path) -> dict:
+    """``{"path", "sha256", "epoch", "step"}`` of a checkpoint (``epoch``: the last completed one, 0-based)."""
+    import hashlib
+
+    from medseg.train.checkpoint import load_checkpoint
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    state = load_checkpoint(path)
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest(), "epoch": state.get("epoch"),
+            "step": state.get("step")}
+
+
+def write_predict_args(out_dir: str | Path, predictor: Predictor, *, run: str | Path, input_path: str | Path,
+                       checkpoint: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                       output_format: str = "nii.gz", save_probabilities: bool = False, save_gates: bool = False,
+                       num_parts: int = 1, part_id: int = 0, continue_: bool = False) -> Path:
+    """``OUT_DIR/predict_args.json``: what an inference call ran with (as nnU-Net's predict_from_raw_data_args.json).
+
+    The settings are the predictor's resolved ones (after the run's ``infer`` section, the overrides
+    and the flags; ``precision`` is the autocast dtype actually used), plus the checkpoint's identity
+    (``checkpoint`` None: the run's ``infer.checkpoint``).
+    """
+    import json
+
+    from medseg import __version__
+    from medseg.config import load_config
+    from medseg.io import atomic_write_text
+
+    run = Path(run)
+    name = checkpoint or load_config(run / "config.yaml", list(overrides)).infer.checkpoint
+    amp = predictor.amp_dtype
+    record = {
+        "medseg_version": __version__,
+        "model": str(run.resolve()),
+        "checkpoint": {"name": name, **checkpoint_identity(run / "checkpoints" / f"{name}.pt")},
+        "input": str(Path(input_path).resolve()),
+        "output": str(Path(out_dir).resolve()),
+        "overrides": list(overrides),
+        "settings": {
+            "device": str(predictor.device),
+            "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+            "roi_size": list(predictor.roi_size),
+            "overlap": predictor.overlap,
+            "blend": predictor.blend,
+            "sw_batch_size": predictor.sw_batch_size,
+            "tta": predictor.tta,
+            "mirror_axes": list(predictor.mirror_axes),
+            "channels_last": predictor.channels_last,
+            "postprocess": predictor.postprocess,
+            "channels": list(predictor.channel_names),
+        },
+        "output_format": output_format,
+        "save_probabilities": save_probabilities,
+        "save_gates": save_gates,
+        "num_parts": num_parts,
+        "part_id": part_id,
+        "continue": continue_,
+    }
+    return atomic_write_text(Path(out_dir) / "predict_args.json", json.dumps(record, indent=2) + "\n")
