@@ -150,7 +150,7 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # stop training after this wall time
     loss: str = "dice_ce"  # dice_ce | dice | ce (monai.losses.DiceCELoss)
     batch_dice: bool = True  # Dice over the whole batch (nnU-Net) instead of per sample
-    aux_loss_weight: float = 0.5  # weight of auxiliary losses declared by the model
+    aux_loss_weight: float = 1.0  # weight of auxiliary losses declared by the model; 1.0 = plain sum, as ABN
     tb_num_cases: int = 2  # fixed validation cases drawn in TensorBoard
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

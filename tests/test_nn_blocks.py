@@ -143,23 +143,6 @@ def test_nonlocal_starts_as_identity_and_then_mixes_distant_positions():
     assert (block(x2)[..., 0, 0, 0] - block(x)[..., 0, 0, 0]).abs().max() > 1e-4
 
 
-def test_abn_reweights_by_one_plus_foreground_and_its_loss_is_ce_on_downsampled_label():
-    torch.manual_seed(0)
-    block = create_block_attention("abn", 16, num_classes=3).train()
-    x = torch.randn(2, 16, 4, 4, 4)
-    y, a = block(x, return_map=True)
-    probs = torch.softmax(block.last_logits, 1)
-    torch.testing.assert_close(a, probs[:, 1:].sum(1, keepdim=True), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y, x * (1 + a))
-    label = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
-    label[:, :, 8:] = 2  # upper half of x is class 2 -> coarse voxels 2..3 along x
-    expected_target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
-    expected_target[:, 2:] = 2
-    loss = block.auxiliary_loss(label)
-    torch.testing.assert_close(loss, F.cross_entropy(block.last_logits, expected_target))
-    assert loss.ndim == 0 and loss > 0
-
-
 @pytest.mark.parametrize(
     "name,kwargs,arg",
     [

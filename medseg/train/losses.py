@@ -10,8 +10,12 @@
 - Deep supervision (Lee et al., "Deeply-Supervised Nets", AISTATS 2015; nnU-Net's weighting):
   output ``i`` (resolution ``1/2^i``) gets weight ``1/2^i``, the lowest-resolution output gets
   0, the weights are normalized to sum to 1. Targets are downsampled with nearest neighbour.
+- 2.5D models (``z_halo = H > 0``, :mod:`medseg.nn.slice25d`): outputs and label carry ``H``
+  context slices at each z end (:class:`medseg.train.data.PatchDataset`); the loss sees only the
+  central slices, whose inputs were all real. The auxiliary loss takes the whole patch.
 - Models that declare ``auxiliary_loss(label)`` (the attention branch of ABN, Fukui et al.
-  CVPR 2019) add it with weight ``train.aux_loss_weight``.
+  CVPR 2019) add it with weight ``train.aux_loss_weight``: 1.0 by default, the paper's plain sum
+  ``L = L_seg + L_att`` (the trainer's step: ``seg + train.aux_loss_weight * aux``).
 
 All terms are computed in float32, whatever the autocast dtype of the logits.
 """
@@ -26,6 +30,7 @@ from monai.losses import DiceLoss
 
 from medseg.config import TrainConfig
 from medseg.errors import ConfigError
+from medseg.nn.slice25d import crop_z_halo
 
 __all__ = ["build_loss", "deep_supervision_weights", "SegmentationLoss"]
 
@@ -57,13 +62,16 @@ class SegmentationLoss(torch.nn.Module):
         batch_dice: Dice over the whole batch (nnU-Net's default) instead of per sample.
         ignore_label: label value whose voxels enter no term (nnU-Net v2's ``ignore``; it is
             ``>= K``, not a network output), or ``None``.
+        z_halo: slices at each z end of outputs and label left out of the loss (2.5D context).
 
     Raises:
         ConfigError: unknown ``kind``.
     """
 
-    def __init__(self, kind: str = "dice_ce", *, batch_dice: bool = True, ignore_label: int | None = None):
+    def __init__(self, kind: str = "dice_ce", *, batch_dice: bool = True, ignore_label: int | None = None,
+                 z_halo: int = 0):
         super().__init__()
+        self.z_halo = int(z_halo)
         if kind not in LOSSES:
             raise ConfigError(f"train.loss: '{kind}' is not valid (use {', '.join(LOSSES)})")
         self.lambda_dice, self.lambda_ce = LOSSES[kind]
@@ -86,8 +94,8 @@ class SegmentationLoss(torch.nn.Module):
         return loss
 
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-        outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
-        label = label.long()
+        outs = crop_z_halo([outputs] if isinstance(outputs, torch.Tensor) else list(outputs), self.z_halo)
+        label = crop_z_halo(label.long(), self.z_halo)
         total = outs[0].new_zeros((), dtype=torch.float32)
         for w, logits in zip(deep_supervision_weights(len(outs)), outs):
             target = label
@@ -98,6 +106,7 @@ class SegmentationLoss(torch.nn.Module):
         return total
 
 
-def build_loss(train_cfg: TrainConfig, *, ignore_label: int | None = None) -> SegmentationLoss:
-    """The segmentation loss named by ``train.loss``; ``ignore_label``: ``plans["ignore_label"]``."""
-    return SegmentationLoss(train_cfg.loss, batch_dice=train_cfg.batch_dice, ignore_label=ignore_label)
+def build_loss(train_cfg: TrainConfig, *, ignore_label: int | None = None, z_halo: int = 0) -> SegmentationLoss:
+    """The segmentation loss named by ``train.loss``; ``ignore_label``: ``plans["ignore_label"]``;
+    ``z_halo``: the model's (:func:`medseg.nn.slice25d.z_halo`)."""
+    return SegmentationLoss(train_cfg.loss, batch_dice=train_cfg.batch_dice, ignore_label=ignore_label, z_halo=z_halo)
