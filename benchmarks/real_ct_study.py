@@ -81,7 +81,7 @@ def study_config(dataset_cfg: Path, variant: str, *, pre_dir: Path, data_dir: Pa
 
 def prepare(data_dir: Path, pre_dir: Path, cfg) -> tuple[list[str], str]:
     """Preprocess the training cases (once) and write splits.json: train on all, validate on the last."""
-    from medseg.data.preprocess import preprocess_dataset
+    from medseg.data.pipeline import preprocess_dataset
     from medseg.data.splits import write_splits
 
     report = preprocess_dataset(data_dir, pre_dir, data_cfg=cfg.data, model_cfg=cfg.model, progress=False)

@@ -62,7 +62,7 @@ def test_dataset_json_ignore_label_is_not_a_class(tmp_path):
 
 
 def test_plan_fingerprint_and_preprocessed_labels(ignore_pre):
-    from medseg.data.preprocess import load_case
+    from medseg.data.pipeline import load_case
 
     raw, pre = ignore_pre
     plans = json.loads((pre / "plans.json").read_text())

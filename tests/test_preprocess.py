@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from medseg.data.preprocess import (
-    check_ct_intensities,
-    normalize,
-    preprocess_volume,
-    restore_to_original,
-)
+from medseg.data.checks import check_ct_intensities
+from medseg.data.preprocess import normalize, preprocess_volume, restore_to_original
 from medseg.errors import GeometryError, InputError
 from medseg.io import Volume, read_volume, spacing_from_affine
 
@@ -260,7 +256,7 @@ def _cli(capsys, *argv):
 def test_cli_end_to_end_and_rerun(tmp_path, capsys):
     import json
 
-    from medseg.data.preprocess import load_case
+    from medseg.data.pipeline import load_case
 
     data, out = _phantoms(tmp_path / "ph"), tmp_path / "pre"
     code, text = _cli(capsys, "--data", data, "--out", out, "--workers", "2")
@@ -485,3 +481,38 @@ def test_fingerprint_and_plan_numbers(tmp_path):
         make_plan(fp, DataConfig(normalization="zscore"))
     with pytest.raises(ConfigError, match="data.target_spacing"):
         make_plan(fp, DataConfig(target_spacing=[1.0, -1.0, 1.0]))
+
+
+@pytest.mark.parametrize("arch", ["unet", "monai_unet", "monai_attention_unet", "monai_dynunet"])
+def test_planner_divisor_is_the_built_nets_without_building_one(arch, monkeypatch):
+    """model_plan_args reads the divisor and stem from the config (patch_geometry), never building a
+    net; it agrees with every built net of every shipped config."""
+    import dataclasses
+
+    import medseg.nn as mnn
+    from medseg.config import load_config
+    from medseg.configs import shipped_configs
+    from medseg.data.plan import model_plan_args
+    from medseg.errors import ConfigError
+    from medseg.nn.factory import patch_geometry
+
+    checked = 0
+    for name, path in shipped_configs().items():
+        model = load_config(path).model
+        if arch != "unet":
+            if model.slices > 1:
+                continue  # 2.5D is built on our unet only
+            model = dataclasses.replace(model, arch=arch, block_attention=type(model.block_attention)(),
+                                        skip_fusion=type(model.skip_fusion)(), deep_supervision=False)
+        try:
+            net = mnn.build_model(model, num_classes=3, spacing=(1.0, 1.0, 2.0))
+        except ConfigError:
+            continue  # a baseline refusing this config (e.g. a strided stem): nothing to plan
+        geo = patch_geometry(model)
+        assert geo["divisor"] == tuple(net.patch_divisor), name
+        stem = tuple(getattr(net, "stem_stride", (1, 1, 1)))  # 2-D nets: (x, y); MONAI baselines: none
+        assert geo["stem"] == stem + (1,) * (3 - len(stem)), name
+        checked += 1
+    assert checked >= (10 if arch == "unet" else 5)
+    monkeypatch.setattr(mnn, "build_model", lambda *a, **k: pytest.fail("the planner built a network"))
+    assert model_plan_args(load_config("real_organs").model) == {"divisor": [32, 32, 32], "features": 2.0}

@@ -17,7 +17,8 @@ import numpy as np
 from medseg.data.checks import check_finite
 from medseg.data.datasets import Case, DatasetInfo, ignore_label_of
 from medseg.data.parallel import run_parallel
-from medseg.data.preprocess import BODY_THRESHOLD_HU, body_bbox, check_ct_intensities, check_label
+from medseg.data.checks import BODY_THRESHOLD_HU, check_ct_intensities, check_label
+from medseg.data.preprocess import body_bbox
 from medseg.errors import GeometryError, InputError
 from medseg.io import read_volume, same_space, to_canonical
 

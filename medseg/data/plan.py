@@ -18,7 +18,6 @@ the actual architecture.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Sequence
 
@@ -93,16 +92,16 @@ def _validated(values, n: int, kind: type, key: str):
 
 
 def model_plan_args(model_cfg) -> dict:
-    """``divisor`` (the built net's ``patch_divisor``) and ``features`` (first-stage width) of a
-    model config for :func:`make_plan`; the defaults (16, 32) when ``model_cfg`` is ``None``."""
+    """``divisor`` (the net's patch divisor per axis) and ``features`` (first-stage width per
+    input voxel: ``channels[0]`` over the stem's voxels) of a model config for :func:`make_plan`,
+    computed from the config alone (:func:`medseg.nn.factory.patch_geometry`, no net built); the
+    defaults (16, 32) when ``model_cfg`` is ``None``."""
     if model_cfg is None:
         return {"divisor": 16, "features": REFERENCE_FEATURES}
-    from medseg.nn import build_model  # the net itself knows its divisor (2.5D: 1 along z, MONAI nets: their strides)
+    from medseg.nn.factory import patch_geometry
 
-    probe = dataclasses.replace(model_cfg, slice_offset_mm=None)  # the slice step needs a spacing, the divisor does not
-    net = build_model(probe, num_classes=max(2, int(model_cfg.num_classes or 0)))
-    stem = float(np.prod(getattr(net, "stem_stride", 1)))  # a strided stem keeps no full-resolution feature map
-    return {"divisor": [int(v) for v in net.patch_divisor], "features": float(model_cfg.channels[0]) / stem}
+    geo = patch_geometry(model_cfg)
+    return {"divisor": list(geo["divisor"]), "features": float(model_cfg.channels[0]) / float(np.prod(geo["stem"]))}
 
 
 def make_plan(fingerprint: dict, data_cfg=None, *, divisor: int | Sequence[int] = 16,

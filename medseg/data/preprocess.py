@@ -11,7 +11,8 @@ scale to [-1, 1]).
 (logits, probabilities, masks, gate maps) so that it lands on the original file's voxel grid.
 
 Dataset-level work (fingerprint, plan, parallel preprocessing) lives in
-:mod:`medseg.data.pipeline`; ``preprocess_dataset`` and ``load_case`` are re-exported here.
+:mod:`medseg.data.pipeline` (``preprocess_dataset``, ``load_case``); input checks in
+:mod:`medseg.data.checks`.
 """
 
 from __future__ import annotations
@@ -22,92 +23,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from medseg.data.checks import check_finite
+from medseg.data.checks import BODY_THRESHOLD_HU, check_ct_intensities, check_finite, check_label
 from medseg.data.resample import apply_ornt, interpolate, resample_affine, resample_image, resample_label, resampled_shape
 from medseg.errors import GeometryError, InputError
 from medseg.io import Volume, _inverse_ornt, reorient, same_space, spacing_from_affine, strip_volume_suffix
 
-__all__ = [
-    "check_ct_intensities",
-    "check_label",
-    "label_values",
-    "load_case",
-    "normalize",
-    "preprocess_dataset",
-    "preprocess_volume",
-    "restore_to_original",
-]
+__all__ = ["body_bbox", "normalize", "preprocess_volume", "reorient_to_original", "restore_to_original",
+           "sample_class_locations"]
 
-BODY_THRESHOLD_HU = -500.0
 CROP_MARGIN = 3  # voxels added around the body box (the "dilated a little")
 MAX_CLASS_LOCATIONS = 10_000
-
-
-# --------------------------------------------------------------------------- checks
-def check_ct_intensities(array: np.ndarray, name: str) -> None:
-    """Raise when a volume's intensities do not look like CT in Hounsfield units.
-
-    CT has air (about -1000 HU) around the body and soft tissue (-200..300 HU) inside it.
-    A minimum above -500, or (almost) no voxel in the air or the soft-tissue range, means MR,
-    PET, an unscaled CT (HU + 1024 stored without its rescale slope / intercept) or a mask.
-
-    Raises:
-        InputError: ``"<name>: intensities do not look like CT (min ..., max ...)"``.
-    """
-    lo, hi = float(np.min(array)), float(np.max(array))
-    sub = np.asarray(array[::2, ::2, ::2] if array.ndim == 3 else array)
-    air = float(np.mean(sub < -500)) if sub.size else 0.0
-    soft = float(np.mean((sub > -200) & (sub < 300))) if sub.size else 0.0
-    reasons = []
-    if lo > BODY_THRESHOLD_HU:
-        reasons.append("no air below -500 HU")
-    elif air < 1e-4:
-        reasons.append("almost no air voxels")
-    if soft < 0.01:
-        reasons.append("almost no soft tissue (-200..300 HU)")
-    if reasons:
-        hint = " Is it MR, or CT stored without its rescale intercept (HU + 1024)?" if lo >= -50 else ""
-        raise InputError(
-            f"{name}: intensities do not look like CT (min {lo:g}, max {hi:g}; {', '.join(reasons)}).{hint} "
-            "medseg's normalization expects CT in Hounsfield units."
-        )
-
-
-def label_values(arr: np.ndarray) -> list[int]:
-    """Sorted distinct values of an integer label map (``bincount``: ~10x faster than ``np.unique``)."""
-    if np.issubdtype(arr.dtype, np.integer) and arr.size and 0 <= int(arr.min()) and int(arr.max()) < 2**16:
-        return np.flatnonzero(np.bincount(arr.ravel())).tolist()
-    return [int(v) for v in np.unique(arr)]
-
-
-def check_label(label: Volume, image: Volume, values: Sequence[int] | None) -> list[int]:
-    """Raise when ``label`` is not on ``image``'s grid or holds undeclared values; return the values found.
-
-    Raises:
-        GeometryError: different shape or affine (names both files and both geometries).
-        InputError: label values outside ``values``.
-    """
-    if not same_space(image, label):
-        raise GeometryError(
-            f"{label.path}: label does not share physical space with image {image.path} "
-            f"(label shape {label.shape} {label.orientation} spacing {np.round(label.spacing, 4).tolist()} "
-            f"origin {np.round(label.affine[:3, 3], 3).tolist()}; image shape {image.shape} {image.orientation} "
-            f"spacing {np.round(image.spacing, 4).tolist()} origin {np.round(image.affine[:3, 3], 3).tolist()})"
-        )
-    arr = label.array
-    if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
-        raise InputError(f"{label.path}: label holds non-integer values; expected integer class indices")
-    found = np.asarray(label_values(arr), dtype=np.int64)
-    if values is not None:
-        bad = sorted(set(found.tolist()) - {int(v) for v in values})
-        if bad:
-            raise InputError(
-                f"{label.path}: label values {bad[:10]} are not declared in dataset.json labels "
-                f"(declared: {sorted(int(v) for v in values)})"
-            )
-    if found.min() < 0 or found.max() > 255:
-        raise InputError(f"{label.path}: label values must lie in 0..255, found {found.min()}..{found.max()}")
-    return found.tolist()
 
 
 # --------------------------------------------------------------------------- normalization
@@ -322,11 +247,3 @@ def reorient_to_original(data, properties: dict):
     """Undo the preprocessing reorientation of ``(..., X, Y, Z)`` data on the reoriented original
     grid (what :func:`restore_to_original` returns with ``reorient=False``); numpy or torch."""
     return apply_ornt(data, _inverse_ornt(np.asarray(properties["ornt"], dtype=float)))
-
-
-def __getattr__(name: str):  # lazy re-export: the dataset runner imports this module
-    if name in ("preprocess_dataset", "load_case", "PreprocessReport"):
-        from medseg.data import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(name)

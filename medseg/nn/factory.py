@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 from torch import nn
 
 from medseg.config import ModelConfig
 from medseg.errors import ConfigError
+from medseg.nn.layers import to_tuple
 from medseg.nn.monai_baselines import monai_attention_unet, monai_dynunet, monai_unet
 from medseg.nn.registries import BLOCK_ATTENTION, SKIP_FUSION
 from medseg.nn.slice25d import SliceStack25D, SliceStack25DWithAuxiliaryLoss, slice_step
 from medseg.nn.unet import make_unet
 from medseg.registry import Registry, is_none_name
 
-__all__ = ["MODELS", "build_model", "unet_kwargs"]
+__all__ = ["MODELS", "build_model", "patch_geometry", "unet_kwargs"]
 
 MODELS = Registry("model architecture")
 MODELS.register("unet", make_unet)
@@ -42,6 +44,33 @@ def _axes(values: Sequence | None, n: int) -> list | None:
     if values is None:
         return None
     return [v if isinstance(v, int) else list(v)[:n] for v in values]
+
+
+def patch_geometry(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """The net's patch divisor and stem stride per axis (x, y, z), from the config alone (no net built).
+
+    ``divisor`` is the product of ``model.strides`` over the stages (the built net's
+    ``patch_divisor``: patch sizes must be multiples of it), ``stem`` is ``strides[0]`` (a strided
+    stem keeps no full-resolution feature map). 2.5D nets (``model.slices > 1``) downsample x and y
+    only: 1 along z. Default strides ``[1, 2, 2, ...]`` as :class:`~medseg.nn.unet.UNet`. The planner
+    uses this (:func:`medseg.data.plan.model_plan_args`); a test checks it against every built net.
+
+    Raises:
+        ConfigError: ``model.strides`` malformed (wrong number of stages or axes, not positive).
+    """
+    n = len(cfg.channels)
+    planar = isinstance(cfg.slices, int) and cfg.slices > 1
+    sd = 2 if planar else cfg.spatial_dims
+    strides = _axes(cfg.strides, sd) if cfg.strides is not None else [1] + [2] * (n - 1)
+    if len(strides) != n:
+        raise ConfigError(f"model.strides: one entry per stage ({n}: model.channels), got {cfg.strides!r}")
+    try:
+        per_stage = np.array([to_tuple(s, sd, "model.strides") for s in strides])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    pad = (1,) * (3 - sd)
+    return {"divisor": tuple(int(v) for v in per_stage.prod(axis=0)) + pad,
+            "stem": tuple(int(v) for v in per_stage[0]) + pad}
 
 
 def unet_kwargs(cfg: ModelConfig, *, in_channels: int, num_classes: int, spatial_dims: int) -> dict[str, Any]:

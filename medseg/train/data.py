@@ -84,7 +84,7 @@ class LoadCased(MapTransform):
         self.pre_dir, self.mmap = Path(pre_dir), mmap
 
     def __call__(self, data: dict) -> dict:
-        from medseg.data.preprocess import load_case
+        from medseg.data.pipeline import load_case
 
         name = data["case"]
         image, label, props = load_case(self.pre_dir, name, mmap=self.mmap)

@@ -88,7 +88,7 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
         num_classes: K, background included; classes ``1..K-1`` are scored.
         labels: ``plans["labels"]`` (name -> value), for the summary's ``label_names``.
     """
-    from medseg.data.preprocess import load_case
+    from medseg.data.pipeline import load_case
 
     mine = list(cases)[info.rank::info.world_size]
     classes = list(range(1, num_classes))
