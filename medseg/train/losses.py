@@ -9,7 +9,9 @@
   ``DiceLoss(ignore_index=...)``). A batch with no voxel left contributes 0.
 - Deep supervision (Lee et al., "Deeply-Supervised Nets", AISTATS 2015; nnU-Net's weighting):
   output ``i`` (resolution ``1/2^i``) gets weight ``1/2^i``, the lowest-resolution output gets
-  0, the weights are normalized to sum to 1. Targets are downsampled with nearest neighbour.
+  0, the weights are normalized to sum to 1. Targets are downsampled with nearest neighbour
+  (``nearest-exact``). The weighted sum is MONAI's :class:`~monai.losses.DeepSupervisionLoss`
+  given these weights.
 - 2.5D models (``z_halo = H > 0``, :mod:`medseg.nn.slice25d`): outputs and label carry ``H``
   context slices at each z end (:class:`medseg.train.data.PatchDataset`); the loss sees only the
   central slices, whose inputs were all real. The auxiliary loss takes the whole patch.
@@ -26,7 +28,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
+from monai.losses import DeepSupervisionLoss, DiceLoss
 
 from medseg.config import TrainConfig
 from medseg.errors import ConfigError
@@ -80,7 +82,8 @@ class SegmentationLoss(torch.nn.Module):
                              ignore_index=self.ignore_label)
 
     def _term(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Dice + CE of one output (float32 logits, ``(B, 1, ...)`` long target)."""
+        """Dice + CE of one output (float32 logits, ``(B, 1, ...)`` target of integer values)."""
+        target = target.long()
         loss = logits.new_zeros(())
         if self.lambda_dice:
             loss = loss + self.lambda_dice * self.dice(logits, target)
@@ -95,15 +98,12 @@ class SegmentationLoss(torch.nn.Module):
 
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         outs = crop_z_halo([outputs] if isinstance(outputs, torch.Tensor) else list(outputs), self.z_halo)
-        label = crop_z_halo(label.long(), self.z_halo)
-        total = outs[0].new_zeros((), dtype=torch.float32)
-        for w, logits in zip(deep_supervision_weights(len(outs)), outs):
-            target = label
-            if tuple(logits.shape[2:]) != tuple(label.shape[2:]):
-                target = F.interpolate(label.float(), size=logits.shape[2:], mode="nearest-exact").long()
-            # weight-0 outputs still enter the graph (DDP needs every head to receive a gradient)
-            total = total + w * self._term(logits.float(), target)
-        return total
+        label = crop_z_halo(label, self.z_halo).float()  # MONAI resizes the target with nearest-exact: a float
+        if len(outs) == 1:
+            return self._term(outs[0].float(), label)
+        # MONAI's DeepSupervisionLoss with nnU-Net's weights (its "exp" mode floors at 1/16 and does not
+        # normalise); weight-0 outputs still enter the graph (DDP needs every head to receive a gradient)
+        return DeepSupervisionLoss(self._term, weights=deep_supervision_weights(len(outs)))(outs, label)
 
 
 def build_loss(train_cfg: TrainConfig, *, ignore_label: int | None = None, z_halo: int = 0) -> SegmentationLoss:
