@@ -2,9 +2,10 @@
 
 Everything between the lines ``<!-- perf:start -->`` and ``<!-- perf:end -->`` of README.md is
 replaced by the result files, in the order ``infer_speed``, ``train_speed``, ``real_ct_study``, ``head_to_head``,
-then any other ``*.md`` alphabetically. Text outside the markers is left as it is; numbers are
-never typed in by hand. Exit 1 when the markers are missing (add them to the "Performance"
-section first).
+then any other ``*.md`` alphabetically, except ``model_zoo.md`` (``benchmarks/model_cost.py``), which goes
+between ``<!-- zoo:start -->`` and ``<!-- zoo:end -->`` (the "Model zoo" section). Text outside the
+markers is left as it is; numbers are never typed in by hand. Exit 1 when the markers are missing
+(add them to the "Performance" section first).
 
     python benchmarks/update_readme.py            # rewrite README.md in place
     python benchmarks/update_readme.py --check    # exit 1 when README.md is out of date
@@ -19,25 +20,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 ORDER = ("infer_speed", "train_speed", "real_ct_study", "head_to_head")
+ZOO, ZOO_START, ZOO_END = "model_zoo", "<!-- zoo:start -->", "<!-- zoo:end -->"
 
 
 def result_files(results: Path) -> list[Path]:
-    """The ``*.md`` result files, in README order."""
-    files = {p.stem: p for p in sorted(results.glob("*.md"))}
+    """The ``*.md`` result files of the Performance section, in README order (``model_zoo.md`` left out)."""
+    files = {p.stem: p for p in sorted(results.glob("*.md")) if p.stem != ZOO}
     return [files.pop(n) for n in ORDER if n in files] + list(files.values())
 
 
-def splice(readme: str, blocks: list[str]) -> str:
-    """``readme`` with the text between the markers replaced by ``blocks``.
+def splice(readme: str, blocks: list[str], start: str = START, end: str = END) -> str:
+    """``readme`` with the text between the markers ``start`` and ``end`` replaced by ``blocks``.
 
     Raises:
         ValueError: the markers are missing or out of order.
     """
-    i, j = readme.find(START), readme.find(END)
+    i, j = readme.find(start), readme.find(end)
     if i < 0 or j < 0 or j < i:
-        raise ValueError(f"README.md needs the markers {START} ... {END} (in that order)")
+        raise ValueError(f"README.md needs the markers {start} ... {end} (in that order)")
     inner = "\n\n".join(b.strip() for b in blocks) or "_No benchmark results yet: run the scripts above._"
-    return readme[: i + len(START)] + "\n" + inner + "\n" + readme[j:]
+    return readme[: i + len(start)] + "\n" + inner + "\n" + readme[j:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     old = args.readme.read_text()
     try:
         new = splice(old, [f.read_text() for f in result_files(args.results)])
+        zoo = args.results / f"{ZOO}.md"
+        if zoo.is_file():
+            new = splice(new, [zoo.read_text()], ZOO_START, ZOO_END)
     except ValueError as err:
         print(f"{args.readme}: {err}", file=sys.stderr)
         return 1

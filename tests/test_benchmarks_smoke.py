@@ -43,6 +43,19 @@ def test_result_files_in_readme_order(tmp_path):
         "infer_speed", "train_speed", "real_ct_study", "alpha", "zeta"]
 
 
+def test_model_zoo_goes_to_its_own_section(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("model_zoo", "train_speed"):
+        (results / f"{name}.md").write_text(f"### {name}\n")
+    assert [p.stem for p in update_readme.result_files(results)] == ["train_speed"]
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n<!-- zoo:start -->\nold\n<!-- zoo:end -->\n## Performance\n<!-- perf:start -->\n<!-- perf:end -->\n")
+    assert update_readme.main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert readme.read_text() == ("# t\n<!-- zoo:start -->\n### model_zoo\n<!-- zoo:end -->\n## Performance\n"
+                                  "<!-- perf:start -->\n### train_speed\n<!-- perf:end -->\n")
+
+
 def test_infer_summary_ratios_and_targets():
     rows = {"ours_attention": {"total": 20.0, "peak_rss_gb": 2.0, "cpu_s": 40.0},
             "ours_attention_fp32": {"total": 50.0, "peak_rss_gb": 2.4},
