@@ -79,6 +79,7 @@ class SkipFusionConfig:
 
     name: str = "concat"  # concat | gate | aff | iaff
     kwargs: dict[str, Any] = field(default_factory=dict)
+    levels: Optional[list[bool]] = None  # per decoder level, finest first: fuse by `name` (true) or concat; None = all
 
 
 @dataclass

@@ -96,6 +96,7 @@ def unet_kwargs(cfg: ModelConfig, *, in_channels: int, num_classes: int, spatial
         bottleneck_attention_kwargs=dict(ba.bottleneck_kwargs),
         skip_fusion=sf.name,
         skip_fusion_kwargs=dict(sf.kwargs),
+        skip_fusion_levels=sf.levels,
     )
 
 

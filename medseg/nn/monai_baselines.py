@@ -55,6 +55,7 @@ _KEYS = {
     "bottleneck_attention_kwargs": ("model.block_attention.bottleneck_kwargs", {}),
     "skip_fusion": ("model.skip_fusion.name", "concat"),
     "skip_fusion_kwargs": ("model.skip_fusion.kwargs", {}),
+    "skip_fusion_levels": ("model.skip_fusion.levels", None),
 }
 _NAMES = {"block_attention", "bottleneck_attention", "skip_fusion"}
 

@@ -63,7 +63,8 @@ class AttentionGate(nn.Module):
 
     ::
 
-        q     = relu(theta(x) + phi(g))        theta: conv k = stride = scale, Cs -> Ci, no bias
+        g~    = relu(norm(conv1x1(g)))         only with gating_transform (Cg -> Cg, no bias); else g~ = g
+        q     = relu(theta(x) + phi(g~))       theta: conv k = stride = scale, Cs -> Ci, no bias
                                                phi:   1x1 conv Cg -> Ci       (both on g's grid)
         alpha = sigmoid(psi(q))                psi:   1x1 conv Ci -> 1
         a     = upsample(alpha) to S           (bi/trilinear)
@@ -73,16 +74,26 @@ class AttentionGate(nn.Module):
     decoder stage, unlike gates evaluated at full resolution. Oktay's optional output transform
     ``W`` is left out so that the gated skip is exactly ``x * a``.
 
+    The options of Oktay et al.'s network (reference code ``unet_grid_attention_3D``), all off by
+    default (the cheaper gate): ``inter_channels="skip"`` (Ci = Cs, their ``inter_size``),
+    ``gating_transform=True`` (their ``UnetGridGatingSignal3``: 1x1 conv + norm + ReLU on the gating
+    signal; they apply it once, to the bottleneck, here every gate has its own), and -- a setting of
+    the U-Net, not of the gate -- ``model.skip_fusion.levels: [false, true, ...]``, which leaves the
+    finest skip ungated as their net does.
+
     Args:
         skip_channels: Cs. gating_channels: Cg. spatial_dims: 2 or 3.
         scale: the resolution ratio between ``x`` and ``g`` (int or per axis), default 2.
-        inter_channels: Ci (default ``max(Cs // 2, 1)``).
+        inter_channels: Ci: an int, ``None`` (default, ``max(Cs // 2, 1)``) or ``"skip"`` (Cs).
+        gating_transform: 1x1 conv + ``norm`` + ReLU on ``g`` before ``phi`` (default off).
+        norm: instance | batch | group, of the gating transform (the U-Net passes its own).
 
     Shapes: ``x (B, Cs, *S), g (B, Cg, *S') -> (B, 2 Cs, *S)``; with ``return_map=True`` also the
-    gate map ``a: (B, 1, *S)`` in [0, 1].
+    gate map ``a: (B, 1, *S)`` in [0, 1], the factor the skip is multiplied by (0: suppressed,
+    1: passed unchanged).
 
     Raises:
-        ValueError: non-positive channel counts / scale / ``inter_channels``, bad ``spatial_dims``.
+        ValueError: non-positive channel counts / scale / ``inter_channels``, bad ``spatial_dims`` / ``norm``.
     """
 
     returns_map = True
@@ -95,12 +106,27 @@ class AttentionGate(nn.Module):
         *,
         spatial_dims: int = 3,
         scale: int | Sequence[int] = 2,
-        inter_channels: int | None = None,
+        inter_channels: int | str | None = None,
+        gating_transform: bool = False,
+        norm: str = "instance",
     ):
         super().__init__()
         sd = _check(skip_channels, gating_channels, spatial_dims)
-        ci = max(skip_channels // 2, 1) if inter_channels is None else check_positive_int("inter_channels", inter_channels)
+        if inter_channels is None:
+            ci = max(skip_channels // 2, 1)
+        elif inter_channels == "skip":
+            ci = skip_channels
+        elif isinstance(inter_channels, str):
+            raise ValueError(f"inter_channels must be a positive integer, null or 'skip', got {inter_channels!r}")
+        else:
+            ci = check_positive_int("inter_channels", inter_channels)
+        if not isinstance(gating_transform, bool):
+            raise ValueError(f"gating_transform must be true or false, got {gating_transform!r}")
         s = to_tuple(scale, sd, "scale")
+        self.gating = None
+        if gating_transform:
+            cg = gating_channels
+            self.gating = nn.Sequential(conv_nd(sd, cg, cg, 1, bias=False), make_norm(norm, cg, sd), nn.ReLU(inplace=True))
         self.theta = conv_nd(sd, skip_channels, ci, s, stride=s, padding=0, bias=False)
         self.phi = conv_nd(sd, gating_channels, ci, 1)
         self.psi = conv_nd(sd, ci, 1, 1)
@@ -110,6 +136,8 @@ class AttentionGate(nn.Module):
 
     def gate(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The gate map ``(B, 1, *S)`` in [0, 1], computed on ``g``'s grid and upsampled to ``x``'s."""
+        if self.gating is not None:
+            g = self.gating(g)
         q = F.relu(match_size(self.theta(x), g.shape[2:]) + self.phi(g))
         alpha = torch.sigmoid(self.psi(q))
         return F.interpolate(alpha, size=x.shape[2:], mode=self._mode, align_corners=False)

@@ -8,7 +8,8 @@ stage and (optionally) a block attention. Gate-map names (``model(x, return_atte
 * ``"<block>/enc{i}"``, ``"<block>/dec{i}"``: spatial map of a block attention (cbam, bam) after
   encoder stage ``i`` / decoder level ``i``; ``"<block>/bottleneck"`` for the bottleneck-only block
   (e.g. ``abn/bottleneck``);
-* ``"gate/level{i}"`` (or ``aff/``, ``iaff/``): the skip fusion's map at decoder level ``i``.
+* ``"gate/level{i}"`` (or ``aff/``, ``iaff/``): the skip fusion's map at decoder level ``i`` (none for a
+  level that ``skip_fusion_levels`` leaves to ``concat``).
 
 Every map is ``(B, 1, *S_i)`` in [0, 1] at the resolution of its own level.
 
@@ -117,7 +118,7 @@ class Decoder(nn.Module):
         *,
         encoder: Encoder,
         num_classes: int,
-        fusion: Callable[[int, int, tuple[int, ...]], nn.Module],
+        fusion: Callable[..., nn.Module],
         attention: Callable[[int, int], nn.Module],
         deep_supervision: bool = False,
     ):
@@ -125,7 +126,7 @@ class Decoder(nn.Module):
         ch, sd = encoder.output_channels, encoder.spatial_dims
         levels = range(len(ch) - 1)
         self.deep_supervision = bool(deep_supervision)
-        self.fusions = nn.ModuleList(fusion(ch[i], ch[i + 1], encoder.strides[i + 1]) for i in levels)
+        self.fusions = nn.ModuleList(fusion(ch[i], ch[i + 1], encoder.strides[i + 1], level=i) for i in levels)
         self.stages = nn.ModuleList(
             conv_stage(
                 spatial_dims=sd,
@@ -169,6 +170,9 @@ class UNet(nn.Module):
         block_attention_kwargs: extra arguments of the block.
         bottleneck_attention / bottleneck_attention_kwargs: an extra block on the bottleneck only.
         skip_fusion / skip_fusion_kwargs: concat | gate | aff | iaff.
+        skip_fusion_levels: per decoder level (finest first, ``len(channels) - 1`` entries) on/off;
+            an off level merges by ``concat`` and returns no map (Oktay et al. leave the finest skip
+            ungated: ``[False, True, True, True]``). ``None``: every level.
 
     ``forward(x, return_attention=False)``: ``x (B, C_in, *S)`` with ``S`` divisible by
     ``patch_divisor`` (other sizes work but are cropped/padded internally) -> logits ``(B, K, *S)``
@@ -201,6 +205,7 @@ class UNet(nn.Module):
         bottleneck_attention_kwargs: dict | None = None,
         skip_fusion: str | None = "concat",
         skip_fusion_kwargs: dict | None = None,
+        skip_fusion_levels: Sequence[bool] | None = None,
     ):
         super().__init__()
         sd = check_spatial_dims(spatial_dims)
@@ -219,6 +224,12 @@ class UNet(nn.Module):
         on = [True] * n if block_attention_stages is None else [bool(v) for v in block_attention_stages]
         if len(on) != n:
             raise ValueError(f"block_attention_stages must have one entry per stage ({n}), got {block_attention_stages!r}")
+        fuse = [True] * (n - 1) if skip_fusion_levels is None else [bool(v) for v in skip_fusion_levels]
+        if len(fuse) != n - 1:
+            raise ValueError(
+                f"skip_fusion_levels (model.skip_fusion.levels) must have one entry per decoder level ({n - 1}, finest "
+                f"first), got {skip_fusion_levels!r}"
+            )
         ba_kw = _with_defaults(BLOCK_ATTENTION, block_attention, block_attention_kwargs, norm=norm, num_classes=num_classes)
         bn_kw = _with_defaults(BLOCK_ATTENTION, bottleneck_attention, bottleneck_attention_kwargs, norm=norm, num_classes=num_classes)
         sf_kw = _with_defaults(SKIP_FUSION, skip_fusion, skip_fusion_kwargs, norm=norm)
@@ -227,7 +238,9 @@ class UNet(nn.Module):
             use = block_attention_where in (part, "both")
             return lambda i, c: create_block_attention(block_attention if use and on[i] else None, c, spatial_dims=sd, **ba_kw)
 
-        def fusion(cs: int, cg: int, scale: tuple[int, ...]) -> nn.Module:
+        def fusion(cs: int, cg: int, scale: tuple[int, ...], level: int) -> nn.Module:
+            if not fuse[level]:
+                return create_skip_fusion("concat", cs, cg, spatial_dims=sd, scale=scale)
             return create_skip_fusion(skip_fusion, cs, cg, spatial_dims=sd, scale=scale, **sf_kw)
 
         conv_kwargs = dict(n_convs=convs_per_stage, norm=norm, act=act, residual=bool(residual))
