@@ -120,6 +120,34 @@ def score_predictions(pred_dir: Path, data_dir: Path, metrics: tuple[str, ...] =
     return out
 
 
+def gate_localisation_of(run_dir: Path, data_dir: Path, gates_dir: Path) -> dict:
+    """Where the final model's maps look on the test cases (:mod:`medseg.evaluate.gates`): ``imagesTs``
+    segmented again, untimed, with the gate maps saved to ``gates_dir`` and scored against ``labelsTs``;
+    the mean per map, class and metric (``{}`` for a model without maps)."""
+    from medseg.evaluate import evaluate_folders
+    from medseg.infer.predictor import Predictor
+    from medseg.infer.runner import run_inference
+
+    predictor = Predictor.from_run(run_dir, checkpoint="final")
+    if not any(getattr(m, "returns_map", False) for m in predictor.model.modules()):
+        return {}
+    run_inference(predictor, data_dir / "imagesTs", gates_dir, save_gates=True)
+    summary = evaluate_folders(gates_dir, data_dir / "labelsTs", dataset_json=data_dir / "dataset.json",
+                               metrics=("dice",), progress=False, gates_dir=gates_dir)
+    return summary["gate_localisation"]["mean"]
+
+
+def gate_cell(mean: dict) -> str:
+    """One table cell: per map, the foreground in/out ratio and energy / volume fraction
+    (an open gate: ratio 1.00, energy = volume)."""
+    cells = []
+    for name, by_class in mean.items():
+        m = by_class.get("fg", {})
+        cells.append(f"{name} {m.get('ratio', math.nan):.2f} ({m.get('energy_fraction', math.nan):.2f} / "
+                     f"{m.get('volume_fraction', math.nan):.2f})")
+    return "; ".join(cells) or "-"
+
+
 def run_variant(cfg, data_dir: Path, run_dir: Path, pred_dir: Path, metrics: tuple[str, ...] = ("dice",)) -> dict:
     """Train, segment ``imagesTs`` with ``final.pt``, score against ``labelsTs``; one row of the study."""
     from medseg.train import train
@@ -131,10 +159,14 @@ def run_variant(cfg, data_dir: Path, run_dir: Path, pred_dir: Path, metrics: tup
         raise KeyboardInterrupt(f"training interrupted ({out['status']})")
     infer_s = predict_run(run_dir, data_dir, pred_dir)
     n_cases = max(1, len(list((data_dir / "imagesTs").iterdir())))
+    try:
+        gates = gate_localisation_of(run_dir, data_dir, pred_dir.with_name(pred_dir.name + "_gates"))
+    except Exception as err:  # the Dice row stands without the maps
+        gates = {"error": f"{type(err).__name__}: {err}"}
     return {"train_s": train_s, "epochs": out["epoch"] + 1, "steps": out["step"],
             "patches": out["step"] * cfg.train.batch_size, "status": out["status"],
             "val_dice_train_case": out.get("final_metric"), **score_predictions(pred_dir, data_dir, metrics),
-            "infer_s_per_case": infer_s / n_cases}
+            "infer_s_per_case": infer_s / n_cases, "gate_localisation": gates}
 
 
 # --------------------------------------------------------------------------- report
@@ -144,20 +176,28 @@ def markdown(results: dict, minutes: float, setup: str) -> str:
         classes = list(dict.fromkeys(c for r in rows.values() if "test_dice" in r for c in r["test_dice"]))
         header = ["variant", *[f"test Dice {c}" for c in classes], "test mean fg Dice", "val Dice (train case)",
                   "train min", "patches seen", "infer s / case"]
+        gated = any(r.get("gate_localisation") for r in rows.values())
+        header += ["gate maps, test fg: in/out ratio (energy / volume fraction)"] if gated else []
         body = []
         for v, r in rows.items():
             if "error" in r:
-                body.append([v, *["error"] * len(classes), r["error"][:60], "", "", "", ""])
+                body.append([v, *["error"] * len(classes), r["error"][:60], "", "", "", "", *([""] if gated else [])])
                 continue
+            loc = r.get("gate_localisation") or {}
             body.append([v, *[r["test_dice"].get(c, float("nan")) for c in classes], r["test_fg_mean_dice"],
                          r["val_dice_train_case"] if r["val_dice_train_case"] is not None else float("nan"),
-                         r["train_s"] / 60.0, r["patches"], r["infer_s_per_case"]])
+                         r["train_s"] / 60.0, r["patches"], r["infer_s_per_case"],
+                         *([loc["error"][:60] if "error" in loc else gate_cell(loc)] if gated else [])])
         parts.append(f"**{ds}**\n\n" + md_table(header, body))
     note = (f"Same wall-clock budget per variant ({minutes:g} min, `train.max_minutes`), {setup}. "
             "The validation Dice is measured on a *training* case (2 organ cases, 1 lesion case: nothing to hold "
             "out); the test columns are the held-out case, scored on its `scored_labels` only. A few minutes of "
             "CPU training is far from convergence: these numbers compare the variants under a tiny budget, "
             "nothing more.")
+    if any(r.get("gate_localisation") for rows in results.values() for r in rows.values()):
+        note += (" Gate maps (segmented again, untimed): per map, mean map value inside the dilated foreground "
+                 "over outside (1.00 = open everywhere, no attention), and the share of its energy inside vs the "
+                 "foreground's share of the volume (`medseg evaluate --gates`).")
     return note + "\n\n" + "\n\n".join(parts)
 
 

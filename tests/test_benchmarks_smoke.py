@@ -251,3 +251,22 @@ def test_recorded_command_lines_hold_no_machine_paths():
     assert meta["argv"] == ["benchmarks/x.py", "--work-dir", _common.repo_relative("/tmp/w"),
                             "../shared/data/x.nii.gz", "--minutes", "15"]
     assert not any(a.startswith("/") for a in meta["argv"])
+
+
+def test_real_ct_study_table_shows_where_gate_maps_look():
+    import real_ct_study
+
+    loc = {"gate/level1": {"fg": {"ratio": 1.0, "energy_fraction": 0.07, "volume_fraction": 0.07}, "1": {"ratio": 9.0}},
+           "gate/level0": {"fg": {"ratio": 3.456, "energy_fraction": 0.2, "volume_fraction": 0.0714}}}
+    assert real_ct_study.gate_cell(loc) == "gate/level1 1.00 (0.07 / 0.07); gate/level0 3.46 (0.20 / 0.07)"
+    assert real_ct_study.gate_cell({}) == "-"
+    row = {"test_dice": {"liver": 0.5}, "test_fg_mean_dice": 0.5, "val_dice_train_case": 0.4, "train_s": 60.0,
+           "patches": 10, "infer_s_per_case": 2.0}
+    plain = real_ct_study.markdown({"organs": {"unet": row}}, 1, "setup")
+    assert "gate maps" not in plain  # no column without maps
+    md = real_ct_study.markdown({"organs": {"unet": {**row, "gate_localisation": {}},
+                                            "attention": {**row, "gate_localisation": loc}}}, 1, "setup")
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert lines[0].endswith("| gate maps, test fg: in/out ratio (energy / volume fraction) |")
+    assert lines[1].endswith("| - |") and lines[2].endswith("| gate/level1 1.00 (0.07 / 0.07); gate/level0 3.46 (0.20 / 0.07) |")
+    assert "1.00 = open everywhere" in md
