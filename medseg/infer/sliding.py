@@ -31,6 +31,15 @@ Memory (what a 512x512x300 CT with 14 classes needs):
   and stitched by the same call as the logits (MONAI takes dict outputs). Stitching them at
   the coarse resolution would need every window start to be a multiple of the zoom factor,
   which the last window of an axis rarely is (MONAI truncates the scaled slice bounds).
+
+2.5D models (a ``z_halo`` H > 0, :mod:`medseg.nn.slice25d`): a window's outputs for the H slices at
+each of its z ends were computed with replicated, invented neighbours, so they get zero blending
+weight (the importance map, Gaussian or constant, is zero there: MONAI's ``roi_weight_map``); the
+volume is replicate-padded by H slices at its own two ends (the only place where a neighbour is a
+copy) and the result cropped back; the z overlap is raised to at least ``2H / roi_z`` so that every
+slice is interior to some window, and ``roi_z`` is cut to the padded volume's depth. A slice's
+prediction is then the same whatever the window plan, e.g. at a seam between two windows as with
+one window over the whole volume. 3-D models (no ``z_halo``) are blended exactly as before.
 """
 
 from __future__ import annotations
@@ -44,11 +53,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data.utils import dense_patch_slices
+from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
 from medseg.errors import ConfigError
+from medseg.nn.slice25d import z_halo
 from medseg.runtime import autocast, get_logger, resolve_precision
 
 __all__ = ["WindowPredictor", "allowed_mirror_axes", "buffer_device_override", "count_windows", "estimate_buffer_bytes",
@@ -148,14 +158,16 @@ class WindowPredictor:
         return out
 
 
-def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+def count_windows(image_shape: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float]) -> int:
     """How many windows MONAI's ``sliding_window_inference`` visits (its scan-interval rule).
 
     The one window count (the benchmarks use it too). ``image_shape`` may carry leading batch /
-    channel axes: its last ``len(roi_size)`` entries are the spatial size.
+    channel axes: its last ``len(roi_size)`` entries are the spatial size. ``overlap``: one value
+    or one per axis.
     """
     size = [max(int(s), int(r)) for s, r in zip(image_shape[-len(roi_size):], roi_size)]
-    interval = [r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi_size)]
+    ovs = [float(overlap)] * len(roi_size) if np.isscalar(overlap) else [float(o) for o in overlap]
+    interval = [r if r == s else max(int(r * (1 - o)), 1) for s, r, o in zip(size, roi_size, ovs)]
     return len(dense_patch_slices(size, roi_size, interval))
 
 
@@ -197,6 +209,31 @@ def pick_buffer_device(device: torch.device, needed_bytes: int, *, headroom: flo
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cache is reusable
     return device if needed_bytes <= headroom * free else torch.device("cpu")
+
+
+def z_halo_plan(image_shape: Sequence[int], roi: Sequence[int], overlap: float, halo: int, blend: str
+                ) -> tuple[tuple[int, ...], tuple[float, ...], torch.Tensor]:
+    """The window plan of a model with a z halo of ``halo`` slices over a ``(C, X, Y, Z)`` volume
+    that is replicate-padded by ``halo`` slices at both z ends (module docstring).
+
+    Returns:
+        ``roi`` with its z cut to the padded depth; the per-axis overlap, z raised to at least
+        ``2 * halo / roi_z``; the importance map ``roi`` (float32): MONAI's ``blend`` map with the
+        ``halo`` slices at each z end of the window set to 0.
+
+    Raises:
+        ValueError: ``roi_z <= 2 * halo`` (no slice of a window would be kept).
+    """
+    depth = int(image_shape[-1]) + 2 * halo
+    roi = (*tuple(int(r) for r in roi[:2]), min(int(roi[2]), depth))
+    if roi[2] <= 2 * halo:
+        raise ValueError(f"roi_size z = {roi[2]} leaves no slice between the model's z halo of {halo} slices at each "
+                         f"end; use a window of more than {2 * halo} slices")
+    ov = (float(overlap), float(overlap), max(float(overlap), 2.0 * halo / roi[2]))
+    weight = compute_importance_map(roi, mode=blend, sigma_scale=0.125, device="cpu", dtype=torch.float32)
+    weight[..., :halo] = 0
+    weight[..., roi[2] - halo:] = 0
+    return roi, ov, weight
 
 
 @torch.inference_mode()
@@ -273,6 +310,9 @@ def sliding_window_predict(
     amp_dtype = resolve_precision(precision, device) if isinstance(precision, str) else precision
     compute_dtype = amp_dtype or torch.float32
     roi = round_roi(roi_size, getattr(model, "patch_divisor", None))
+    halo, ov, weight = z_halo(model), float(overlap), None
+    if halo:
+        roi, ov, weight = z_halo_plan(img.shape, roi, float(overlap), halo, blend)
     if any(int(a) not in ALL_AXES for a in mirror_axes):
         raise ValueError(f"mirror_axes must be spatial axes 0, 1 or 2, got {list(mirror_axes)}")
     window = WindowPredictor(model, device=device, amp_dtype=amp_dtype, out_dtype=compute_dtype, tta=tta,
@@ -294,18 +334,23 @@ def sliding_window_predict(
         buffer_device = torch.device(buffer_device)
         log.debug("sliding window: windows on %s, stitching buffers on %s", device, buffer_device)
         inputs = img.to(buffer_device, dtype=compute_dtype)[None]
+        if halo:  # the volume's own ends: replicated neighbours (the windows' z edges get weight 0)
+            inputs = F.pad(inputs, (halo, halo, 0, 0, 0, 0), mode="replicate")
         if progress:
             desc = progress if isinstance(progress, str) else None
-            bar = window.bar = tqdm(total=count_windows(img.shape, roi, float(overlap)), desc=desc, unit="window")
+            bar = window.bar = tqdm(total=count_windows(inputs.shape, roi, ov), desc=desc, unit="window")
         with torch.inference_mode():
             out: Any = sliding_window_inference(
-                inputs, roi, sw_batch_size, window, overlap=float(overlap), mode=blend,
-                sw_device=device, device=buffer_device,
+                inputs, roi, sw_batch_size, window, overlap=ov, mode=blend,
+                sw_device=device, device=buffer_device, roi_weight_map=weight,
             )
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
+    if halo:
+        out = {k: v[..., halo: v.shape[-1] - halo] for k, v in out.items()} if isinstance(out, dict) else \
+            out[..., halo: out.shape[-1] - halo]
     if isinstance(out, dict):
         logits = out.pop(LOGITS_KEY)[0]
         return logits, {name: m[0] for name, m in out.items()}

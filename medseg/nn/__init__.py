@@ -8,7 +8,7 @@ Public entry points::
     logits, maps = model(x, return_attention=True)     # maps: {"gate/level1": (B, 1, x, y, z), ...}
 """
 
-from medseg.nn import abn, bam, cbam, channel, nonlocal_, skip_fusion  # noqa: F401  (register the blocks)
+from medseg.nn import abn, bam, cbam, channel, nonlocal_, skip_fusion, va  # noqa: F401  (register the blocks)
 from medseg.nn.factory import MODELS, build_model, unet_kwargs
 from medseg.nn.registries import BLOCK_ATTENTION, SKIP_FUSION, create_block_attention, create_skip_fusion
 from medseg.nn.slice25d import SliceStack25D

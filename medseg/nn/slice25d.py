@@ -8,6 +8,22 @@ Axial is the LAST spatial axis of ``(B, C, X, Y, Z)`` (RAS arrays).
 :class:`SliceStack25D` replicate-pads a ``(k-1)/2 * d`` halo along z, unfolds the patch into
 ``B * Z`` 2-D samples ``(B*Z, C*k, X, Y)``, runs the 2-D net and folds the results back, so it takes
 and returns the same 3-D patches as the 3-D models (training, sliding-window inference, gate maps).
+
+**Real neighbours, not invented ones (the z halo).** The output at slice ``z`` depends on the input
+slices ``z - H .. z + H`` only, ``H = model.z_halo = (k-1)/2 * d`` plus the bag radius of every
+Volumetric Attention block (:mod:`medseg.nn.va`). The replicate padding makes the ``H`` slices at
+each z end of the INPUT see copies instead of their real neighbours, so the callers hand the net
+``H`` more real slices than they need at each end and keep only the centre:
+
+* training (:class:`medseg.train.data.PatchDataset`, :class:`medseg.train.losses.SegmentationLoss`):
+  patches are cut with ``patch_z + 2H`` slices (augmented as one block) and the loss sees the
+  central ``patch_z`` slices of the outputs and of the label (:func:`crop_z_halo`);
+* sliding-window inference (:func:`medseg.infer.sliding.sliding_window_predict`): the ``H`` slices at
+  each window's z ends get zero blending weight, the volume itself is replicate-padded by ``H`` at
+  its own two ends, and the z overlap is raised so that every slice is interior to some window.
+
+Only at the volume's own ends is a neighbour a copy (replicate padding, the documented behaviour).
+3-D models have no ``z_halo`` (read as 0): nothing changes for them.
 """
 
 from __future__ import annotations
@@ -18,7 +34,7 @@ from torch import nn
 
 from medseg.nn.layers import check_positive_int
 
-__all__ = ["SliceStack25D", "SliceStack25DWithAuxiliaryLoss", "slice_step"]
+__all__ = ["SliceStack25D", "SliceStack25DWithAuxiliaryLoss", "crop_z_halo", "slice_step", "z_halo"]
 
 
 def slice_step(offset_mm: float | None, z_spacing: float | None) -> int:
@@ -36,6 +52,23 @@ def slice_step(offset_mm: float | None, z_spacing: float | None) -> int:
     return max(1, int(round(offset_mm / z_spacing)))
 
 
+def z_halo(model: nn.Module) -> int:
+    """Input slices the output of ``model`` depends on beyond each side of a slice: ``model.z_halo``
+    for a 2.5D net, 0 for models that do not declare one (3-D nets: their windows are blended as before)."""
+    return int(getattr(model, "z_halo", 0))
+
+
+def crop_z_halo(t, halo: int):
+    """The central slices of a tensor ``(..., Z + 2*halo)`` or of a list of them: ``(..., Z)``."""
+    if not halo:
+        return t
+    if isinstance(t, (list, tuple)):
+        return [crop_z_halo(v, halo) for v in t]
+    if t.shape[-1] <= 2 * halo:
+        raise ValueError(f"a z halo of {halo} slices at each end leaves nothing of {t.shape[-1]} slices")
+    return t[..., halo: t.shape[-1] - halo]
+
+
 class SliceStack25D(nn.Module):
     """Run a 2-D network ``net2d`` (in_channels ``C * k``) slice by slice over a 3-D patch.
 
@@ -47,6 +80,8 @@ class SliceStack25D(nn.Module):
 
     Shapes: ``(B, C, X, Y, Z) -> (B, K, X, Y, Z)``; deep-supervision outputs ``(B, K, X_i, Y_i, Z)``
     (only x, y are downsampled); gate maps ``(B, 1, x_i, y_i, Z)``. ``patch_divisor = (px, py, 1)``.
+    ``z_halo``: how many input slices beyond each side the output of a slice depends on (module
+    docstring); the outputs of the ``z_halo`` slices at each z end of the input see replicate padding.
 
     Raises:
         ValueError: even or non-positive ``slices``, non-positive ``step``.
@@ -61,6 +96,9 @@ class SliceStack25D(nn.Module):
         self.net = net2d
         self.slices, self.step = slices, step
         self.patch_divisor = (*tuple(net2d.patch_divisor)[:2], 1)
+        # blocks that mix the features of neighbouring slices (Volumetric Attention) need Z
+        self._z_blocks = [m for m in net2d.modules() if hasattr(m, "z_radius")]
+        self.z_halo = (slices - 1) // 2 * step + sum(int(m.z_radius) for m in self._z_blocks)
 
     @property
     def deep_supervision(self) -> bool:
@@ -89,7 +127,13 @@ class SliceStack25D(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"2.5D model expects (B, C, X, Y, Z) input, got shape {tuple(x.shape)}")
         b = x.shape[0]
-        out = self.net(self.to_slices(x), return_attention=return_attention)
+        for m in self._z_blocks:
+            m.z_len = x.shape[-1]
+        try:
+            out = self.net(self.to_slices(x), return_attention=return_attention)
+        finally:
+            for m in self._z_blocks:
+                m.z_len = None
         if return_attention:
             out, maps = out
         out = [self.from_slices(o, b) for o in out] if isinstance(out, (list, tuple)) else self.from_slices(out, b)

@@ -13,6 +13,9 @@
   ``batch_size - round(batch_size * (1 - fg_oversample))`` samples are centred on a voxel of a
   random foreground class present in the case (``properties["class_locations"]``); with a
   batch of 1 the sample is forced with probability ``fg_oversample``.
+- **z halo** (2.5D models, ``z_halo = H > 0``, :mod:`medseg.nn.slice25d`): each patch is cut and
+  augmented with ``patch_z + 2H`` slices, so that the slices of the patch proper have their real
+  neighbours; the loss keeps the central ``patch_z`` slices (:class:`medseg.train.losses.SegmentationLoss`).
 """
 
 from __future__ import annotations
@@ -131,12 +134,14 @@ def check_foreground(cases: Dataset, pre_dir: str | Path) -> None:
 class PatchDataset(torch.utils.data.Dataset):
     """Random training patches; item ``i`` is fully determined by ``(seed, rank, i)``.
 
-    Returns ``{"image": (C, *patch) float32, "label": (1, *patch) uint8}``. The length is
-    nominal (``10**12``): the loader's sampler says which items an epoch takes.
+    Returns ``{"image": (C, X, Y, Z + 2 * z_halo) float32, "label": (1, X, Y, Z + 2 * z_halo) uint8}``
+    for ``patch_size = (X, Y, Z)``. The length is nominal (``10**12``): the loader's sampler says
+    which items an epoch takes.
     """
 
-    def __init__(self, cases: Dataset, patch_size: Sequence[int], cfg: Config, *, rank: int = 0):
-        self.cases, self.patch = cases, [int(p) for p in patch_size]
+    def __init__(self, cases: Dataset, patch_size: Sequence[int], cfg: Config, *, rank: int = 0, z_halo: int = 0):
+        x, y, z = (int(p) for p in patch_size)
+        self.cases, self.patch = cases, [x, y, z + 2 * int(z_halo)]
         self.batch_size, self.fg = int(cfg.train.batch_size), float(cfg.data.fg_oversample)
         self.seed, self.rank = int(cfg.train.seed), int(rank)
         self.extent = crop_extent(self.patch, cfg.train.augment)

@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from medseg.config import Config, save_config
 from medseg.errors import ConfigError, InputError
 from medseg.io import atomic_write_text
+from medseg.nn.slice25d import z_halo
 from medseg.runtime import get_logger, progress_enabled, resolve_precision, seed_everything
 from medseg.train import data as tdata
 from medseg.train.checkpoint import load_checkpoint, restore_rng
@@ -109,7 +110,8 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
     ctx = Context(cfg=cfg, info=info, run_dir=run_dir, pre_dir=pre_dir, plans=plans, patch=patch, model=model,
                   ddp=model, optimizer=optimizer, scheduler=None,
                   scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
-                  loss_fn=build_loss(cfg.train, ignore_label=plans.get("ignore_label")), amp_dtype=amp_dtype, total_epochs=cfg.train.epochs)
+                  loss_fn=build_loss(cfg.train, ignore_label=plans.get("ignore_label"), z_halo=z_halo(model)),
+                  amp_dtype=amp_dtype, total_epochs=cfg.train.epochs)
     ctx.scheduler = build_scheduler(optimizer, cfg.train, lambda: ctx.total_epochs * ctx.iters)
     return ctx
 
@@ -192,6 +194,6 @@ def train_loader(ctx: Context, train_cases: list[str]) -> torch.utils.data.DataL
     tdata.check_foreground(cases, ctx.pre_dir)
     log.info("%d training cases (cache: %s), %d validation cases, patch %s, batch %d x %d rank(s)", len(train_cases),
              mode, len(ctx.val_cases), ctx.patch, cfg.train.batch_size, info.world_size)
-    patches = tdata.PatchDataset(cases, ctx.patch, cfg, rank=info.rank)
+    patches = tdata.PatchDataset(cases, ctx.patch, cfg, rank=info.rank, z_halo=z_halo(ctx.model))
     return tdata.make_train_loader(patches, start_batch=ctx.step, end_batch=cfg.train.epochs * ctx.iters,
                                    num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
