@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     json_path, csv_path = write_summary(summary, summary_path(args.output, args.pred), args.csv)
     print(format_table(summary))
     if "gate_localisation" in summary:
-        print(format_gate_table(summary["gate_localisation"], summary.get("label_names")))
+        print("\n" + format_gate_table(summary["gate_localisation"], summary.get("label_names")))
     print(f"wrote {json_path} and {csv_path} ({len(summary['metric_per_case'])} cases)")
     missing = summary["missing"]
     if missing:
