@@ -126,6 +126,8 @@ class AugmentConfig:
     gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])
     p_mirror: float = 0.5
     mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    p_slab: float = 0.0  # keep a random axial slab of the patch, the rest as padding (partial-coverage scans)
+    slab_min_slices: int = 8
 
 
 @dataclass

@@ -202,3 +202,48 @@ def test_patch_size_must_fit_the_model():
     with pytest.raises(ConfigError, match="data.patch_size"):
         resolve_patch_size(cfg, {}, (8, 8, 8))
     assert resolve_patch_size(load_config(None), {"patch_size": [20, 16, 9]}, (8, 8, 1)) == [24, 16, 9]
+
+
+def test_axial_slab_keeps_one_run_of_slices_and_pads_the_rest():
+    from medseg.data.transforms import RandAxialSlabd
+
+    image = torch.arange(2 * 4 * 4 * 20, dtype=torch.float32).reshape(2, 4, 4, 20) + 1.0  # no zero anywhere
+    label = torch.ones(1, 4, 4, 20)
+    spans = set()
+    for seed in range(40):
+        t = RandAxialSlabd(prob=1.0, min_slices=5, fill=0.0)
+        t.set_random_state(seed=seed)
+        out = t({"image": image, "label": label})
+        kept = (out["image"] != 0).all(dim=(0, 1, 2)).nonzero().flatten().tolist()
+        assert kept == list(range(kept[0], kept[-1] + 1)) and 5 <= len(kept) <= 20  # one contiguous run
+        outside = [z for z in range(20) if z not in kept]
+        assert torch.equal(out["image"][..., kept], image[..., kept])  # the slab untouched
+        assert out["image"][..., outside].abs().sum() == 0 and out["label"][..., outside].sum() == 0
+        assert torch.equal(out["label"][..., kept], label[..., kept])
+        spans.add((kept[0], len(kept)))
+    assert len(spans) > 10  # random start and length
+    assert torch.equal(image, torch.arange(2 * 4 * 4 * 20, dtype=torch.float32).reshape(2, 4, 4, 20) + 1.0)  # input not modified
+    off = RandAxialSlabd(prob=0.0, min_slices=5)({"image": image, "label": label})
+    assert torch.equal(off["image"], image)
+
+
+def test_slab_augmentation_is_in_the_chain_only_when_asked():
+    from medseg.config import AugmentConfig
+    from medseg.data.transforms import RandAxialSlabd, build_train_transforms
+
+    def has_slab(aug):
+        return any(isinstance(t, RandAxialSlabd) for t in build_train_transforms([8, 8, 8], aug).transforms)
+
+    assert not has_slab(AugmentConfig())
+    assert has_slab(AugmentConfig(p_slab=0.3, slab_min_slices=4))
+
+
+@pytest.mark.parametrize("override, key", [("train.augment.p_slab=1.5", "train.augment.p_slab"),
+                                           ("train.augment.slab_min_slices=0", "train.augment.slab_min_slices")])
+def test_slab_settings_are_checked(override, key):
+    from medseg.config import load_config
+    from medseg.errors import ConfigError
+    from medseg.train.checks import check_config
+
+    with pytest.raises(ConfigError, match=key):
+        check_config(load_config(None, [override]))

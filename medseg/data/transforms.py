@@ -11,7 +11,8 @@ A training sample is cut in two steps (see :mod:`medseg.train.data`):
 
 The set and the default probabilities follow nnU-Net's default augmentation (Isensee et al.,
 "nnU-Net", Nature Methods 2021, supplementary note 4): rotation, scaling, Gaussian noise,
-Gaussian blur, multiplicative brightness, contrast, simulated low resolution, gamma, mirroring.
+Gaussian blur, multiplicative brightness, contrast, simulated low resolution, gamma, mirroring;
+plus, off by default, an axial slab (:class:`RandAxialSlabd`: partial-coverage scans).
 Every probability and range lives in ``config.train.augment`` (:class:`medseg.config.AugmentConfig`).
 
 Arrays are channel-first ``(C, X, Y, Z)`` (image float32, label ``(1, X, Y, Z)``).
@@ -41,7 +42,7 @@ from monai.transforms import (
 
 from medseg.config import AugmentConfig
 
-__all__ = ["RandRotateScaled", "as_plain_tensor", "build_train_transforms", "crop_extent", "crop_patch"]
+__all__ = ["RandAxialSlabd", "RandRotateScaled", "as_plain_tensor", "build_train_transforms", "crop_extent", "crop_patch"]
 
 KEYS = ("image", "label")
 
@@ -140,6 +141,49 @@ class RandRotateScaled(RandomizableTransform, MapTransform):
         return d
 
 
+class RandAxialSlabd(RandomizableTransform, MapTransform):
+    """Keep a random axial slab of a patch: with probability ``prob``, the slices outside a random
+    run of ``k`` consecutive z slices (``k`` uniform in ``[min_slices, Z]``) become padding
+    (image ``fill``, label 0), as a scan covering only ``k`` slices looks once the sliding window
+    pads it to the window size (MONAI pads with 0, the normalized intensity ``fill`` stands for).
+
+    Scans of partial coverage (a few slices through the upper abdomen, a thorax cut at the
+    diaphragm) are common in practice; full-coverage training volumes never show the network a
+    structure cut by the scan's end with padding beyond it. The label outside the slab is
+    background, so the net also learns that padding holds no organ. z is the preprocessed array's
+    axis 2, the patient's superior-inferior axis (preprocessing reorients to the closest RAS).
+    Not from a paper; nnU-Net pads patches at volume borders but never shortens a scan.
+
+    Keys ``image`` ``(C, X, Y, Z)`` and ``label`` ``(1, X, Y, Z)``; returns the same shapes.
+    """
+
+    def __init__(self, prob: float = 0.0, min_slices: int = 8, fill: float = 0.0):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, KEYS)
+        self.min_slices, self.fill = int(min_slices), float(fill)
+        self._span = (0, 0)
+
+    def randomize(self, depth: int) -> None:
+        super().randomize(None)
+        k = int(self.R.randint(min(self.min_slices, depth), depth + 1))
+        start = int(self.R.randint(0, depth - k + 1))
+        self._span = (start, start + k)
+
+    def __call__(self, data):
+        d = dict(data)
+        depth = int(d["image"].shape[-1])
+        self.randomize(depth)
+        if not self._do_transform or self._span == (0, depth):
+            return d
+        keep = torch.zeros(depth, dtype=torch.bool)
+        keep[self._span[0]:self._span[1]] = True
+        image, label = torch.as_tensor(d["image"]).clone(), torch.as_tensor(d["label"]).clone()
+        image[..., ~keep] = self.fill
+        label[..., ~keep] = 0
+        d["image"], d["label"] = image, label
+        return d
+
+
 def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig) -> Compose:
     """The training chain: region ``(C, *crop_extent)`` dict -> patch ``(C, *patch_size)`` dict.
 
@@ -161,6 +205,8 @@ def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig) -> Com
         RandAdjustContrastd("image", gamma=tuple(sorted(aug.gamma_range)), retain_stats=True, prob=aug.p_gamma),
     ]
     chain += [RandFlipd(KEYS, prob=aug.p_mirror, spatial_axis=int(ax)) for ax in aug.mirror_axes]
+    if aug.p_slab > 0:  # after the intensity transforms: padding stays the constant MONAI's sliding window pads with
+        chain.append(RandAxialSlabd(aug.p_slab, aug.slab_min_slices))
     return Compose(chain)
 
 
