@@ -34,10 +34,11 @@ Memory (what a 512x512x300 CT with 14 classes needs):
 
 2.5D models (a ``z_halo`` H > 0, :mod:`medseg.nn.slice25d`): a window's outputs for the H slices at
 each of its z ends were computed with replicated, invented neighbours, so they get zero blending
-weight (the importance map, Gaussian or constant, is zero there: MONAI's ``roi_weight_map``); the
-volume is replicate-padded by H slices at its own two ends (the only place where a neighbour is a
-copy) and the result cropped back; the z overlap is raised to at least ``2H / roi_z`` so that every
-slice is interior to some window, and ``roi_z`` is cut to the padded volume's depth. A slice's
+weight (the importance map, Gaussian or constant, is zero there: MONAI's ``roi_weight_map``). As in
+training, a window is ``roi_z + 2H`` slices deep (``roi_size`` is what the net predicts per window,
+the training patch), cut to the padded volume's depth; the volume is replicate-padded by H slices at
+its own two ends (the only place where a neighbour is a copy) and the result cropped back; the z
+overlap is raised to at least ``2H / window_z`` so that every slice is interior to some window. A slice's
 prediction is then the same whatever the window plan, e.g. at a seam between two windows as with
 one window over the whole volume. 3-D models (no ``z_halo``) are blended exactly as before.
 """
@@ -217,18 +218,12 @@ def z_halo_plan(image_shape: Sequence[int], roi: Sequence[int], overlap: float, 
     that is replicate-padded by ``halo`` slices at both z ends (module docstring).
 
     Returns:
-        ``roi`` with its z cut to the padded depth; the per-axis overlap, z raised to at least
-        ``2 * halo / roi_z``; the importance map ``roi`` (float32): MONAI's ``blend`` map with the
-        ``halo`` slices at each z end of the window set to 0.
-
-    Raises:
-        ValueError: ``roi_z <= 2 * halo`` (no slice of a window would be kept).
+        the window: ``roi`` with ``2 * halo`` more slices, cut to the padded depth; the per-axis
+        overlap, z raised to at least ``2 * halo / window_z``; the importance map (float32, window
+        size): MONAI's ``blend`` map with the ``halo`` slices at each z end of the window set to 0.
     """
     depth = int(image_shape[-1]) + 2 * halo
-    roi = (*tuple(int(r) for r in roi[:2]), min(int(roi[2]), depth))
-    if roi[2] <= 2 * halo:
-        raise ValueError(f"roi_size z = {roi[2]} leaves no slice between the model's z halo of {halo} slices at each "
-                         f"end; use a window of more than {2 * halo} slices")
+    roi = (*tuple(int(r) for r in roi[:2]), min(int(roi[2]) + 2 * halo, depth))
     ov = (float(overlap), float(overlap), max(float(overlap), 2.0 * halo / roi[2]))
     weight = compute_importance_map(roi, mode=blend, sigma_scale=0.125, device="cpu", dtype=torch.float32)
     weight[..., :halo] = 0
@@ -326,7 +321,8 @@ def sliding_window_predict(
         if buffer_device is None:
             if device.type == "cuda":
                 n_out, n_maps = _probe_outputs(window, img, roi)
-                need = estimate_buffer_bytes(img.shape, roi, n_out, n_maps, compute_dtype)
+                padded = (*img.shape[:-1], img.shape[-1] + 2 * halo)  # the z halo pads the volume's ends
+                need = estimate_buffer_bytes(padded, roi, n_out, n_maps, compute_dtype)
                 need += img[:1].numel() * img.shape[0] * torch.empty((), dtype=compute_dtype).element_size()
                 buffer_device = pick_buffer_device(device, need)
             else:
