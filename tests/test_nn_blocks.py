@@ -24,8 +24,8 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def test_registry_lists_every_block_and_rejects_unknown_names():
-    assert NAMES == ["abn", "bam", "cbam", "eca", "nonlocal", "se"]
-    with pytest.raises(ValueError, match="valid names: abn, bam, cbam, eca, nonlocal, se"):
+    assert NAMES == ["abn", "bam", "cbam", "eca", "nonlocal", "se", "va"]
+    with pytest.raises(ValueError, match="valid names: abn, bam, cbam, eca, nonlocal, se, va"):
         create_block_attention("sse", 8)
     assert isinstance(create_block_attention(None, 8), torch.nn.Identity)
 

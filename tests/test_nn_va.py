@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from medseg.config import load_config
-from medseg.errors import ConfigError
 from medseg.nn import build_model, create_block_attention
 from medseg.nn.va import VolumetricAttention
 
@@ -133,12 +132,25 @@ def test_config_builds_a_25d_net_whose_va_maps_come_back_3d():
                for m in model.modules() if isinstance(m, VolumetricAttention))
 
 
-def test_va_is_refused_outside_the_25d_net():
-    with pytest.raises(ConfigError, match="'va' is a block of the 2.5D net"):
-        build_model(load_config(None, ["model.channels=[4,8]", "model.block_attention.name=va"]).model, num_classes=2)
-    block = VolumetricAttention(4)
-    with pytest.raises(ValueError, match="z_len"):
-        block(torch.randn(3, 4, 5, 5))
+def test_on_3d_features_z_is_the_last_axis_and_a_lone_2d_net_has_one_slice_volumes():
+    block = va_block(nz=None)
+    x = torch.randn(2, 4, 5, 6, 7)  # (B, C, X, Y, Z)
+    stacked = x.permute(0, 4, 1, 2, 3).reshape(14, 4, 5, 6)  # the 2.5D layout (B*Z, C, X, Y)
+    with torch.no_grad():
+        y, m = block(x, return_map=True)
+        block.z_len = 7
+        y2, m2 = block(stacked, return_map=True)
+        block.z_len = None
+        alone = block(stacked)  # no z_len: every slice is a volume of its own
+        block.z_len = 1
+        torch.testing.assert_close(block(stacked), alone)
+    torch.testing.assert_close(y2, y.permute(0, 4, 1, 2, 3).reshape(14, 4, 5, 6))
+    torch.testing.assert_close(m2, m.permute(0, 4, 1, 2, 3).reshape(14, 1, 5, 6))
+    assert not torch.allclose(alone, y2, atol=1e-4)
     block.z_len = 2
     with pytest.raises(ValueError, match="not a whole number of volumes"):
         block(torch.randn(3, 4, 5, 5))
+    model = build_model(load_config(None, ["model.channels=[4,8]", "model.block_attention.name=va"]).model,
+                        num_classes=2).eval()
+    _, maps = model(torch.randn(1, 1, 8, 8, 6), return_attention=True)
+    assert set(maps) == {"va/enc0", "va/enc1", "va/dec0"} and model.patch_divisor == (2, 2, 2)

@@ -24,6 +24,9 @@ Along z the bag is replicate-padded at the ends of the input (as the stacking it
 output at slice ``z`` then depends on the input slices within ``z_halo = (k-1)/2 * d + sum(r)``
 (:mod:`medseg.nn.slice25d`), which training and sliding-window inference cover with real slices.
 
+In a 3-D net (``model.slices: 1``) the same block reads ``(B, C, X, Y, Z)`` features with z the last
+axis: each z-slice ``F_z (C, X, Y)`` is modulated from the bag of its neighbouring z-slices.
+
 **The map** (``model(x, return_attention=True)``, key ``va/enc{i}`` / ``va/dec{i}`` /
 ``va/bottleneck``): ``mean_c(Mc(z)) * Ms(z)``, the channel mean of the applied factor
 ``Mc(z) * Ms(z)`` (exactly: the factor is separable), shape ``(B, 1, x_i, y_i, Z)`` after the
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.nn.channel import MIN_HIDDEN, reduced_channels
-from medseg.nn.layers import channel_mean, check_positive_int
+from medseg.nn.layers import channel_mean, check_positive_int, check_spatial_dims
 from medseg.nn.registries import BLOCK_ATTENTION
 
 __all__ = ["VolumetricAttention"]
@@ -50,24 +53,27 @@ class VolumetricAttention(nn.Module):
     2-D features computed from the feature bag of its ``2r+1`` neighbouring slice-stacks.
 
     A block of the 2.5D net's 2-D U-Net (``model.slices > 1``, ``model.block_attention.name: va``):
-    :class:`~medseg.nn.slice25d.SliceStack25D` sets ``z_len`` (slices per volume) for the forward.
+    :class:`~medseg.nn.slice25d.SliceStack25D` sets ``z_len`` (slices per volume) for the forward;
+    a 2-D net used alone (``z_len`` unset) has volumes of one slice (the bag is the slice itself,
+    replicated). In a 3-D net z is the last spatial axis of the features.
 
     Args:
         channels: C.
-        spatial_dims: must be 2 (the 2-D net of the 2.5D model).
+        spatial_dims: 2 (the 2-D net of the 2.5D model) or 3 (z = the last axis).
         radius: r, the bag holds the stacks ``z - r .. z + r`` (adjacent slices).
         reduction: r of the channel MLP (hidden width ``reduced_channels(C, reduction, min_hidden)``).
         min_hidden: floor of that hidden width (1 = the exact ratio).
         kernel_size: in-plane size ``s`` of the spatial conv (odd; its z extent is the bag).
 
-    Shapes: ``(B*Z, C, x, y) -> (B*Z, C, x, y)`` with the ``Z`` slices of each volume consecutive
-    (the layout of :meth:`SliceStack25D.to_slices`); ``forward(x, return_map=True)`` also returns the
-    map ``(B*Z, 1, x, y)`` in [0, 1] (module docstring: the channel mean of the applied factor).
+    Shapes: 2-D ``(B*Z, C, x, y) -> (B*Z, C, x, y)`` with the ``Z = z_len`` slices of each volume
+    consecutive (the layout of :meth:`SliceStack25D.to_slices`); 3-D ``(B, C, X, Y, Z) -> (B, C, X, Y, Z)``.
+    ``forward(x, return_map=True)`` also returns the map ``(B*Z, 1, x, y)`` / ``(B, 1, X, Y, Z)`` in
+    [0, 1] (module docstring: the channel mean of the applied factor).
 
     Raises:
-        ValueError: ``spatial_dims`` other than 2, non-positive ``channels`` / ``radius`` /
-            ``reduction`` / ``min_hidden``, even ``kernel_size``; at call time, no ``z_len`` set
-            (called outside a 2.5D net) or a batch that is not a multiple of it.
+        ValueError: ``spatial_dims`` not 2 / 3, non-positive ``channels`` / ``radius`` /
+            ``reduction`` / ``min_hidden``, even ``kernel_size``; at call time, a 2-D batch that is
+            not a whole number of volumes of ``z_len`` slices.
     """
 
     returns_map = True
@@ -76,9 +82,7 @@ class VolumetricAttention(nn.Module):
     def __init__(self, channels: int, *, spatial_dims: int = 2, radius: int = 1, reduction: int = 16,
                  min_hidden: int = MIN_HIDDEN, kernel_size: int = 7):
         super().__init__()
-        if spatial_dims != 2:
-            raise ValueError(f"block attention 'va' is a block of the 2.5D net (model.slices > 1: a 2-D net over "
-                             f"slice-stacks); got spatial_dims={spatial_dims!r}")
+        check_spatial_dims(spatial_dims)
         check_positive_int("channels", channels)
         check_positive_int("radius", radius)
         check_positive_int("kernel_size", kernel_size)
@@ -99,24 +103,26 @@ class VolumetricAttention(nn.Module):
         r = self.z_radius
         return F.pad(t.reshape(shape[0], -1, shape[-1]), (r, r), mode="replicate").reshape(*shape[:-1], shape[-1] + 2 * r)
 
+    def _attend(self, pooled: torch.Tensor, desc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled ``(B, C, Z)`` and mean / max maps ``(B, 2, X, Y, Z)`` -> ``Mc (B, C, Z)``, ``Ms (B, 1, X, Y, Z)``."""
+        mc = torch.sigmoid(self.fc2(F.relu(self.fc1(self._bag(pooled)))))
+        return mc, torch.sigmoid(self.spatial(self._bag(desc)))
+
     def factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x (B*Z, C, x, y)`` -> ``(Mc (B*Z, C, 1, 1), Ms (B*Z, 1, x, y))``, both in (0, 1)."""
-        nz = self.z_len
-        if not nz:
-            raise ValueError("block attention 'va' needs the slices per volume (z_len): it runs inside the 2.5D net "
-                             "(model.slices > 1), which sets it")
+        """The two factors, both in (0, 1): for ``x (B*Z, C, x, y)``: ``Mc (B*Z, C, 1, 1)``, ``Ms (B*Z, 1, x, y)``;
+        for ``x (B, C, X, Y, Z)``: ``Mc (B, C, 1, 1, Z)``, ``Ms (B, 1, X, Y, Z)``."""
+        desc = torch.cat([channel_mean(x), x.amax(dim=1, keepdim=True)], dim=1)
+        if x.ndim == 5:
+            mc, ms = self._attend(x.mean(dim=(2, 3)), desc)
+            return mc[:, :, None, None, :], ms
+        nz = self.z_len or 1
         bz, c, nx, ny = x.shape
         if bz % nz:
             raise ValueError(f"va: a batch of {bz} slices is not a whole number of volumes of {nz} slices")
         b = bz // nz
         pooled = x.mean(dim=(2, 3)).reshape(b, nz, c).transpose(1, 2)  # (B, C, Z)
-        mc = torch.sigmoid(self.fc2(F.relu(self.fc1(self._bag(pooled)))))  # (B, C, Z)
-        mc = mc.transpose(1, 2).reshape(bz, c, 1, 1)
-        desc = torch.cat([channel_mean(x), x.amax(dim=1, keepdim=True)], dim=1)  # (B*Z, 2, x, y)
-        desc = desc.reshape(b, nz, 2, nx, ny).permute(0, 2, 3, 4, 1)  # (B, 2, x, y, Z)
-        ms = torch.sigmoid(self.spatial(self._bag(desc)))  # (B, 1, x, y, Z)
-        ms = ms.permute(0, 4, 1, 2, 3).reshape(bz, 1, nx, ny)
-        return mc, ms
+        mc, ms = self._attend(pooled, desc.reshape(b, nz, 2, nx, ny).permute(0, 2, 3, 4, 1))
+        return mc.transpose(1, 2).reshape(bz, c, 1, 1), ms.permute(0, 4, 1, 2, 3).reshape(bz, 1, nx, ny)
 
     def forward(self, x: torch.Tensor, return_map: bool = False):
         mc, ms = self.factors(x)
