@@ -165,6 +165,7 @@ class InferConfig:
     overlap: float = 0.5
     blend: str = "gaussian"  # gaussian | constant
     sw_batch_size: int = 2
+    cpu_window_voxels: int = 4_000_000  # CPU: windows per forward capped to this many voxels (x2 in bf16); 0 = no cap
     tta: bool = False
     precision: str = "auto"
     device: str = "auto"

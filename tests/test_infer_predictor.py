@@ -204,3 +204,26 @@ def test_channels_last_auto_is_on_for_3d_nets_on_cpu_only():
     assert resolve_channels_last(False, cpu, net3d) is False
     with pytest.raises(ConfigError, match="channels_last"):
         resolve_channels_last("sometimes", cpu, net3d)
+
+
+def test_cpu_window_batch_caps_large_windows_on_the_cpu_only():
+    from medseg.infer.predictor import cpu_window_batch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    big = [176, 128, 160]  # 3.6 M voxels: the chest CT's planned window
+    assert cpu_window_batch(2, big, cpu, None) == 1  # fp32: one window per forward (peak RSS 3.9 -> 2.4 GB)
+    assert cpu_window_batch(2, big, cpu, torch.bfloat16) == 2  # half precision: twice the budget
+    assert cpu_window_batch(4, big, cpu, torch.bfloat16) == 2
+    assert cpu_window_batch(2, big, cpu, None, max_voxels=0) == 2  # no cap
+    assert cpu_window_batch(2, big, cuda, None) == 2  # GPUs keep their batch
+    assert cpu_window_batch(4, [96, 96, 96], cpu, None) == 4  # 0.9 M voxels: 4 fit
+    assert cpu_window_batch(8, [96, 96, 96], cpu, None) == 4
+    assert cpu_window_batch(3, [300, 300, 300], cpu, None) == 1  # never below 1
+
+
+def test_predictor_applies_the_cpu_window_cap_from_the_run_config():
+    from medseg.infer.predictor import Predictor
+
+    plans = {"num_classes": 2, "patch_size": [176, 128, 160], "target_spacing": [1, 1, 1]}
+    assert Predictor(None, plans, device="cpu", precision="fp32", sw_batch_size=2).sw_batch_size == 1
+    assert Predictor(None, plans, device="cpu", precision="fp32", sw_batch_size=2, cpu_window_voxels=0).sw_batch_size == 2

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blend", choices=("gaussian", "constant"), default=None,
                    help="how overlapping windows are blended: Gaussian importance weights (default) or uniform")
     p.add_argument("--sw-batch-size", type=int, default=None,
-                   help="windows per forward pass (default: infer.sw_batch_size); larger is faster on a GPU")
+                   help="windows per forward pass (default: infer.sw_batch_size); larger is faster on a GPU; on the CPU capped so "
+                        "that a forward holds at most infer.cpu_window_voxels voxels (4 M; x2 in bf16; 0 = no cap)")
     p.add_argument("--tta", action="store_true", default=None,
                    help="test-time augmentation: average the predictions mirrored along every subset of the "
                         "axes training mirrored (plans.json inference_allowed_mirroring_axes; all 3 axes: 8x "

@@ -17,6 +17,7 @@ one co-registered file per channel, in channel order (``predict([ct, pet])``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,8 +34,8 @@ from medseg.infer.sliding import ALL_AXES, allowed_mirror_axes, sliding_window_p
 from medseg.io import Volume, case_name, read_volume, split_channel_tag
 from medseg.runtime import get_logger, resolve_channels_last, resolve_device, resolve_precision
 
-__all__ = ["CHECKPOINT_NAMES", "PredictionResult", "Predictor", "check_not_label", "load_run", "run_channels",
-           "run_mirror_axes"]
+__all__ = ["CHECKPOINT_NAMES", "CPU_WINDOW_VOXELS", "PredictionResult", "Predictor", "check_not_label", "cpu_window_batch",
+           "load_run", "run_channels", "run_mirror_axes"]
 
 CHECKPOINT_NAMES = ("best", "final", "latest")
 RESTORE_BUDGET_BYTES = 512 * 2**20  # float32 bytes per chunk of classes on the original grid
@@ -175,6 +176,31 @@ def build_inference_model(cfg: Config, plans: dict, state: dict, source: str = "
 
 
 # --------------------------------------------------------------------------- predictor
+CPU_WINDOW_VOXELS = 4_000_000
+
+
+def cpu_window_batch(sw_batch_size: int, roi_size: Sequence[int], device: torch.device, amp_dtype,
+                     max_voxels: int = CPU_WINDOW_VOXELS) -> int:
+    """Windows per forward: on the CPU, at most what keeps one forward under ``max_voxels`` window
+    voxels (twice that under bf16 / fp16 autocast), at least 1; unchanged on CUDA or when
+    ``max_voxels`` is 0.
+
+    A forward's activations grow with its windows; on the CPU a batch of windows buys little (the
+    convolutions already use every core on one window). Measured on the 512x512x133 chest CT,
+    attention U-Net 16..256, fp32, window 176x128x160 (3.6 M voxels): peak RSS 3.94 GB with 2
+    windows per forward, 2.43 GB with 1 (``benchmarks/infer_speed.py``); on a busy 1-thread run
+    the single-window forward took 1.3x the wall time, so the cap trades some speed for memory.
+    """
+    if device.type != "cpu" or not max_voxels or max_voxels < 0:
+        return int(sw_batch_size)
+    budget = max_voxels * (2 if amp_dtype in (torch.bfloat16, torch.float16) else 1)
+    fit = max(1, int(budget // max(1, math.prod(int(v) for v in roi_size))))
+    if fit < sw_batch_size:
+        log.info("CPU: %d window(s) of %s per forward instead of %d (infer.cpu_window_voxels=%d keeps the peak "
+                 "memory down; 0 lifts the cap)", fit, "x".join(map(str, roi_size)), sw_batch_size, max_voxels)
+    return min(int(sw_batch_size), fit)
+
+
 class Predictor:
     """Segment volumes with one network and its plans.
 
@@ -184,7 +210,8 @@ class Predictor:
         plans: ``plans.json`` content (spacing, normalization, ``patch_size``, ``num_classes``).
         roi_size: sliding-window size (default: ``plans["patch_size"]``).
         device / precision: ``auto`` or explicit (see :mod:`medseg.runtime`).
-        overlap, blend, sw_batch_size, tta: see :func:`sliding_window_predict`.
+        overlap, blend, sw_batch_size, tta: see :func:`sliding_window_predict`; on the CPU the
+            windows per forward are capped by ``cpu_window_voxels`` (:func:`cpu_window_batch`).
         mirror_axes: the axes TTA may flip, those training mirrored (:func:`run_mirror_axes`;
             default all three). With ``tta`` and none allowed, a warning and one pass.
         channels_last: ``"auto"`` (default: on for 3D nets on the CPU), ``True`` or ``False``; see
@@ -197,7 +224,8 @@ class Predictor:
     def __init__(self, model: torch.nn.Module | None, plans: dict, *, roi_size=None, device: str = "auto",
                  precision: str = "auto", overlap: float = 0.5, blend: str = "gaussian", sw_batch_size: int = 2,
                  tta: bool = False, mirror_axes: Sequence[int] = ALL_AXES,
-                 channels_last: bool | str | None = "auto", postprocess: str | dict | None = None, progress: bool = False):
+                 channels_last: bool | str | None = "auto", postprocess: str | dict | None = None, progress: bool = False,
+                 cpu_window_voxels: int = CPU_WINDOW_VOXELS):
         if not 0.0 <= float(overlap) < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
         if blend not in ("gaussian", "constant"):
@@ -209,7 +237,9 @@ class Predictor:
         self.device = resolve_device(device)
         self.amp_dtype = resolve_precision(precision, self.device)
         self.roi_size = list(roi_size or plans["patch_size"])
-        self.overlap, self.blend, self.sw_batch_size = float(overlap), blend, int(sw_batch_size)
+        self.overlap, self.blend = float(overlap), blend
+        self.sw_batch_size = cpu_window_batch(int(sw_batch_size), self.roi_size, self.device, self.amp_dtype,
+                                              cpu_window_voxels)
         self.channel_names = run_channels(plans)
         self.mirror_axes = sorted({int(a) for a in mirror_axes})
         if any(a not in ALL_AXES for a in self.mirror_axes):
@@ -250,7 +280,8 @@ class Predictor:
             kwargs["postprocess"] = load_run_postprocessing(run_dir) or "none"
         return cls(model, plans, roi_size=roi, device=device or inf.device, precision=precision or inf.precision,
                    overlap=inf.overlap if overlap is None else overlap, blend=blend or inf.blend,
-                   sw_batch_size=sw_batch_size or inf.sw_batch_size, tta=inf.tta if tta is None else tta, **kwargs)
+                   sw_batch_size=sw_batch_size or inf.sw_batch_size, tta=inf.tta if tta is None else tta,
+                   cpu_window_voxels=kwargs.pop("cpu_window_voxels", inf.cpu_window_voxels), **kwargs)
 
     # ------------------------------------------------------------------ public API
     def predict(self, path: str | Path | Sequence[str | Path], *, probabilities: bool = False, gates: bool = False,
