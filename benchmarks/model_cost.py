@@ -244,6 +244,8 @@ MAP_MEANING = {
     "iaff": "as aff, for the second (outer) fusion of iAFF",
     "abn": "learned attention map M in [0, 1]; bottleneck features x (1 + M): 0 leaves them, 1 doubles them "
            "(with residual: false, x M: 0 suppresses, 1 passes)",
+    "va": "channel mean of the applied factor Mc(z) * Ms(z) in [0, 1] (from the slice's z feature bag): "
+          "0 suppresses the pixel of slice z in every channel, 1 passes it",
 }
 
 
