@@ -195,12 +195,6 @@ def summarize(rows: dict[str, dict]) -> dict:
                  ("monai_attention", "ours_attention_large"), ("monai_unet", "ours_attention_large")):
         if a in rows and b in rows and rows[b].get("cpu_s"):  # CPU seconds: steadier than wall time on a busy machine
             out[f"cpu_ratio_{a}_vs_{b}"] = rows[a]["cpu_s"] / rows[b]["cpu_s"]
-    for name, tag in (("ours_attention", ""), ("ours_attention_large", "large_")):
-        if name in rows:  # the targets, for the plan's window and for the large one
-            vs_att, vs_unet = ratios[f"speedup_attention_{tag}vs_monai_attention"], ratios[f"speedup_attention_{tag}vs_monai_unet"]
-            out[f"target_{tag}4x_vs_monai_attention"] = vs_att is not None and vs_att >= 4.0
-            out[f"target_{tag}not_slower_than_monai_unet"] = vs_unet is not None and vs_unet >= 1.0
-            out[f"target_{tag}rss_le_2_5_gb"] = rows[name]["peak_rss_gb"] <= 2.5
     return out
 
 

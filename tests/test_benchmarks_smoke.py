@@ -68,9 +68,7 @@ def test_infer_summary_ratios_and_targets():
     assert s["bf16_gain_attention"] == pytest.approx(2.5)
     assert s["cpu_ratio_monai_attention_vs_ours_attention"] == pytest.approx(3.75)
     assert s["cpu_ratio_monai_unet_vs_ours_attention"] == pytest.approx(1.25)
-    assert s["target_4x_vs_monai_attention"] and s["target_not_slower_than_monai_unet"] and s["target_rss_le_2_5_gb"]
-    rows["ours_attention"]["total"] = 30.0
-    assert not infer_speed.summarize(rows)["target_4x_vs_monai_attention"]
+    assert not [k for k in s if k.startswith("target")]  # figures only: no pass/fail flags in published results
 
 
 def test_md_table_formats_numbers():
