@@ -25,7 +25,13 @@ Memory (what a 512x512x300 CT with 14 classes needs):
   the buffer device of every call that leaves it ``None``, e.g. ``MEDSEG_BUFFER_DEVICE=cpu medseg
   infer ...`` runs the CPU-stitching fallback on a GPU that has the memory
   (``benchmarks/gpu_check.py`` compares both). The choice is logged at DEBUG level
-  (``MEDSEG_LOGLEVEL=DEBUG``).
+  (``MEDSEG_LOGLEVEL=DEBUG``). Why not MONAI's ``SlidingWindowInfererAdapt``, which makes the
+  same choice by trial: it runs the whole volume with GPU buffers, and on a CUDA out-of-memory
+  error starts again buffered, then with CPU stitching (remembering the size). Ours decides
+  before the first window from the buffer estimate and the device's free memory, so no window
+  runs twice and no OOM is provoked on a GPU shared with other jobs; and the decision is a pure
+  function a CPU test checks (``tests/test_infer_sliding.py``: ``pick_buffer_device`` with a
+  mocked ``mem_get_info``), where MONAI's path is reached only by a real CUDA OOM.
 - Gate maps (``model(x, return_attention=True)``) come back at their own coarse resolution;
   they are upsampled to the window size inside the window (trilinear, align_corners=False)
   and stitched by the same call as the logits (MONAI takes dict outputs). Stitching them at
