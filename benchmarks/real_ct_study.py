@@ -39,7 +39,7 @@ from _common import REAL_CT, ROOT, md_table, meta_now, set_threads, write_result
 
 DATASETS = {"organs": ROOT / "configs" / "real_organs.yaml", "lung_lesion": ROOT / "configs" / "real_lung_lesion.yaml"}
 VARIANTS = {"unet": "unet3d", "attention": "attention_unet3d", "cbam": "cbam_unet3d", "unet25d": "unet25d"}
-QUICK_OVERRIDES = ["data.target_spacing=[3.0,3.0,3.0]", "data.patch_size=[32,32,32]", "train.iters_per_epoch=2",
+QUICK_OVERRIDES = ["data.target_spacing=[3.0,3.0,3.0]", "data.patch_size=[64,64,64]", "train.iters_per_epoch=2",
                    "model.channels=[4,8,16,32,64]", "data.num_workers=0"]
 
 
