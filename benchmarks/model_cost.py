@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--num-classes", type=int, default=2, help="output classes when a config leaves model.num_classes at 0 (default 2)")
     p.add_argument("--no-time", action="store_true", help="only parameters, FLOPs and maps (fast); time columns 'pending'")
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="time bf16 autocast too: auto = only on a CPU with native bf16 (elsewhere autocast emulates it, "
+                        "tens of times slower, and says nothing of a real bf16 machine); default auto")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results",
                    help="folder for model_zoo.{md,json} (default benchmarks/results)")
     p.add_argument("--no-write", action="store_true", help="print only; write no result files")
@@ -193,11 +196,18 @@ def measure(models: dict[str, torch.nn.Module], args: argparse.Namespace) -> dic
         rows[name] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "gflops": gflops(model, x),
                       **getattr(model, "cost_info", {"plain": PLAIN_3D}), "maps": map_names(model, x)}
     if not args.no_time:
-        for key, bf16 in (("fp32_s", False), ("bf16_s", True)):
+        for key, bf16 in (("fp32_s", False), ("bf16_s", True))[: 2 if time_bf16(args) else 1]:
             for name, (med, low) in time_interleaved(models, x, args.reps, bf16).items():
                 rows[name][key] = med
                 rows[name][key.replace("_s", "_min_s")] = low
     return rows
+
+
+def time_bf16(args: argparse.Namespace) -> bool:
+    """Whether bf16 is timed (``--bf16``; auto: the CPU has native bf16)."""
+    from medseg.runtime import cpu_supports_bf16
+
+    return args.bf16 == "on" or (args.bf16 == "auto" and cpu_supports_bf16())
 
 
 def add_ratios(rows: dict[str, dict]) -> None:
@@ -254,7 +264,9 @@ def zoo_markdown(rows: dict[str, dict], args: argparse.Namespace) -> str:
     of the same dimensionality; times 'pending' without a timed run."""
     def ratio(row, key):
         v = row.get(f"{key}_vs_plain")
-        return "pending" if v is None else f"{v:.2f}"
+        if v is None:
+            return "pending" if args.no_time else "n/a"
+        return f"{v:.2f}"
 
     table = []
     for name, row in rows.items():
@@ -272,7 +284,9 @@ def zoo_markdown(rows: dict[str, dict], args: argparse.Namespace) -> str:
     return (f"Forward cost on a 1x1x{args.size}^3 patch (FLOPs counted by torch's FlopCounterMode: convolutions, "
             f"matmuls, attention{timed}); \"plain\" is the plain net of the same dimensionality "
             f"(`{PLAIN_3D}` for 3-D configs, `{PLAIN_25D}` for 2.5-D ones)."
-            + (" Time ratios \"pending\": not yet measured on an idle machine." if args.no_time else "") + "\n\n" + md_table(head, table) + "\n\nWhat the maps mean:\n\n" + legend)
+            + (" Time ratios \"pending\": not yet measured on an idle machine." if args.no_time else "")
+            + (" bf16 \"n/a\": this CPU has no native bf16 (autocast would emulate it), so bf16 was not timed."
+               if not args.no_time and not time_bf16(args) else "") + "\n\n" + md_table(head, table) + "\n\nWhat the maps mean:\n\n" + legend)
 
 
 def main(argv: list[str] | None = None) -> int:
