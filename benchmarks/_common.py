@@ -56,12 +56,14 @@ def cpu_model() -> str:
 
 
 def commit() -> str:
-    """``git describe``-like id of the checkout: short hash, ``+dirty`` when tracked code changed."""
+    """``git describe``-like id of the checkout: short hash, ``+dirty`` when tracked code changed
+    (results in ``benchmarks/results`` are outputs, not code: a chain of benchmarks stays clean)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
     sha = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "medseg", "benchmarks", "configs")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "medseg", "benchmarks", "configs",
+                ":(exclude)benchmarks/results")
     return sha + ("+dirty" if dirty else "")
 
 

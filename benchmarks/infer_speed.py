@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = (f"Input: {source}. Untrained weights, 6 classes, channels {tuple(args.channels)}, one subprocess per "
              f"pipeline (peak RSS = its own `ru_maxrss`), {args.threads} threads, fastest of {args.repeats} interleaved run(s). "
              "Ours: `Predictor.from_run(...).predict(path)` + writing the mask, Gaussian blending; precision `auto` "
-             "= bf16 autocast on this CPU, `channels_last_3d` (the CPU default for 3D nets); window = the patch size "
+             "(bf16 autocast on a CPU with native bf16, else fp32: the precision column says which ran), `channels_last_3d` (the CPU default for 3D nets); window = the patch size "
              "the data layer plans for this image and this net (`medseg.data.plan`: the median shape's aspect, 8 GB "
              "of training memory at batch 2 for a net of this first-stage width, as nnU-Net plans for its "
              "architecture)"
