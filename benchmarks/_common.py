@@ -14,6 +14,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -193,10 +194,15 @@ def write_results(name: str, title: str, body_md: str, data: dict, meta: dict, *
 
 
 def repo_relative(value: str | Path) -> str:
-    """An absolute path as a path relative to the repository (published results hold no machine
-    paths); anything else unchanged."""
+    """An absolute path as a path relative to the repository, or to ``$TMPDIR`` for one under the
+    temp folder (published results hold no machine paths); anything else unchanged."""
     text = str(value)
-    return os.path.relpath(text, ROOT) if os.path.isabs(text) else text
+    if not os.path.isabs(text):
+        return text
+    tmp = tempfile.gettempdir()
+    if os.path.commonpath([os.path.abspath(text), tmp]) == tmp:  # a work folder: no machine path either
+        return "$TMPDIR/" + os.path.relpath(text, tmp)
+    return os.path.relpath(text, ROOT)
 
 
 def meta_now(threads: int, argv: Sequence[str] | None = None) -> dict:

@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REAL_CT, md_table, meta_now, run_child, set_threads, write_results  # noqa: E402
+from _common import REAL_CT, md_table, meta_now, repo_relative, run_child, set_threads, write_results  # noqa: E402
 from real_ct_study import DATASETS, QUICK_OVERRIDES, VARIANTS, quick_dataset  # noqa: E402
 
 CONTENDERS = ("stock_monai", "medseg", "nnunet")
@@ -131,7 +131,7 @@ def row_of(train: dict, curve: list[dict], prep_s: float, work: Path) -> dict:
     keys = ("steps", "patches", "patch_size", "voxels", "train_s", "precision")
     return {**{k: train[k] for k in keys}, "prep_s": prep_s, "test_dice": final["test_dice"],
             "test_hd95": final["test_hd95"], "test_fg_mean_dice": final["test_fg_mean_dice"], "infer_s": final["infer_s"],
-            "missing": final["missing"], "curve": curve, "work": str(work)}
+            "missing": final["missing"], "curve": curve, "work": repo_relative(work)}
 
 
 def child_stock(args: argparse.Namespace, work: Path) -> dict:
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_as_child(args)
     set_threads(args.threads)
     meta = meta_now(args.threads, argv)
-    cmd = " ".join(["python benchmarks/head_to_head.py", *(sys.argv[1:] if argv is None else argv)])
+    cmd = " ".join(["python benchmarks/head_to_head.py", *map(repo_relative, sys.argv[1:] if argv is None else argv)])
     results_dir = args.results or (Path(tempfile.gettempdir()) / "medseg_bench_quick" if args.quick else None)
     data_dir = quick_dataset(args.work_dir / "quick") if args.quick else args.real_ct / args.dataset
     if not data_dir.is_dir():
