@@ -199,8 +199,9 @@ def repo_relative(value: str | Path) -> str:
     text = str(value)
     if not os.path.isabs(text):
         return text
-    tmp = tempfile.gettempdir()
-    if os.path.commonpath([os.path.abspath(text), tmp]) == tmp:  # a work folder: no machine path either
+    tmp, near = tempfile.gettempdir(), str(ROOT.parent)  # the repository and its siblings (../shared) first
+    path = os.path.abspath(text)
+    if os.path.commonpath([path, near]) != near and os.path.commonpath([path, tmp]) == tmp:  # a work folder
         return "$TMPDIR/" + os.path.relpath(text, tmp)
     return os.path.relpath(text, ROOT)
 
