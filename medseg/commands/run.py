@@ -44,19 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medseg.cli import show_progress
     from medseg.commands.demo import format_timings, use_idle_cores
-    from medseg.config import load_config
     from medseg.errors import ConfigError
     from medseg.evaluate import format_table
-    from medseg.pipelines.job import run_job
+    from medseg.pipelines.job import load_job_config, run_job
     from medseg.train.signals import exit_code
 
     if args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
-    cfg = load_config(args.config, args.overrides)
-    if args.minutes is not None:
-        if args.minutes <= 0:
-            raise ConfigError(f"--minutes: must be > 0, got {args.minutes}")
-        cfg.train.max_minutes = float(args.minutes)
+    cfg = load_job_config(args.config, args.overrides, args.minutes)
     out = Path(args.out or Path("runs") / Path(args.data).resolve().name)
     use_idle_cores()
     job = run_job(args.data, out, cfg, workers=args.workers, progress=show_progress(args))

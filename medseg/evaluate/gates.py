@@ -52,16 +52,16 @@ GATE_METRICS = ("energy_fraction", "volume_fraction", "mean_inside", "mean_outsi
 
 
 def resample_to(gate: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """``gate (X', Y', Z')`` trilinearly upsampled (or downsampled) to ``shape``; unchanged when equal."""
+    """``gate (X', Y', Z')`` trilinearly resampled to ``shape`` (align_corners=False, as the sliding
+    window stitches maps: :func:`medseg.data.resample.interpolate`); unchanged when equal."""
+    import torch
+
+    from medseg.data.resample import interpolate
+
     gate = np.asarray(gate, dtype=np.float32)
     if tuple(gate.shape) == tuple(shape):
         return gate
-    import torch
-    import torch.nn.functional as F
-
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[gate.ndim]
-    t = torch.from_numpy(np.ascontiguousarray(gate))[None, None]
-    return F.interpolate(t, size=tuple(int(s) for s in shape), mode=mode, align_corners=False)[0, 0].numpy()
+    return interpolate(torch.from_numpy(np.ascontiguousarray(gate))[None], shape)[0].numpy()
 
 
 def _region(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.config import Config, load_config
+from medseg.config import Config, InferConfig, load_config
 from medseg.errors import ConfigError, InputError
 from medseg.infer.postprocess import apply_postprocess, load_run_postprocessing
 from medseg.infer.sliding import ALL_AXES, allowed_mirror_axes, sliding_window_predict
@@ -176,7 +176,7 @@ def build_inference_model(cfg: Config, plans: dict, state: dict, source: str = "
 
 
 # --------------------------------------------------------------------------- predictor
-CPU_WINDOW_VOXELS = 4_000_000
+CPU_WINDOW_VOXELS = InferConfig.cpu_window_voxels  # the config's default (4 M voxels)
 
 
 def cpu_window_batch(sw_batch_size: int, roi_size: Sequence[int], device: torch.device, amp_dtype,
@@ -185,8 +185,7 @@ def cpu_window_batch(sw_batch_size: int, roi_size: Sequence[int], device: torch.
     voxels (twice that under bf16 / fp16 autocast), at least 1; unchanged on CUDA or when
     ``max_voxels`` is 0.
 
-    A forward's activations grow with its windows; on the CPU a batch of windows buys little (the
-    convolutions already use every core on one window). Measured on the 512x512x133 chest CT,
+    A forward's activations grow with its windows. Measured on the 512x512x133 chest CT,
     attention U-Net 16..256, fp32, window 176x128x160 (3.6 M voxels): peak RSS 3.94 GB with 2
     windows per forward, 2.43 GB with 1 (``benchmarks/infer_speed.py``); on a busy 1-thread run
     the single-window forward took 1.3x the wall time, so the cap trades some speed for memory.

@@ -65,7 +65,7 @@ from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
 from medseg.errors import ConfigError
-from medseg.nn.slice25d import z_halo
+from medseg.nn.slice25d import crop_z_halo, z_halo
 from medseg.runtime import autocast, get_logger, resolve_precision
 
 __all__ = ["WindowPredictor", "allowed_mirror_axes", "buffer_device_override", "count_windows", "estimate_buffer_bytes",
@@ -351,8 +351,7 @@ def sliding_window_predict(
         if bar is not None:
             bar.close()
     if halo:
-        out = {k: v[..., halo: v.shape[-1] - halo] for k, v in out.items()} if isinstance(out, dict) else \
-            out[..., halo: out.shape[-1] - halo]
+        out = {k: crop_z_halo(v, halo) for k, v in out.items()} if isinstance(out, dict) else crop_z_halo(out, halo)
     if isinstance(out, dict):
         logits = out.pop(LOGITS_KEY)[0]
         return logits, {name: m[0] for name, m in out.items()}

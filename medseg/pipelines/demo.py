@@ -18,24 +18,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from medseg.config import Config, load_config
 from medseg.configs import CONFIG_DIR
-from medseg.errors import ConfigError
-from medseg.runtime import get_logger
 
 __all__ = ["DEFAULT_CONFIG", "run_demo"]
 
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"  # package data: found in a non-editable install too
-log = get_logger("medseg.demo")
-
-
-def _config(config: str | Path | None, overrides: list[str] | None, minutes: float | None) -> Config:
-    cfg = load_config(config or DEFAULT_CONFIG, overrides)  # a file or a shipped config's name
-    if minutes is not None:
-        if minutes <= 0:
-            raise ConfigError(f"--minutes: must be > 0, got {minutes}")
-        cfg.train.max_minutes = float(minutes)
-    return cfg
 
 
 def run_demo(out_dir: str | Path = "runs/demo", *, config: str | Path | None = None, minutes: float | None = None,
@@ -56,9 +43,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, config: str | Path | None = N
         when training was stopped.
     """
     from medseg.data.phantoms import make_phantom_dataset
-    from medseg.pipelines.job import run_job
+    from medseg.pipelines.job import load_job_config, run_job
 
-    cfg = _config(config, overrides, minutes)
+    cfg = load_job_config(config or DEFAULT_CONFIG, overrides, minutes)
     out = Path(out_dir)
     t0 = time.perf_counter()
     data = out / "data"

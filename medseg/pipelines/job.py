@@ -27,15 +27,30 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from medseg.config import Config, config_to_dict
+from medseg.config import Config, config_to_dict, load_config
 from medseg.errors import ConfigError, InputError
 from medseg.runtime import get_logger
 
-__all__ = ["JOB_RECORD", "STEPS", "config_differences", "run_job"]
+__all__ = ["JOB_RECORD", "STEPS", "config_differences", "load_job_config", "run_job"]
 
 STEPS = ("preprocess", "train", "infer", "evaluate")
 JOB_RECORD = "job.json"
 log = get_logger("medseg.run")
+
+
+def load_job_config(config: str | Path | None, overrides: list[str] | None, minutes: float | None) -> Config:
+    """The config of a job (``medseg run`` / ``medseg demo``): a file or a shipped config's name (``None``:
+    the defaults), the overrides, and ``--minutes`` as ``train.max_minutes``.
+
+    Raises:
+        ConfigError: a bad config or override, or ``minutes <= 0``.
+    """
+    cfg = load_config(config, overrides)
+    if minutes is not None:
+        if minutes <= 0:
+            raise ConfigError(f"--minutes: must be > 0, got {minutes}")
+        cfg.train.max_minutes = float(minutes)
+    return cfg
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
