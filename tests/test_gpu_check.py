@@ -277,3 +277,28 @@ def test_run_proc_names_the_inner_error():
     code = "import sys; print('Traceback (most recent call last):', file=sys.stderr); raise ValueError('inner boom')"
     with pytest.raises(RuntimeError, match=r"exited 1: ValueError: inner boom"):
         gc.run_proc([sys.executable, "-c", code], timeout=60)
+
+
+def test_reproduce_argv_drops_output_and_scratch_paths():
+    argv = ["--max-minutes", "7.3", "--out-dir", "/root/out", "--work-dir=/tmp/w", "--quick", "--work-dir", "x"]
+    assert gc.reproduce_argv(argv) == ["--max-minutes", "7.3", "--quick"]
+    assert gc.reproduce_argv(["--image", "a.nii.gz"]) == ["--image", "a.nii.gz"]
+
+
+def test_stock_infer_child_reports_its_stages_on_the_cpu(tmp_path):
+    """The stock pipeline's time split (load/resample, net, invert/write) comes back with its total:
+    the GPU figures say where the stock pipeline spends its seconds. Dry run on the CPU."""
+    from medseg.data.phantoms import make_phantom_dataset
+
+    make_phantom_dataset(tmp_path / "raw", n_train=1, n_test=0, seed=0, shape=(32, 32, 16))
+    image = next((tmp_path / "raw" / "imagesTr").glob("*.nii.gz"))
+    args = gc.parse_args(["--child-infer", "monai", "unet", "--device", "cpu", "--precision", "bf16", "--image",
+                          str(image), "--out", str(tmp_path / "out"), "--repeats", "2", "--threads", "1"])
+    args.precision = "fp32"  # the CLI offers the GPU precisions only; the CPU dry run needs no autocast
+    res = gc.infer_child(args)
+    assert len(res["times"]) == 2 and res["best_s"] == res["times"][1]
+    stages = res["stages_s"]
+    assert set(stages) == {"load_preprocess", "sliding_window", "invert_write"}
+    assert all(v > 0 for v in stages.values())
+    assert sum(stages.values()) == pytest.approx(res["best_s"], rel=1e-6)
+    assert list((tmp_path / "out").glob("*.nii.gz"))
