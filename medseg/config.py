@@ -52,6 +52,13 @@ class DataConfig:
     target_spacing: Optional[list[float]] = None  # mm, (x, y, z); None = nnU-Net's rule
     patch_size: Optional[list[int]] = None  # voxels, (x, y, z); None = from the plan
     memory_budget_gb: float = 8.0  # GPU memory a suggested patch size may use
+    # Under train.max_minutes, plan spacing and patch for the budget (medseg.data.budget): the finest
+    # spacing whose patch (budget_fov_mm of view, capped by the median case) still allows
+    # budget_min_steps measured training steps. "auto" | "off" (YAML's bare off / on: false / true, the same);
+    # explicit target_spacing / patch_size win.
+    budget_plan: Union[str, bool] = "auto"
+    budget_min_steps: int = 500  # optimizer steps the budget must allow (500 of batch 2: decent Dice in 15 CPU-min)
+    budget_fov_mm: float = 250.0  # physical field of view a budget-planned patch aims at, per axis
     fold: int = 0
     num_folds: int = 5
     split_seed: int = 12345

@@ -2,7 +2,9 @@
 
 ``run_job(data_dir, out_dir, cfg)`` (``medseg run``) writes, under ``out_dir``::
 
-    job.json       the job's record: dataset, resolved config, and each finished step (time, seconds)
+    job.json       the job's record: dataset, resolved config, each finished step (time, seconds) and,
+                   under ``--minutes``, the budget plan (:mod:`medseg.data.budget`: spacing and patch
+                   chosen for the budget before preprocessing, when the config leaves them unset)
     preprocessed/  plans.json, splits.json, cases/                  (medseg preprocess)
     run/           config.yaml, plans.json, checkpoints/, tensorboard/, log.txt, validation/   (medseg train)
     predictions/   masks of imagesTs in each input's own geometry, predict_args.json          (medseg infer)
@@ -73,11 +75,16 @@ def _job_config(cfg: Config) -> dict:
 
 
 def _open_record(out: Path, data_dir: Path, cfg: Config) -> dict:
-    """The job's record, new or continued; refuses a folder made with another dataset or config."""
+    """The job's record, new or continued; refuses a folder made with another dataset or config.
+
+    A continued job whose record holds a budget plan (``budget_plan``) gets that plan's spacing and
+    patch written into ``cfg`` first (when the budget would plan them), so that the same call
+    compares equal and the job goes on with the recipe it started with."""
+    from medseg.data import budget
+
     path = out / JOB_RECORD
-    config = _job_config(cfg)
     if not path.is_file():
-        return {"dataset": str(data_dir.resolve()), "config": config, "steps": {}}
+        return {"dataset": str(data_dir.resolve()), "config": _job_config(cfg), "steps": {}}
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -85,19 +92,25 @@ def _open_record(out: Path, data_dir: Path, cfg: Config) -> dict:
     if record.get("dataset") != str(data_dir.resolve()):
         raise ConfigError(f"{out}: holds a job on {record.get('dataset')}, not {data_dir.resolve()}; "
                           "choose another --out")
-    diff = config_differences(record.get("config", {}), config)
+    if record.get("budget_plan") and budget.job_plan_applies(cfg):
+        budget.apply_plan(cfg, record["budget_plan"])
+    diff = config_differences(record.get("config", {}), _job_config(cfg))
     if diff:
         raise ConfigError(f"{out}: holds a job made with other settings ({'; '.join(diff[:5])}"
                           f"{'; ...' if len(diff) > 5 else ''}); choose another --out, or delete the folder to redo it")
     return record
 
 
-def _finish(record: dict, out: Path, step: str, seconds: float) -> None:
+def _write_record(record: dict, out: Path) -> None:
     from medseg.io import atomic_write_text
 
+    atomic_write_text(out / JOB_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def _finish(record: dict, out: Path, step: str, seconds: float) -> None:
     record["steps"][step] = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              "seconds": round(seconds, 1)}
-    atomic_write_text(out / JOB_RECORD, json.dumps(record, indent=2) + "\n")
+    _write_record(record, out)
 
 
 def _skip(record: dict, step: str) -> bool:
@@ -127,6 +140,7 @@ def run_job(data_dir: str | Path, out_dir: str | Path, cfg: Config, *, workers: 
         InputError: the dataset cannot be read, or preprocessing failed for some case.
         ConfigError: ``out_dir`` holds a job made with another dataset or other settings.
     """
+    from medseg.data import budget
     from medseg.data.pipeline import preprocess_dataset
 
     data, out = Path(data_dir), Path(out_dir)
@@ -134,6 +148,10 @@ def run_job(data_dir: str | Path, out_dir: str | Path, cfg: Config, *, workers: 
         raise InputError(f"{data}: dataset folder not found")
     record = _open_record(out, data, cfg)
     out.mkdir(parents=True, exist_ok=True)
+    if budget.job_plan_applies(cfg):  # under --minutes: spacing and patch for the budget, recorded before preprocessing
+        record["budget_plan"] = budget.plan_job(cfg, data, workers=workers, progress=progress)
+        record["config"] = _job_config(cfg)
+        _write_record(record, out)
     cfg.data.dataset, cfg.data.preprocessed = str(data), str(out / "preprocessed")
     result: dict = {"status": "finished", "signal": None, "run_dir": str(out / "run"), "out_dir": str(out),
                     "steps_run": [], "timings_s": {}, "predictions": None, "evaluation": None}

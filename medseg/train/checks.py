@@ -48,6 +48,9 @@ def check_config(cfg: Config) -> None:
     _choice(d.cache, "data.cache", CACHE_MODES)
     _require(0.0 <= d.fg_oversample <= 1.0, "data.fg_oversample", "must be in [0, 1]", d.fg_oversample)
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    _require(d.budget_plan in ("auto", "off", True, False), "data.budget_plan", "expected auto or off", d.budget_plan)
+    _require(d.budget_min_steps >= 1, "data.budget_min_steps", "must be >= 1", d.budget_min_steps)
+    _require(d.budget_fov_mm > 0, "data.budget_fov_mm", "must be > 0", d.budget_fov_mm)
     if d.patch_size is not None:
         _require(len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size",
                  "expected three positive integers [x, y, z]", d.patch_size)

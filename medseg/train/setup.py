@@ -14,6 +14,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from medseg.config import Config, save_config
+from medseg.data.budget import plan_train_patch
 from medseg.errors import ConfigError, InputError
 from medseg.io import atomic_write_text
 from medseg.nn.slice25d import z_halo
@@ -99,6 +100,9 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
     seed_everything(cfg.train.seed + info.rank)
     model = build_model(cfg.model, in_channels=len(plans.get("channel_names", {})) or cfg.model.in_channels,
                         num_classes=int(plans["num_classes"]), spacing=plans.get("target_spacing"))
+    budget = plan_train_patch(cfg, plans, run_dir, model, info)  # under train.max_minutes with no data.patch_size
+    if budget is not None:
+        plans["budget_plan"] = budget  # kept in the run's plans.json (write_run_files)
     patch = resolve_patch_size(cfg, plans, getattr(model, "patch_divisor", None))
     cfg.data.patch_size, cfg.data.preprocessed = patch, str(pre_dir)
     model = model.to(info.device)
@@ -181,6 +185,8 @@ def write_run_files(ctx: Context) -> None:
     from medseg.infer.sliding import allowed_mirror_axes
 
     plans = load_plans(ctx.pre_dir)
+    if "budget_plan" in ctx.plans:  # the patch chosen for train.max_minutes (medseg.data.budget)
+        plans["budget_plan"] = ctx.plans["budget_plan"]
     # the axes training mirrors: all that --tta may flip (nnU-Net's inference_allowed_mirroring_axes)
     plans["inference_allowed_mirroring_axes"] = allowed_mirror_axes(ctx.cfg.train.augment)
     atomic_write_text(ctx.run_dir / "plans.json", json.dumps(plans, indent=1))
