@@ -32,6 +32,9 @@
    contenders predict without TTA too, and TTA would cost up to 8x the inference time) on
    ``imagesTs``, written as ``<case>.nii.gz``.
 
+6. ``untrained_model``: an untrained model folder built from the plans by nnU-Net's own trainer, for
+   timing its predictor (``infer_speed.py``'s ``nnunet_*`` rows).
+
 nnU-Net reads ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` when imported:
 :func:`set_environment` must run before the first ``import nnunetv2``.
 """
@@ -223,3 +226,41 @@ def predict(model_dir: str | Path, checkpoint: str, images, out_dir: Path, devic
                                  save_probabilities=False, overwrite=True, num_processes_preprocessing=n,
                                  num_processes_segmentation_export=n)
     return {"infer_s": time.perf_counter() - t0, "cases": len(images)}
+
+
+def untrained_model(dataset_name: str, configuration: str = "3d_fullres", *, seed: int = 0) -> dict:
+    """An untrained model folder of ``configuration``, as training would leave it (fold ``all``).
+
+    Needs :func:`set_environment` and :func:`plan_and_preprocess` first. ``nnUNetTrainer(...).initialize()``
+    builds nnU-Net's own network from its plans (seeded with ``seed``); the trainer's own
+    ``save_checkpoint`` writes ``fold_all/checkpoint_final.pth`` (random weights, the trainer's
+    mirroring axes) and the plans and ``dataset.json`` are copied beside it, so that
+    ``nnUNetPredictor.initialize_from_trained_model_folder(model_dir, ("all",))`` loads it.
+
+    Returns:
+        ``model_dir`` (str), ``patch_size``, ``spacing`` (of ``configuration``), ``mirror_axes``
+        (the axes test-time mirroring flips) and ``parameters`` (the network's parameter count).
+    """
+    import shutil
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    pre = Path(nnUNet_preprocessed) / dataset_name
+    plans = load_json(str(pre / "nnUNetPlans.json"))
+    plans["continue_training"] = False  # what nnunetv2.run.run_training adds before building a trainer
+    torch.manual_seed(seed)
+    trainer = nnUNetTrainer(plans=plans, configuration=configuration, fold="all",
+                            dataset_json=load_json(str(pre / "dataset.json")), device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets inference_allowed_mirroring_axes
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+    model_dir = Path(trainer.output_folder_base)
+    shutil.copy(pre / "nnUNetPlans.json", model_dir / "plans.json")  # what on_train_start writes
+    shutil.copy(pre / "dataset.json", model_dir / "dataset.json")
+    cm = trainer.configuration_manager
+    return {"model_dir": str(model_dir), "patch_size": [int(p) for p in cm.patch_size],
+            "spacing": [float(s) for s in cm.spacing], "mirror_axes": list(trainer.inference_allowed_mirroring_axes or ()),
+            "parameters": sum(p.numel() for p in trainer.network.parameters())}

@@ -3,8 +3,9 @@
 Inference (``run_stock_pipeline``, timed by ``infer_speed.py``):
 LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd(1.5 mm) ->
 ScaleIntensityRanged(-1000..1000 -> 0..1) -> ``sliding_window_inference`` (roi 96^3,
-sw_batch_size 4, overlap 0.25) -> Invertd -> argmax -> SaveImaged, with MONAI's ``UNet`` or
-``AttentionUnet`` (channels 16..256, untrained). Each stage is timed; used by ``infer_speed.py``
+sw_batch_size 4, overlap 0.25; fp32, or under ``torch.autocast("cpu", dtype=torch.bfloat16)`` with
+``amp_dtype``) -> Invertd -> argmax -> SaveImaged, with MONAI's ``UNet`` or ``AttentionUnet``
+(channels 16..256, untrained). Each stage is timed; used by ``infer_speed.py``
 in its own subprocess so that its peak RSS is its own.
 
 Training (``train_stock_recipe`` + ``predict_stock_recipe``, run by ``head_to_head.py``): the 3D
@@ -17,6 +18,7 @@ Invertd back to the original grid.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -39,10 +41,14 @@ def build_monai_model(name: str, num_classes: int = 6, channels=(16, 32, 64, 128
 
 def run_stock_pipeline(image_path: str | Path, out_dir: str | Path, model_name: str, *, num_classes: int = 6,
                        channels=(16, 32, 64, 128, 256), roi_size=(96, 96, 96), sw_batch_size: int = 4,
-                       overlap: float = 0.25) -> dict:
+                       overlap: float = 0.25, amp_dtype: torch.dtype | None = None) -> dict:
     """Run the stock pipeline on one volume; returns per-stage seconds (``load_preprocess``,
     ``sliding_window``, ``invert_write``, ``total``), the model set-up time (``setup``, not in
-    ``total``) and the ``shape`` of the resampled image."""
+    ``total``) and the ``shape`` of the resampled image.
+
+    ``amp_dtype``: ``None`` (default) runs the sliding window in fp32, as the tutorials do;
+    ``torch.bfloat16`` wraps it in ``torch.autocast("cpu", dtype=torch.bfloat16)`` (the logits are
+    cast back to fp32 before Invertd)."""
     from monai.inferers import sliding_window_inference
     from monai.transforms import (
         AsDiscreted,
@@ -81,8 +87,11 @@ def run_stock_pipeline(image_path: str | Path, out_dir: str | Path, model_name: 
     data = pre({"image": str(image_path)})
     times["load_preprocess"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    amp = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
         data["pred"] = sliding_window_inference(data["image"][None], tuple(roi_size), sw_batch_size, model, overlap=overlap)[0]
+    if amp_dtype is not None:
+        data["pred"] = data["pred"].float()
     times["sliding_window"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     post(data)
