@@ -133,8 +133,6 @@ class AugmentConfig:
     gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])
     p_mirror: float = 0.5
     mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
-    p_histshift: float = 0.0  # random monotone piecewise-linear intensity remap (other contrast phases)
-    histshift_points: list[int] = field(default_factory=lambda: [5, 15])  # control points, drawn in [lo, hi]
     p_slab: float = 0.0  # keep a random axial slab of the patch, the rest as padding (partial-coverage scans)
     slab_min_slices: int = 8
 

@@ -12,12 +12,7 @@ A training sample is cut in two steps (see :mod:`medseg.train.data`):
 The set and the default probabilities follow nnU-Net's default augmentation (Isensee et al.,
 "nnU-Net", Nature Methods 2021, supplementary note 4): rotation, scaling, Gaussian noise,
 Gaussian blur, multiplicative brightness, contrast, simulated low resolution, gamma, mirroring;
-plus, off by default, an axial slab (:class:`RandAxialSlabd`: partial-coverage scans) and MONAI's
-``RandHistogramShiftd`` (a random monotone piecewise-linear remap of the intensities, so that the
-relative brightness of organs varies as it does between contrast phases; Nyul & Udupa-style
-histogram perturbation as used for domain generalisation, e.g. Zhang et al., "Generalizing deep
-learning for medical image segmentation to unseen domains via deep stacked transformation",
-IEEE TMI 2020).
+plus, off by default, an axial slab (:class:`RandAxialSlabd`: partial-coverage scans).
 Every probability and range lives in ``config.train.augment`` (:class:`medseg.config.AugmentConfig`).
 
 Arrays are channel-first ``(C, X, Y, Z)`` (image float32, label ``(1, X, Y, Z)``).
@@ -39,7 +34,6 @@ from monai.transforms import (
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
-    RandHistogramShiftd,
     RandomizableTransform,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
@@ -202,11 +196,6 @@ def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig) -> Com
     chain = [
         RandRotateScaled(patch_size, p_rotate=aug.p_rotate, rotate_deg=aug.rotate_deg,
                          p_scale=aug.p_scale, scale_range=aug.scale_range),
-    ]
-    if aug.p_histshift > 0:  # before the other intensity transforms: it remaps the CT's own tissue contrasts
-        lo_k, hi_k = sorted(int(k) for k in aug.histshift_points)
-        chain.append(RandHistogramShiftd("image", num_control_points=(lo_k, hi_k), prob=aug.p_histshift))
-    chain += [
         RandGaussianNoised("image", prob=aug.p_noise, std=aug.noise_std),
         RandGaussianSmoothd("image", sigma_x=sig, sigma_y=sig, sigma_z=sig, prob=aug.p_blur),
         RandScaleIntensityd("image", factors=(lo_b - 1.0, hi_b - 1.0), prob=aug.p_brightness),

@@ -54,17 +54,13 @@ def check_config(cfg: Config) -> None:
     if d.patch_size is not None:
         _require(len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size",
                  "expected three positive integers [x, y, z]", d.patch_size)
-    for key in ("p_rotate", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma", "p_mirror", "p_slab",
-                "p_histshift"):
+    for key in ("p_rotate", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma", "p_mirror", "p_slab"):
         _require(0.0 <= getattr(a, key) <= 1.0, f"train.augment.{key}", "must be a probability in [0, 1]", getattr(a, key))
     for key in ("scale_range", "blur_sigma", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range"):
         _pair(getattr(a, key), f"train.augment.{key}")
     _require(all(ax in (0, 1, 2) for ax in a.mirror_axes), "train.augment.mirror_axes", "axes must be 0, 1 or 2",
              a.mirror_axes)
     _require(a.noise_std >= 0, "train.augment.noise_std", "must be >= 0", a.noise_std)
-    hs = a.histshift_points
-    _require(isinstance(hs, (list, tuple)) and len(hs) == 2 and all(isinstance(k, int) and k >= 3 for k in hs),
-             "train.augment.histshift_points", "expected two integers >= 3 (fewest, most control points)", hs)
     _require(isinstance(a.slab_min_slices, int) and a.slab_min_slices >= 1, "train.augment.slab_min_slices",
              "must be an integer >= 1", a.slab_min_slices)
 
