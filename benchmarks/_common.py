@@ -185,6 +185,7 @@ def write_results(name: str, title: str, body_md: str, data: dict, meta: dict, *
     from medseg.io import atomic_write_text
 
     meta = {**meta, "loadavg_end": os.getloadavg()[0]}
+    command = public_command(command)
     md = (f"### {title}\n\n{body_md.strip()}\n\n"
           f"Reproduce: `{command}`  \nMeasured on: {provenance_line(meta)}.\n")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +205,12 @@ def repo_relative(value: str | Path) -> str:
     if os.path.commonpath([path, near]) != near and os.path.commonpath([path, tmp]) == tmp:  # a work folder
         return "$TMPDIR/" + os.path.relpath(text, tmp)
     return os.path.relpath(text, ROOT)
+
+
+def public_command(command: str) -> str:
+    """A command line with each absolute path made public (:func:`repo_relative`): the Reproduce line of
+    a result holds no path of the machine it ran on."""
+    return " ".join(repo_relative(tok) for tok in command.split(" "))
 
 
 def meta_now(threads: int, argv: Sequence[str] | None = None) -> dict:

@@ -255,6 +255,18 @@ def test_recorded_command_lines_hold_no_machine_paths():
     assert not any(a.startswith("/") for a in meta["argv"])
 
 
+def test_reproduce_lines_hold_no_machine_paths(tmp_path):
+    """write_results publishes the command with its absolute paths made public, whichever script built it."""
+    tmp_w = Path(tempfile.gettempdir()) / "w"
+    shared = _common.ROOT.parent / "shared" / "data" / "x.nii.gz"
+    work = "$TMPDIR/w" if os.path.commonpath([str(tmp_w), str(_common.ROOT.parent)]) != str(_common.ROOT.parent) else "../w"
+    cmd = f"python benchmarks/x.py --work-dir {tmp_w} --image {shared} --minutes 15"
+    assert _common.public_command(cmd) == f"python benchmarks/x.py --work-dir {work} --image ../shared/data/x.nii.gz --minutes 15"
+    md, _ = _common.write_results("x", "X", "body", {}, _common.meta_now(1), command=cmd, out_dir=tmp_path)
+    line = next(ln for ln in md.read_text().splitlines() if ln.startswith("Reproduce:"))
+    assert str(tmp_w) not in line and work in line and "../shared/data/x.nii.gz" in line
+
+
 def test_real_ct_study_table_shows_where_gate_maps_look():
     import real_ct_study
 
