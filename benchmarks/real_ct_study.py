@@ -5,7 +5,7 @@ liver and spleen only, as its ``dataset.json`` says; ``lung_lesion``: 1 training
 LIDC outlines, test CT from pyradiomics):
 
 1. ``medseg.data.preprocess.preprocess_dataset`` with ``configs/real_<dataset>.yaml`` (3 mm voxels,
-   CT normalization, 48^3 patches), once, shared by every variant;
+   CT normalization; organs: 96^3 patches on a strided stem, lesion: 48^3), once, shared by every variant;
 2. ``splits.json`` = train on every training case, validate on one of them (the last by name):
    with 2 cases there is nothing to hold out, so the validation Dice is a *training-case*
    number; **the held-out test case is the honest number**;
