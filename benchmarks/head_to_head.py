@@ -64,11 +64,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REAL_CT, md_table, meta_now, repo_relative, run_child, set_threads, write_results  # noqa: E402
+from nnunet_budget import NNUNET_MISSING  # noqa: E402,F401  (the skip message of the nnunet row)
 from real_ct_study import DATASETS, QUICK_OVERRIDES, VARIANTS, quick_dataset  # noqa: E402
 
 CONTENDERS = ("stock_monai", "medseg", "nnunet")
 METRICS = ("dice", "hd95")
-NNUNET_MISSING = "skipped: nnunetv2 not installed (pip install -e '.[bench]')"
 QUICK_STOCK = {"spacing": 3.0, "roi": 32, "channels": (4, 8, 16, 32, 64)}
 QUICK_NNUNET = {"iters": 2, "val_iters": 1}
 
@@ -239,12 +239,9 @@ def child_nnunet(args: argparse.Namespace, work: Path) -> dict:
 
     out = work / f"nnunet_{time.strftime('%Y%m%d-%H%M%S')}"
     nb.set_environment(out, args.workers)  # before nnunetv2 is imported
-    try:
-        import nnunetv2  # noqa: F401
-    except ModuleNotFoundError:
-        return {"skipped": NNUNET_MISSING}
-    except Exception as err:  # installed but broken
-        return {"skipped": f"skipped: nnunetv2 failed to import ({type(err).__name__}: {err})"}
+    missing = nb.import_error()
+    if missing:
+        return {"skipped": missing}
     name = nb.make_raw_dataset(discover_cases(args.data_dir), out / "raw")
     t0 = time.perf_counter()
     nb.plan_and_preprocess(args.nnunet_config, args.nnunet_memory_gb)
@@ -325,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_as_child(args)
     set_threads(args.threads)
     meta = meta_now(args.threads, argv)
-    cmd = " ".join(["python benchmarks/head_to_head.py", *map(repo_relative, sys.argv[1:] if argv is None else argv)])
+    cmd = " ".join(["python benchmarks/head_to_head.py", *(sys.argv[1:] if argv is None else argv)])
     results_dir = args.results or (Path(tempfile.gettempdir()) / "medseg_bench_quick" if args.quick else None)
     data_dir = quick_dataset(args.work_dir / "quick") if args.quick else args.real_ct / args.dataset
     if not data_dir.is_dir():

@@ -71,6 +71,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REAL_CT, ROOT, WIDTHS, make_run_dir, md_table, meta_now, num_windows, peak_rss_gb  # noqa: E402
 from _common import plan_for_image, repo_relative, run_child, set_threads, write_phantom_ct, write_results  # noqa: E402
+from nnunet_budget import NNUNET_MISSING  # noqa: E402,F401  (the skip message of the nnunet_* rows)
 
 DEFAULT_IMAGE = REAL_CT / "organs" / "imagesTr" / "lidc0001_chest.nii.gz"
 DEFAULT_NNUNET_DATA = REAL_CT / "organs"
@@ -98,7 +99,6 @@ STOCK_WINDOW = {"overlap": 0.25, "sw_batch_size": 4, "blend": "constant"}  # the
 QUICK = {"shape": (96, 96, 30), "spacing": (1.2, 1.2, 3.0), "channels": (4, 8, 16, 32, 64), "roi": 32, "large_roi": 48,
 }
 NNUNET_CONFIG = "3d_fullres"
-NNUNET_MISSING = "skipped: nnunetv2 not installed (pip install -e '.[bench]')"
 NO_BF16_NOTE = "bf16 rows: n/a, no native bf16 on this CPU"
 
 
@@ -207,17 +207,6 @@ def child_monai(args: argparse.Namespace, model: str, precision: str) -> dict:
             "net_voxels": net_voxels(windows, roi, 1)}
 
 
-def nnunet_import_error() -> str | None:
-    """``None`` when ``nnunetv2`` imports, else the skip message of the nnunet_* rows."""
-    try:
-        import nnunetv2  # noqa: F401
-    except ModuleNotFoundError:
-        return NNUNET_MISSING
-    except Exception as err:  # installed but broken
-        return f"skipped: nnunetv2 failed to import ({type(err).__name__}: {err})"
-    return None
-
-
 def child_nnunet_prepare(args: argparse.Namespace) -> dict:
     """nnU-Net's own plan of ``args.nnunet_data`` and an untrained model folder, under ``args.nnunet_work``.
 
@@ -229,7 +218,7 @@ def child_nnunet_prepare(args: argparse.Namespace) -> dict:
     from medseg.data.datasets import discover_cases
 
     nb.set_environment(args.nnunet_work, args.threads)  # before nnunetv2 is imported
-    missing = nnunet_import_error()
+    missing = nb.import_error()
     if missing:
         return {"skipped": missing}
     t0 = time.perf_counter()
@@ -255,7 +244,7 @@ def child_nnunet(args: argparse.Namespace, tta: bool) -> dict:
     import nnunet_budget as nb
 
     nb.set_environment(args.nnunet_work, args.threads)  # before nnunetv2 is imported; threads: its default_num_processes
-    missing = nnunet_import_error()
+    missing = nb.import_error()
     if missing:
         return {"skipped": missing}
     import torch

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 DATASET_ID = 987
+NNUNET_MISSING = "skipped: nnunetv2 not installed (pip install -e '.[bench]')"
 
 
 def set_environment(work: Path, workers: int) -> dict[str, Path]:
@@ -226,6 +227,19 @@ def predict(model_dir: str | Path, checkpoint: str, images, out_dir: Path, devic
                                  save_probabilities=False, overwrite=True, num_processes_preprocessing=n,
                                  num_processes_segmentation_export=n)
     return {"infer_s": time.perf_counter() - t0, "cases": len(images)}
+
+
+def import_error() -> str | None:
+    """``None`` when ``nnunetv2`` imports, else the reason a benchmark's nnU-Net row is skipped
+    (:data:`NNUNET_MISSING`, or the error of an installed but broken package). Call it after
+    :func:`set_environment`."""
+    try:
+        import nnunetv2  # noqa: F401
+    except ModuleNotFoundError:
+        return NNUNET_MISSING
+    except Exception as err:  # installed but broken
+        return f"skipped: nnunetv2 failed to import ({type(err).__name__}: {err})"
+    return None
 
 
 def untrained_model(dataset_name: str, configuration: str = "3d_fullres", *, seed: int = 0) -> dict:
