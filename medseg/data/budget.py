@@ -279,7 +279,7 @@ def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Seque
 
     from medseg.nn import build_model
     from medseg.nn.slice25d import z_halo
-    from medseg.runtime import resolve_channels_last, resolve_device, resolve_precision
+    from medseg.runtime import resolve_device, resolve_precision
     from medseg.train.losses import build_loss
     from medseg.train.optim import build_optimizer
 
@@ -293,10 +293,7 @@ def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Seque
 
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             model = build_model(cfg.model, in_channels=in_channels, num_classes=num_classes, spacing=spacing).to(dev)
-        channels_last = cfg.train.channels_last  # training's switch; a non-bool ("auto") through the resolver
-        if not isinstance(channels_last, bool):
-            channels_last = resolve_channels_last(channels_last, dev, model)
-        if channels_last:
+        if cfg.train.channels_last:  # training's switch, read as training reads it (medseg.train.setup)
             model = model.to(memory_format=torch.channels_last_3d)
         opt = build_optimizer(model, cfg.train)
         state["ctx"] = SimpleNamespace(
@@ -337,10 +334,9 @@ def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Seque
 
 def _max_voxels(cfg) -> float:
     """The memory cap of :func:`medseg.data.plan.suggest_patch_size` for ``cfg`` at its batch size."""
-    from medseg.data.plan import BYTES_PER_VOXEL, REFERENCE_FEATURES, model_plan_args
+    from medseg.data.plan import max_patch_voxels, model_plan_args
 
-    features = model_plan_args(cfg.model)["features"]
-    return cfg.data.memory_budget_gb * 1e9 / (cfg.train.batch_size * BYTES_PER_VOXEL * features / REFERENCE_FEATURES)
+    return max_patch_voxels(cfg.data.memory_budget_gb, cfg.train.batch_size, model_plan_args(cfg.model)["features"])
 
 
 # --------------------------------------------------------------------------- hooks

@@ -52,6 +52,12 @@ def target_spacing_nnunet(spacings: Sequence[Sequence[float]], shapes: Sequence[
     return [float(v) for v in target]
 
 
+def max_patch_voxels(memory_budget_gb: float, batch_size: int, features: float) -> float:
+    """Patch voxels a training step of ``batch_size`` samples may use within ``memory_budget_gb`` for a
+    net of first-stage width ``features`` (``BYTES_PER_VOXEL`` per voxel at ``REFERENCE_FEATURES``)."""
+    return memory_budget_gb * 1e9 / (batch_size * BYTES_PER_VOXEL * features / REFERENCE_FEATURES)
+
+
 def suggest_patch_size(median_shape: Sequence[float], *, memory_budget_gb: float, divisor: int | Sequence[int] = 16,
                        batch_size: int = PLAN_BATCH_SIZE, features: float = REFERENCE_FEATURES) -> list[int]:
     """Largest patch with the median case's aspect that fits the memory budget (see module docstring).
@@ -70,7 +76,7 @@ def suggest_patch_size(median_shape: Sequence[float], *, memory_budget_gb: float
     div = np.broadcast_to(np.asarray(divisor, dtype=np.int64), (3,))
     if features < 1:
         raise ConfigError(f"features must be >= 1, got {features}")
-    max_vox = memory_budget_gb * 1e9 / (batch_size * BYTES_PER_VOXEL * features / REFERENCE_FEATURES)
+    max_vox = max_patch_voxels(memory_budget_gb, batch_size, features)
     scale = min(1.0, (max_vox / float(np.prod(med))) ** (1.0 / 3.0))
     ideal = med * scale
     patch = np.array([
