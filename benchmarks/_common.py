@@ -141,10 +141,12 @@ def make_run_dir(run_dir: Path, config: Path, plans: dict, *, overrides: Sequenc
 
 
 def plan_for_image(image: Path, labels: dict[str, int], *, target_spacing: Sequence[float],
-                   patch_size: Sequence[int] | None = None, divisor: Sequence[int] | int = 16, features: int = 32) -> dict:
+                   patch_size: Sequence[int] | None = None, divisor: Sequence[int] | int = 16, features: float = 32,
+                   fingerprint_cache: dict | None = None) -> dict:
     """``plans.json`` for a one-image "dataset", made by the data layer (fingerprint -> ``make_plan``)
     with a fixed target spacing and CT normalization (foreground = body, since there is no label);
-    the patch size is planned for a net of total stride ``divisor`` and first-stage width ``features``."""
+    the patch size is planned for a net of total stride ``divisor`` and first-stage width ``features``.
+    ``fingerprint_cache``: a dict that keeps the image's fingerprint for the next call (one plan per net)."""
     from medseg.config import DataConfig
     from medseg.data.datasets import Case, DatasetInfo
     from medseg.data.fingerprint import compute_fingerprint
@@ -152,7 +154,11 @@ def plan_for_image(image: Path, labels: dict[str, int], *, target_spacing: Seque
 
     info = DatasetInfo(root=image.parent, name="benchmark", labels=dict(labels), channel_names={"0": "CT"},
                        cases=[Case("benchmark", [image], None)])
-    fp = compute_fingerprint(info, progress=False)
+    cache = {} if fingerprint_cache is None else fingerprint_cache
+    key = str(Path(image).resolve())
+    if key not in cache:
+        cache[key] = compute_fingerprint(info, progress=False)
+    fp = cache[key]
     cfg = DataConfig(normalization="ct", target_spacing=[float(s) for s in target_spacing],
                      patch_size=[int(p) for p in patch_size] if patch_size else None)
     return make_plan(fp, cfg, divisor=divisor, features=features)

@@ -15,7 +15,12 @@ Rows (``--pipelines``; every net untrained):
   fp32). The window is the patch size the plan gives for this image and net width (176x128x160
   for the chest CT and 16 base features). ``ours_*_fp32``: the same in fp32; ``ours_*_bf16``: bf16
   autocast forced. ``ours_attention_stockwin``: ours in fp32 with the stock pipeline's window plan
-  (``--monai-roi`` cube, overlap 0.25, 4 windows per forward, constant blending). The optional
+  (``--monai-roi`` cube, overlap 0.25, 4 windows per forward, constant blending).
+  ``ours_unet_stem_fp32``, ``ours_attention_stem_fp32`` (and ``_bf16``): the same nets with a
+  strided stem (``model.strides`` all 2: no conv at the input resolution, logits upsampled, the
+  cost structure of MONAI's ``UNet``), the architecture of ``configs/real_organs.yaml`` whose
+  15-minute runs give ``benchmarks/real_ct_study.py``'s Dice; the plan gives this net its own
+  (larger) window, since it holds an eighth of the features per voxel. The optional
   ``_large`` rows (not run by default) use ``--large-roi`` (fewer, larger windows,
   ``--large-sw-batch-size`` of them per forward).
 - **MONAI** (``monai_unet``, ``monai_attention``: fp32, also accepted as ``monai_unet_fp32`` /
@@ -45,10 +50,12 @@ row, the windows, TTA mirrorings and the voxels the net runs on (windows x windo
 mirrorings). The summary splits the speedup of ours over MONAI AttentionUnet into window plan
 (``ours_attention_stockwin`` / ours fp32), architecture (and pipeline code: MONAI AttentionUnet /
 ``ours_attention_stockwin``) and precision (ours fp32 / ours bf16); their product is the total.
+The strided stem is one more factor (ours fp32 / ``ours_attention_stem_fp32``). ``--repeats N``
+runs every row N times, interleaved, except the ``--once`` rows (default ``nnunet_tta``).
 Prints a table, writes ``benchmarks/results/infer_speed.{md,json}`` and, as its last line, a JSON
 object (``<row>_s`` and ``<row>_peak_rss_gb`` per row run, ratios, the split).
 
-    python benchmarks/infer_speed.py                 # the real measurement: tens of minutes on 2 idle cores
+    python benchmarks/infer_speed.py --repeats 2     # the real measurement: tens of minutes on 2 idle cores
                                                      # (nnunet_tta alone: 8 tiles x 8 mirrorings of nnU-Net's net)
     python benchmarks/infer_speed.py --quick         # small phantom, narrow nets: checks the script
     python benchmarks/infer_speed.py --pipelines ours_attention monai_unet --roi 128 128 128
@@ -77,6 +84,10 @@ DEFAULT_IMAGE = REAL_CT / "organs" / "imagesTr" / "lidc0001_chest.nii.gz"
 DEFAULT_NNUNET_DATA = REAL_CT / "organs"
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "lung": 4, "heart": 5}
 OURS_CONFIGS = {"unet": ROOT / "configs" / "unet3d.yaml", "attention": ROOT / "configs" / "attention_unet3d.yaml"}
+OURS_MODELS = {  # model -> (config, strided stem): the *_stem nets are the real-CT CPU recipe's architecture
+    "unet": ("unet", False), "attention": ("attention", False),
+    "unet_stem": ("unet", True), "attention_stem": ("attention", True),
+}
 PIPELINES = {  # name -> (kind, model, precision, window: the plan's patch, --large-roi, the stock plan or nnU-Net's)
     "ours_unet": ("ours", "unet", "auto", "plan"),
     "ours_attention": ("ours", "attention", "auto", "plan"),
@@ -85,6 +96,10 @@ PIPELINES = {  # name -> (kind, model, precision, window: the plan's patch, --la
     "ours_unet_bf16": ("ours", "unet", "bf16", "plan"),
     "ours_attention_bf16": ("ours", "attention", "bf16", "plan"),
     "ours_attention_stockwin": ("ours", "attention", "fp32", "stock"),
+    "ours_unet_stem_fp32": ("ours", "unet_stem", "fp32", "plan"),
+    "ours_attention_stem_fp32": ("ours", "attention_stem", "fp32", "plan"),
+    "ours_unet_stem_bf16": ("ours", "unet_stem", "bf16", "plan"),
+    "ours_attention_stem_bf16": ("ours", "attention_stem", "bf16", "plan"),
     "ours_unet_large": ("ours", "unet", "auto", "large"),
     "ours_attention_large": ("ours", "attention", "auto", "large"),
     "monai_unet": ("monai", "unet", "fp32", "stock"),
@@ -97,7 +112,7 @@ PIPELINES = {  # name -> (kind, model, precision, window: the plan's patch, --la
 ALIASES = {"monai_unet_fp32": "monai_unet", "monai_attention_fp32": "monai_attention"}  # same rows, other names
 STOCK_WINDOW = {"overlap": 0.25, "sw_batch_size": 4, "blend": "constant"}  # the stock plan; roi: --monai-roi
 QUICK = {"shape": (96, 96, 30), "spacing": (1.2, 1.2, 3.0), "channels": (4, 8, 16, 32, 64), "roi": 32, "large_roi": 48,
-}
+         "stem_roi": 64}  # a stem net's total stride is 32: a 32^3 window would leave 1 voxel at the bottleneck
 NNUNET_CONFIG = "3d_fullres"
 NO_BF16_NOTE = "bf16 rows: n/a, no native bf16 on this CPU"
 
@@ -125,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="encoder widths of our and MONAI's nets (default 16 32 64 128 256; nnU-Net plans its own)")
     p.add_argument("--roi", type=int, nargs=3, default=None,
                    help="our window size x y z (default: the patch size the data layer plans for this image)")
+    p.add_argument("--stem-roi", type=int, nargs=3, default=None,
+                   help="window of the *_stem rows x y z (default: the patch size the data layer plans for that net)")
     p.add_argument("--monai-roi", type=int, default=96,
                    help="edge of the stock pipeline's cubic window, also ours_attention_stockwin's (default 96)")
     p.add_argument("--overlap", type=float, default=0.5, help="our window overlap (default 0.5; the stock pipeline keeps 0.25)")
@@ -137,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "../shared/data/real_ct/organs; phantoms with --quick or when it is absent)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each pipeline (interleaved); the fastest is reported, all are in the JSON (default 1)")
+    p.add_argument("--once", nargs="*", default=["nnunet_tta"], choices=list(PIPELINES), metavar="ROW",
+                   help="rows run in the first round only, whatever --repeats says (default: nnunet_tta, 12 minutes "
+                        "per run on 2 cores; '--once' alone: none)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads in every child (default 2)")
     p.add_argument("--quick", action="store_true",
                    help="a 96x96x30 phantom, channels 4..64, 32^3 windows, nnU-Net planned on 2 such phantoms: "
@@ -325,18 +345,31 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict[str, Path],
         image = write_phantom_ct(tmp / "phantom_chest.nii.gz")
         source = "phantom 512x512x133 (real file absent)"
     runs: dict[str, Path] = {}
-    if not any(PIPELINES[p][0] == "ours" for p in args.pipelines):
+    models = list(dict.fromkeys(PIPELINES[p][1] for p in args.pipelines if PIPELINES[p][0] == "ours"))
+    if not models:
         return image, runs, source
     from medseg.config import load_config
     from medseg.data.plan import model_plan_args
 
-    probe = load_config(OURS_CONFIGS["unet"], [f"model.channels={list(args.channels)}"]).model
-    plans = plan_for_image(image, LABELS, target_spacing=[1.5, 1.5, 1.5], patch_size=args.roi, **model_plan_args(probe))
-    for model, config in OURS_CONFIGS.items():
-        if any(PIPELINES[p][:2] == ("ours", model) for p in args.pipelines):
-            runs[model] = make_run_dir(tmp / f"run_{model}", config, plans,
-                                       overrides=[f"model.channels={list(args.channels)}", f"model.num_classes={len(LABELS)}"])
+    fingerprint_cache: dict = {}
+    for model in models:
+        overrides = ours_overrides(model, args.channels)
+        probe = load_config(OURS_CONFIGS[OURS_MODELS[model][0]], overrides).model
+        roi = args.stem_roi if OURS_MODELS[model][1] else args.roi
+        plans = plan_for_image(image, LABELS, target_spacing=[1.5, 1.5, 1.5], patch_size=roi,
+                               fingerprint_cache=fingerprint_cache, **model_plan_args(probe))
+        runs[model] = make_run_dir(tmp / f"run_{model}", OURS_CONFIGS[OURS_MODELS[model][0]], plans, overrides=overrides)
     return image, runs, source
+
+
+def ours_overrides(model: str, channels) -> list[str]:
+    """Config overrides of our ``model`` (``OURS_MODELS``): the widths, 6 classes and, for the
+    ``*_stem`` nets, a strided stem (``model.strides`` all 2: no conv at the input resolution, the
+    logits upsampled; the architecture of ``configs/real_organs.yaml``, the real-CT CPU recipe)."""
+    out = [f"model.channels={list(channels)}", f"model.num_classes={len(LABELS)}"]
+    if OURS_MODELS[model][1]:
+        out.append(f"model.strides={[2] * len(channels)}")
+    return out
 
 
 def phantom_dataset(out: Path, shape, spacing, n: int = 2) -> Path:
@@ -389,8 +422,11 @@ def split_of(rows: dict[str, dict], key: str = "total") -> dict[str, float]:
     / t(ours fp32) = window_plan x architecture; ``precision`` = t(ours fp32) / t(ours bf16) and
     ``total_bf16`` = t(monai_attention) / t(ours bf16) = precision x window_plan x architecture.
     Ours fp32 is ``ours_attention_fp32`` (or ``ours_attention`` when that ran in fp32), ours bf16
-    ``ours_attention_bf16`` (or ``ours_attention`` when that ran in bf16). Returns only the
-    factors whose rows ran.
+    ``ours_attention_bf16`` (or ``ours_attention`` when that ran in bf16). The strided stem:
+    ``stem`` = t(ours fp32) / t(ours_attention_stem_fp32) (no conv at the input resolution, and
+    the larger window the plan gives that net), ``total_stem_fp32`` = t(monai_attention) /
+    t(ours_attention_stem_fp32) = window_plan x architecture x stem (``total_stem_bf16`` from the
+    bf16 stem row). Returns only the factors whose rows ran.
     """
     def t(name: str) -> float | None:
         v = rows.get(name, {}).get(key)
@@ -403,17 +439,11 @@ def split_of(rows: dict[str, dict], key: str = "total") -> dict[str, float]:
         return exact
 
     monai, stock, fp32, bf16 = t("monai_attention"), t("ours_attention_stockwin"), ours("fp32"), ours("bf16")
-    out = {}
-    if stock and fp32:
-        out["window_plan"] = stock / fp32
-    if monai and stock:
-        out["architecture"] = monai / stock
-    if monai and fp32:
-        out["total_fp32"] = monai / fp32
-    if fp32 and bf16:
-        out["precision"] = fp32 / bf16
-    if monai and bf16:
-        out["total_bf16"] = monai / bf16
+    stem32, stem16 = t("ours_attention_stem_fp32"), t("ours_attention_stem_bf16")
+    factors = {"stem": (fp32, stem32), "total_stem_fp32": (monai, stem32), "total_stem_bf16": (monai, stem16),
+               "window_plan": (stock, fp32), "architecture": (monai, stock), "total_fp32": (monai, fp32),
+               "precision": (fp32, bf16), "total_bf16": (monai, bf16)}  # factor -> (slower, faster) seconds
+    out = {k: a / b for k, (a, b) in factors.items() if a and b}
     return out
 
 
@@ -444,6 +474,14 @@ def summarize(rows: dict[str, dict]) -> dict:
         "speedup_attention_bf16_vs_monai_attention_bf16": ratio("monai_attention_bf16", "ours_attention_bf16"),
         "speedup_attention_bf16_vs_monai_unet_bf16": ratio("monai_unet_bf16", "ours_attention_bf16"),
         "speedup_unet_bf16_vs_monai_unet_bf16": ratio("monai_unet_bf16", "ours_unet_bf16"),
+        # the strided stem (the real-CT CPU recipe's architecture), same precision as the stock row
+        "speedup_attention_stem_fp32_vs_monai_attention": ratio("monai_attention", "ours_attention_stem_fp32"),
+        "speedup_attention_stem_fp32_vs_monai_unet": ratio("monai_unet", "ours_attention_stem_fp32"),
+        "speedup_unet_stem_fp32_vs_monai_unet": ratio("monai_unet", "ours_unet_stem_fp32"),
+        "speedup_attention_stem_bf16_vs_monai_attention_bf16": ratio("monai_attention_bf16", "ours_attention_stem_bf16"),
+        "speedup_attention_stem_bf16_vs_monai_unet_bf16": ratio("monai_unet_bf16", "ours_attention_stem_bf16"),
+        "speedup_unet_stem_bf16_vs_monai_unet_bf16": ratio("monai_unet_bf16", "ours_unet_stem_bf16"),
+        "speedup_attention_stem_fp32_vs_nnunet_notta": ratio("nnunet_notta", "ours_attention_stem_fp32"),
         "speedup_attention_fp32_vs_nnunet_notta": ratio("nnunet_notta", "ours_attention_fp32"),
         "speedup_attention_fp32_vs_nnunet_tta": ratio("nnunet_tta", "ours_attention_fp32"),
         "speedup_attention_large_vs_monai_attention": ratio("monai_attention", "ours_attention_large"),
@@ -454,11 +492,13 @@ def summarize(rows: dict[str, dict]) -> dict:
         "bf16_gain_monai_unet": ratio("monai_unet", "monai_unet_bf16"),
         "bf16_gain_monai_attention": ratio("monai_attention", "monai_attention_bf16"),
         "attention_overhead_ours": ratio("ours_attention", "ours_unet"),
+        "attention_overhead_ours_stem": ratio("ours_attention_stem_fp32", "ours_unet_stem_fp32"),
         "attention_overhead_monai": ratio("monai_attention", "monai_unet"),
         "tta_cost_nnunet": ratio("nnunet_tta", "nnunet_notta"),
     }
     out.update({k: v for k, v in ratios.items() if v is not None})
     for a, b in (("monai_attention", "ours_attention"), ("monai_unet", "ours_attention"),
+                 ("monai_attention", "ours_attention_stem_fp32"), ("monai_unet", "ours_attention_stem_fp32"),
                  ("monai_attention", "ours_attention_large"), ("monai_unet", "ours_attention_large")):
         if a in rows and b in rows and rows[b].get("cpu_s"):  # CPU seconds: steadier than wall time on a busy machine
             out[f"cpu_ratio_{a}_vs_{b}"] = rows[a]["cpu_s"] / rows[b]["cpu_s"]
@@ -482,6 +522,10 @@ def split_lines(summary: dict, bf16_note: str | None = None) -> str:
     lines = ["Speedup of ours (attention-gated) over stock MONAI AttentionUnet, split into its causes:",
              f"- at fp32, total {f('total_fp32')} = window plan {f('window_plan')} (ours_attention_stockwin / ours fp32) "
              f"x architecture and pipeline code {f('architecture')} (monai_attention / ours_attention_stockwin)"]
+    if "split_stem" in summary:
+        lines.append(f"- with the strided stem (the real-CT CPU recipe's net), at fp32: total {f('total_stem_fp32')} = the above "
+                     f"x strided stem {f('stem')} (ours fp32 / ours_attention_stem_fp32: no conv at the input resolution, "
+                     "and the larger window the plan gives it)")
     if "split_precision" in summary:
         lines.append(f"- precision {f('precision')} (ours fp32 / ours bf16); ours bf16 over MONAI fp32: total {f('total_bf16')} "
                      "= precision x window plan x architecture")
@@ -544,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         args.roi = args.roi or [QUICK["roi"]] * 3
         args.monai_roi = QUICK["roi"]
         args.large_roi = [QUICK["large_roi"]] * 3
+        args.stem_roi = args.stem_roi or [QUICK["stem_roi"]] * 3
     nnunet_rows = [p for p in args.pipelines if PIPELINES[p][0] == "nnunet"]
     nnunet, nnunet_data = {}, ""
     with tempfile.TemporaryDirectory(prefix="medseg_infer_speed_") as tmp_s:
@@ -554,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         runs_by: dict[str, list[dict]] = {p: [] for p in args.pipelines}
         for rep in range(args.repeats):
             for name in args.pipelines:
+                if rep > 0 and name in args.once:
+                    continue
                 if PIPELINES[name][0] == "nnunet" and "model_dir" not in nnunet:
                     runs_by[name].append({k: v for k, v in nnunet.items() if k in ("skipped", "error")})
                     continue
@@ -580,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = meta_now(args.threads)
     source = repo_relative(source)
     notes = (f"Input: {source}. Untrained weights, 6 classes, channels {tuple(args.channels)} (ours and MONAI), one subprocess per "
-             f"pipeline (peak RSS = its own `ru_maxrss`), {args.threads} threads, fastest of {args.repeats} interleaved run(s). "
+             f"pipeline (peak RSS = its own `ru_maxrss`), {args.threads} threads, fastest of {args.repeats} interleaved run(s)"
+             + (f" ({', '.join(once)}: one run)" if (once := [p for p in args.pipelines if p in args.once]) and args.repeats > 1 else "")
+             + ". "
              "Ours: `Predictor.from_run(...).predict(path)` + writing the mask, Gaussian blending; precision `auto` "
              "(bf16 autocast on a CPU with native bf16, else fp32: the precision column says which ran), `_fp32` / `_bf16` "
              "forced, `channels_last_3d` (the CPU default for 3D nets); window = the patch size "
@@ -589,6 +638,10 @@ def main(argv: list[str] | None = None) -> int:
              "architecture)"
              + (", and for the `_large` rows a window covering most of the volume" if any(p.endswith("_large") for p in args.pipelines) else "")
              + ("; `ours_attention_stockwin`: fp32 with the stock window plan (constant blending)" if "ours_attention_stockwin" in args.pipelines else "")
+             + ("; `ours_*_stem_*`: the same nets with a strided stem (`model.strides` all 2: no conv at the input "
+                "resolution, logits upsampled; the architecture of `configs/real_organs.yaml`, whose 15-minute runs give "
+                "the real-CT study's Dice), planned the same way for that net, at 1.5 mm like every row of ours and MONAI's"
+                if any("_stem" in p for p in args.pipelines) else "")
              + ". MONAI: the stock tutorial pipeline (`benchmarks/stock_monai.py`; `_bf16`: bf16 autocast around its "
              "sliding window).")
     if nnunet_rows:

@@ -16,7 +16,8 @@ sys.path.insert(0, str(BENCH))
 
 import infer_speed  # noqa: E402
 
-BF16_ROWS = {"ours_unet_bf16", "ours_attention_bf16", "monai_unet_bf16", "monai_attention_bf16"}
+BF16_ROWS = {"ours_unet_bf16", "ours_attention_bf16", "monai_unet_bf16", "monai_attention_bf16", "ours_unet_stem_bf16",
+             "ours_attention_stem_bf16"}
 
 
 def test_default_rows_leave_bf16_out_without_native_bf16():
@@ -52,6 +53,35 @@ def test_speedup_split_multiplies_to_the_total():
     text = infer_speed.split_lines(s)
     assert "total 4.50x (4.38x in CPU s) = window plan 1.50x (1.25x in CPU s)" in text
     assert "architecture and pipeline code 3.00x (3.50x in CPU s)" in text and "precision 2.00x (2.50x in CPU s)" in text
+
+
+def test_strided_stem_is_one_more_factor_of_the_split():
+    rows = {"ours_attention_fp32": {"total": 20.0, "cpu_s": 40.0, "peak_rss_gb": 2.0, "precision": "fp32"},
+            "ours_attention_stem_fp32": {"total": 5.0, "cpu_s": 16.0, "peak_rss_gb": 1.5, "precision": "fp32"},
+            "ours_unet_stem_fp32": {"total": 4.0, "cpu_s": 14.0, "peak_rss_gb": 1.5, "precision": "fp32"},
+            "ours_attention_stockwin": {"total": 30.0, "cpu_s": 50.0, "peak_rss_gb": 2.2, "precision": "fp32"},
+            "monai_attention": {"total": 90.0, "cpu_s": 175.0, "peak_rss_gb": 3.8, "precision": "fp32"},
+            "monai_unet": {"total": 30.0, "cpu_s": 60.0, "peak_rss_gb": 3.8, "precision": "fp32"}}
+    s = infer_speed.summarize(rows)
+    assert s["split_stem"] == pytest.approx(4.0) and s["split_cpu_stem"] == pytest.approx(2.5)
+    # monai_attention / stem = window plan (30/20) x architecture (90/30) x stem (20/5)
+    assert s["split_total_stem_fp32"] == pytest.approx(18.0)
+    assert s["split_total_stem_fp32"] == pytest.approx(s["split_window_plan"] * s["split_architecture"] * s["split_stem"])
+    assert s["speedup_attention_stem_fp32_vs_monai_attention"] == pytest.approx(18.0)
+    assert s["speedup_attention_stem_fp32_vs_monai_unet"] == pytest.approx(6.0)
+    assert s["speedup_unet_stem_fp32_vs_monai_unet"] == pytest.approx(7.5)
+    assert s["attention_overhead_ours_stem"] == pytest.approx(1.25)
+    assert "total 18.00x (10.94x in CPU s) = the above x strided stem 4.00x (2.50x in CPU s)" in infer_speed.split_lines(s)
+    del rows["ours_attention_stem_fp32"]
+    assert "split_stem" not in infer_speed.summarize(rows) and "strided stem" not in infer_speed.split_lines(infer_speed.summarize(rows))
+
+
+def test_stem_rows_get_a_strided_stem_and_their_own_plan():
+    assert infer_speed.ours_overrides("attention_stem", [16, 32, 64, 128, 256])[-1] == "model.strides=[2, 2, 2, 2, 2]"
+    assert not [o for o in infer_speed.ours_overrides("attention", [16, 32, 64, 128, 256]) if "strides" in o]
+    assert {infer_speed.PIPELINES[p][1] for p in infer_speed.PIPELINES if "_stem" in p} == {"unet_stem", "attention_stem"}
+    assert {"ours_attention_stem_fp32", "ours_unet_stem_fp32"} <= set(infer_speed.default_pipelines(bf16_native=False))
+    assert "ours_attention_stem_bf16" in infer_speed.default_pipelines(bf16_native=True)
 
 
 def test_speedup_split_without_bf16_takes_ours_attention_in_fp32_and_says_why_precision_is_missing():
@@ -108,7 +138,7 @@ def test_main_default_rows_follow_native_bf16_and_report_it(tmp_path, monkeypatc
 
     monkeypatch.setattr(medseg.runtime, "cpu_supports_bf16", lambda: native)
     monkeypatch.setattr(infer_speed, "run_child", fake_child)
-    monkeypatch.setattr(infer_speed, "prepare", lambda args, tmp: (tmp / "x.nii.gz", {"unet": tmp, "attention": tmp}, "x"))
+    monkeypatch.setattr(infer_speed, "prepare", lambda args, tmp: (tmp / "x.nii.gz", dict.fromkeys(infer_speed.OURS_MODELS, tmp), "x"))
     monkeypatch.setattr(infer_speed, "prepare_nnunet", lambda args, tmp: ({"skipped": infer_speed.NNUNET_MISSING}, ""))
     assert infer_speed.main(["--results", str(tmp_path)]) == 0
     assert bool(BF16_ROWS & set(ran)) is native
@@ -122,6 +152,27 @@ def test_main_default_rows_follow_native_bf16_and_report_it(tmp_path, monkeypatc
     assert ("split_precision" in data["summary"]) is native
 
 
+def test_once_rows_run_in_the_first_round_only(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_child(argv):
+        ran.append(argv[argv.index("--child") + 1])
+        return {"total": 1.0 + len(ran), "cpu_s": 3.0, "peak_rss_gb": 0.5, "precision": "fp32", "roi": [32, 32, 32],
+                "overlap": 0.5, "sw_batch_size": 2, "windows": 4, "mirrors": 1, "net_voxels": 4 * 32**3,
+                "load_preprocess": 0.1, "sliding_window": 1.5, "restore_write": 0.4}
+
+    monkeypatch.setattr(infer_speed, "run_child", fake_child)
+    monkeypatch.setattr(infer_speed, "prepare", lambda args, tmp: (tmp / "x.nii.gz", dict.fromkeys(infer_speed.OURS_MODELS, tmp), "x"))
+    assert infer_speed.main(["--results", str(tmp_path), "--repeats", "3", "--pipelines", "ours_unet_fp32",
+                             "monai_unet", "--once", "monai_unet"]) == 0
+    assert ran == ["ours_unet_fp32", "monai_unet", "ours_unet_fp32", "ours_unet_fp32"]
+    data = json.loads((tmp_path / "infer_speed.json").read_text())
+    assert data["rows"]["ours_unet_fp32"]["total_all"] == [2.0, 4.0, 5.0] and data["rows"]["ours_unet_fp32"]["total"] == 2.0
+    assert data["rows"]["monai_unet"]["total_all"] == [3.0]
+    assert "fastest of 3 interleaved run(s) (monai_unet: one run)" in (tmp_path / "infer_speed.md").read_text()
+    assert infer_speed.parse_args([]).once == ["nnunet_tta"] and infer_speed.parse_args(["--once"]).once == []
+
+
 def _run_quick(tmp_path: Path, *rows: str) -> tuple[dict, dict]:
     cmd = [sys.executable, str(BENCH / "infer_speed.py"), "--quick", "--threads", "1", "--results", str(tmp_path),
            "--pipelines", *rows]
@@ -133,13 +184,15 @@ def _run_quick(tmp_path: Path, *rows: str) -> tuple[dict, dict]:
 
 def test_quick_end_to_end_stock_window_and_monai(tmp_path):
     """The script on a 96x96x30 phantom (a few seconds per row): the split's rows and MONAI UNet."""
-    rows_run = ("ours_attention_fp32", "ours_attention_stockwin", "monai_attention", "monai_unet")
+    rows_run = ("ours_attention_fp32", "ours_attention_stockwin", "monai_attention", "monai_unet", "ours_attention_stem_fp32")
     s, rows = _run_quick(tmp_path, *rows_run)
     for name in rows_run:
         assert s[f"{name}_s"] > 0 and 0 < s[f"{name}_peak_rss_gb"] < 4
         r = rows[name]
-        assert r["precision"] == "fp32" and r["mirrors"] == 1 and r["roi"] == [32, 32, 32]
-        assert r["net_voxels"] == r["windows"] * 32**3 and r["cpu_s"] > 0
+        edge = 64 if "_stem" in name else 32  # a stem net's window: --quick's stem_roi
+        assert r["precision"] == "fp32" and r["mirrors"] == 1 and r["roi"] == [edge] * 3
+        assert r["net_voxels"] == r["windows"] * edge**3 and r["cpu_s"] > 0
+    assert s["split_total_stem_fp32"] == pytest.approx(s["monai_attention_s"] / s["ours_attention_stem_fp32_s"])
     stock, monai = rows["ours_attention_stockwin"], rows["monai_unet"]
     assert (stock["overlap"], stock["sw_batch_size"], stock["blend"]) == (0.25, 4, "constant")
     assert (monai["overlap"], monai["sw_batch_size"]) == (0.25, 4)
