@@ -59,6 +59,11 @@ class DataConfig:
     budget_plan: Union[str, bool] = "auto"
     budget_min_steps: int = 500  # optimizer steps the budget must allow (500 of batch 2: decent Dice in 15 CPU-min)
     budget_fov_mm: float = 250.0  # physical field of view a budget-planned patch aims at, per axis
+    # "auto": when the config's net reaches budget_min_steps only at a coarser spacing than the finest
+    # candidate (or not at all), the plan also tries the same net with a strided stem (model.strides[0] = 2:
+    # no conv at the input resolution, ~1/8 of the FLOPs per voxel) and takes it where it reaches them at a
+    # finer spacing. "off": the net is never changed.
+    budget_stem: Union[str, bool] = "auto"
     fold: int = 0
     num_folds: int = 5
     split_seed: int = 12345

@@ -128,7 +128,7 @@ def test_settings_checked_and_off_without_minutes(tmp_path):
     assert budget.job_plan_applies(cfg)
     cfg.data.patch_size = [96, 96, 96]
     assert budget.budget_applies(cfg) and not budget.job_plan_applies(cfg)
-    assert budget.plan_train_patch(cfg, {}, tmp_path, None, None) is None  # explicit patch: nothing to plan
+    assert budget.plan_train_patch(cfg, {}, tmp_path, None) is None  # explicit patch: nothing to plan
     for override, key in (("data.budget_plan=always", "data.budget_plan"), ("data.budget_min_steps=0", "data.budget_min_steps"),
                           ("data.budget_fov_mm=-1", "data.budget_fov_mm")):
         with pytest.raises(ConfigError, match=key):
@@ -179,7 +179,8 @@ def test_run_job_plans_spacing_and_patch_for_the_minutes(phantoms, tmp_path, mon
     # the phantoms' nnU-Net spacing (~1 x 1 x 2.5 mm) and 3 mm need more than 10,000 voxels for their field of view
     assert plan["spacing"] == [4.0, 4.0, 4.0] and plan["qualifies"] and plan["planned"] == ["spacing", "patch"]
     assert all(p % 4 == 0 for p in plan["patch"]) and math.prod(plan["patch"]) * 1e-5 <= 0.108
-    assert [r["spacing"] for r in plan["candidates"] if r["role"] == "candidate"] == [[4.0] * 3, [3.0] * 3]  # 3 mm missed
+    assert [r["spacing"] for r in plan["candidates"] if r["role"] == "candidate" and r["net"] == "config"] == [[4.0] * 3, [3.0] * 3]
+    assert not plan["stem"]  # the stem net (same cost here) reaches the steps at 3 mm neither
     assert record["config"]["data"]["target_spacing"] == plan["spacing"]
     assert record["config"]["data"]["patch_size"] == plan["patch"]
     run_cfg = yaml.safe_load((out / "run" / "config.yaml").read_text())
@@ -224,7 +225,95 @@ def test_a_resumed_run_keeps_its_patch(tmp_path, monkeypatch):
     (tmp_path / "checkpoints" / "latest.pt").write_bytes(b"")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"patch_size": [64, 48, 32]}}))
     (tmp_path / "plans.json").write_text(json.dumps({"budget_plan": {"spacing": [3.0] * 3, "planned": ["patch"]}}))
-    plan = budget.plan_train_patch(cfg, {"target_spacing": [3.0] * 3}, tmp_path, None,
-                                   SimpleNamespace(is_main=True, enabled=False))
+    plan = budget.plan_train_patch(cfg, {"target_spacing": [3.0] * 3}, tmp_path, SimpleNamespace(is_main=True, enabled=False))
     assert plan["patch"] == [64, 48, 32] and plan["resumed"] and plan["spacing"] == [3.0] * 3
     assert cfg.data.patch_size == [64, 48, 32]
+
+
+# --------------------------------------------------------------------------- the strided stem (rule 5)
+class NetStep:
+    """Step seconds by net: ``per_96`` s per 96^3 for a strided-stem net, ``full`` times that for a net
+    with a full-resolution stage (measured on 2 cores, fp32: ~7x per voxel); records (stem, patch)."""
+
+    def __init__(self, per_96: float = 1.3, full: float = 7.0):
+        self.per_96, self.full, self.calls = per_96, full, []
+
+    def __call__(self, model_cfg):
+        stem = model_cfg.strides[0] != 1
+
+        def step(patch):
+            self.calls.append((stem, list(patch)))
+            return math.prod(patch) * self.per_96 / 96 ** 3 * (1.0 if stem else self.full)
+        return step
+
+
+def _stem_cfg(*overrides):
+    return load_config(None, ["train.max_minutes=15", "model.strides=[1,2,2,2,2]", *overrides])
+
+
+def test_stem_taken_where_the_config_net_needs_a_coarse_spacing_and_a_shrunk_patch():
+    cfg, steps = _stem_cfg(), NetStep()
+    plan = budget.plan_nets(cfg, steps, **BIG_NET)
+    # the full-resolution net misses its field of view even at 4 mm; the stem net reaches 500 steps at 3 mm with 96^3
+    # (2 mm: 128^3, 3.1 s/step, misses): configs/real_organs.yaml's hand-set recipe
+    assert plan["stem"] and plan["strides"] == [2, 2, 2, 2, 2] and "stem" in plan["planned"]
+    assert plan["spacing"] == [3.0] * 3 and plan["patch"] == [96] * 3 and plan["qualifies"]
+    assert {r["net"] for r in plan["candidates"]} == {"config", "stem"}
+    # the config's net reaches the steps only with a patch shrunk below the field of view, at 4 mm
+    assert not [r for r in plan["candidates"] if r["net"] == "config" and r["role"] == "candidate" and r["qualifies"]]
+    applied = _stem_cfg()
+    budget.apply_plan(applied, plan)
+    assert applied.model.strides == [2, 2, 2, 2, 2] and applied.data.patch_size == [96] * 3
+    assert "net: strided stem (model.strides [2, 2, 2, 2, 2])" in budget.describe(plan)
+
+
+def test_stem_never_tried_when_the_config_net_reaches_the_finest_spacing():
+    cfg, steps = _stem_cfg(), NetStep(per_96=0.001)  # a GPU
+    plan = budget.plan_nets(cfg, steps, **BIG_NET)
+    assert not plan["stem"] and "strides" not in plan and plan["spacing"] == [0.8] * 3
+    assert not [c for c in steps.calls if c[0]]
+
+
+def test_stem_taken_only_at_a_finer_spacing_and_off_when_asked():
+    # full net: 3 mm 96^3 at 1 s (qualifies), 2 mm 128^3 at 2.4 s misses; stem (1/7): 2 mm 128^3 qualifies
+    kw = dict(extent_mm=[300.0] * 3, target_spacing=[2.0, 2.0, 2.0], minutes=15.0, batch_size=2)
+    plan = budget.plan_nets(_stem_cfg(), NetStep(per_96=1.0 / 7.0, full=7.0), **kw)
+    assert plan["stem"] and plan["spacing"] == [2.0] * 3
+    full_only = budget.plan_nets(_stem_cfg(), NetStep(per_96=1.0 / 7.0, full=7.0), **{**kw, "target_spacing": [3.0] * 3})
+    assert not full_only["stem"] and full_only["spacing"] == [3.0] * 3  # finest already: nothing finer to try
+    off = budget.plan_nets(_stem_cfg("data.budget_stem=off"), NetStep(per_96=1.0 / 7.0, full=7.0), **kw)
+    assert not off["stem"] and off["spacing"] == [3.0] * 3 and {r["net"] for r in off["candidates"]} == {"config"}
+    # a net that has a stem, a MONAI baseline and a 2.5D net are kept as they are
+    assert budget.stem_model(_stem_cfg("model.strides=[2,2,2,2,2]")) is None
+    assert budget.stem_model(_stem_cfg("model.arch=monai_unet")) is None
+    assert budget.stem_model(_stem_cfg("model.slices=3")) is None
+    assert budget.stem_model(_stem_cfg()).strides == [2, 2, 2, 2, 2]
+    with pytest.raises(ConfigError, match="data.budget_stem"):
+        check_config(load_config(None, ["data.budget_stem=maybe"]))
+
+
+BIG_NET = dict(extent_mm=[300.0, 300.0, 300.0], target_spacing=[0.8, 0.8, 0.8], minutes=15.0, batch_size=2)
+
+
+def test_train_takes_the_stem_and_inference_builds_it(phantoms, tmp_path, monkeypatch, one_thread):
+    calls: list = []
+
+    def factory(cfg, *, model_cfg=None, **kwargs):
+        stem = (model_cfg or cfg.model).strides[0] != 1
+
+        def step(patch):
+            calls.append((stem, list(patch)))
+            return math.prod(patch) * 1e-5 * (0.5 if stem else 8.0)
+        return step
+
+    monkeypatch.setattr(budget, "make_step_seconds", factory)
+    out = tmp_path / "job"
+    cfg = load_config("demo", [*FAST, "data.patch_size=null", "data.target_spacing=[3.0,3.0,3.0]", "train.max_minutes=1"])
+    job = run_job(phantoms, out, cfg, progress=False)
+    assert job["status"] == "finished" and any(c[0] for c in calls) and any(not c[0] for c in calls)
+    plan = json.loads((out / "run" / "plans.json").read_text())["budget_plan"]
+    assert plan["stem"] and plan["strides"] == [2, 2, 2] and plan["qualifies"]
+    assert all(p % 8 == 0 for p in plan["patch"])  # the stem net's divisor
+    run_cfg = yaml.safe_load((out / "run" / "config.yaml").read_text())
+    assert run_cfg["model"]["strides"] == [2, 2, 2] and run_cfg["data"]["patch_size"] == plan["patch"]
+    assert job["evaluation"] is not None  # Predictor.from_run built the stem net from the run's config

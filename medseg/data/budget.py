@@ -19,6 +19,15 @@ worse). The rule, :func:`plan_for_budget`:
    when none does, the coarsest spacing with its patch shrunk (volume halved per try, never below
    32 voxels per axis rounded to the divisor) until it does (or the smallest is reached).
 
+5. the net (``data.budget_stem``, default ``auto``): when the config's net reaches the steps only
+   at a coarser spacing than the finest candidate, or nowhere, the same net with a strided stem
+   (``model.strides[0] = 2``: no conv at the input resolution, logits upsampled, ~1/8 of the FLOPs
+   per voxel: the architecture of ``configs/real_organs.yaml``) is planned over the finer spacings
+   (all of them when the config's net reached none) and taken when it reaches the steps there;
+   when neither net reaches them anywhere, the stem net (a wider view for the same time) is taken.
+   A GPU that runs the config's net at the finest spacing never sees the stem. MONAI's baselines
+   and 2.5D nets keep their net.
+
 Explicit settings win: ``data.target_spacing`` fixes the spacing (only the patch is planned, as
 ``medseg train`` does at the preprocessed spacing); ``data.patch_size`` fixes the patch, and since
 the step cost then does not depend on the spacing, the spacing stays nnU-Net's (the finest).
@@ -26,8 +35,14 @@ the step cost then does not depend on the spacing, the spacing stays nnU-Net's (
 Step cost grows with the patch volume and finer spacings have larger patches, so the candidates are
 measured from the coarsest up, stopping at the first that misses; a patch whose cost, extrapolated
 linearly in voxels from the nearest measured one, exceeds ``TIME_GUARD`` times the allowed step is
-not run (its row says ``timed: false``); a small probe patch is measured first for that. Not yet
-validated by a 15-minute training run.
+not run (its row says ``timed: false``); a small probe patch is measured first for that.
+
+Validated once (2-core AMD EPYC, fp32, idle, ``OMP_NUM_THREADS=2``): ``medseg run --minutes 15`` on
+``../shared/data/real_ct/organs`` with the study's attention-gated config and spacing, patch and
+strides left unset picked 3 mm, 96^3 and the strided stem (1.31 s/step -> 619 expected, 600 run),
+the hand-set ``configs/real_organs.yaml`` recipe, and scored liver 0.75 / spleen 0 on the test CT
+(the hand-set recipe: 0.77 / 0.29, 0.80 / 0, 0.80 / 0 in three runs). On a busy machine ``medseg
+run`` uses fewer threads (``use_idle_cores``) and the plan follows: smaller patches.
 """
 
 from __future__ import annotations
@@ -44,7 +59,7 @@ from medseg.runtime import get_logger
 
 __all__ = ["CANDIDATE_SPACINGS_MM", "MIN_PATCH", "SAFETY", "TIME_GUARD", "apply_plan", "budget_applies",
            "candidate_spacings", "describe", "fov_patch", "job_plan_applies", "make_step_seconds",
-           "median_extent_mm", "plan_for_budget", "plan_job", "plan_train_patch"]
+           "median_extent_mm", "plan_for_budget", "plan_job", "plan_nets", "plan_train_patch", "stem_model"]
 
 log = get_logger("medseg.budget")
 
@@ -124,7 +139,8 @@ def _cap_voxels(patch: list[int], max_voxels: float | None, div: list[int], floo
 def plan_for_budget(*, extent_mm: Sequence[float], target_spacing: Sequence[float], minutes: float,
                     step_seconds: StepSeconds, divisor, batch_size: int = 2, min_steps: int = 500,
                     fov_mm: float = 250.0, spacing: Sequence[float] | None = None,
-                    patch: Sequence[int] | None = None, max_voxels: float | None = None) -> dict:
+                    patch: Sequence[int] | None = None, max_voxels: float | None = None,
+                    spacings: Sequence[Sequence[float]] | None = None) -> dict:
     """Spacing and patch for ``minutes`` of training (the rule of the module docstring).
 
     Args:
@@ -143,6 +159,8 @@ def plan_for_budget(*, extent_mm: Sequence[float], target_spacing: Sequence[floa
         patch: a fixed patch (explicit ``data.patch_size``): nothing is shrunk and the spacing is
             the finest candidate (the step cost does not depend on it).
         max_voxels: a memory cap on the patch's voxels (``None``: none).
+        spacings: the candidate spacings, finest first (default :func:`candidate_spacings` of
+            ``target_spacing``); ignored when ``spacing`` or ``patch`` is given.
 
     Returns:
         ``{"spacing", "patch", "step_s", "expected_steps", "qualifies", "planned" (the parts
@@ -168,7 +186,7 @@ def plan_for_budget(*, extent_mm: Sequence[float], target_spacing: Sequence[floa
     elif fixed_patch is not None:
         spacings = [[float(v) for v in target_spacing]]
     else:
-        spacings = candidate_spacings(target_spacing)
+        spacings = [[float(v) for v in sp] for sp in spacings] if spacings else candidate_spacings(target_spacing)
     floor_of = lambda p: [min(v, _round_up(MIN_PATCH, d)) for v, d in zip(p, div)]  # noqa: E731
     patches = []
     for sp in spacings:
@@ -251,29 +269,30 @@ def describe(plan: dict) -> str:
     """One log line: the choice, the rule's numbers and the candidates tried."""
     fmt = lambda v: " x ".join(f"{x:.3g}" for x in v)  # noqa: E731
     tried = "; ".join(
-        f"{r['role']} {fmt(r['spacing'])} mm {'x'.join(map(str, r['patch']))}: "
+        f"{r['role']}{' (stem)' if r.get('net') == 'stem' else ''} {fmt(r['spacing'])} mm {'x'.join(map(str, r['patch']))}: "
         + (f"{r['step_s']:.2f} s" if r["step_s"] is not None else "failed")
         + ("" if r["timed"] else " (extrapolated)") + f" -> {r['expected_steps']}"
         for r in plan["candidates"])
     miss = "" if plan["qualifies"] else f" (fewer than {plan['min_steps']}: nothing tried reaches it)"
+    net = f"net: strided stem (model.strides {plan['strides']}); " if plan.get("stem") else ""
     return (f"budget plan ({plan['minutes']:g} min, >= {plan['min_steps']} steps of batch {plan['batch_size']}, "
             f"field of view {plan['fov_mm']:g} mm): spacing {fmt(plan['spacing'])} mm, patch "
             f"{'x'.join(map(str, plan['patch']))}, {plan['step_s'] if plan['step_s'] is not None else float('nan'):.2f} "
-            f"s/step -> ~{plan['expected_steps']} steps{miss}; planned: {', '.join(plan['planned']) or 'nothing'}; "
+            f"s/step -> ~{plan['expected_steps']} steps{miss}; {net}planned: {', '.join(plan['planned']) or 'nothing'}; "
             f"tried: {tried}")
 
 
 # --------------------------------------------------------------------------- measuring a step
 def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Sequence[float] | None = None,
-                      device=None, warmup: int = 1, steps: int = 2) -> StepSeconds:
+                      device=None, warmup: int = 2, steps: int = 3, model_cfg=None) -> StepSeconds:
     """A ``step_seconds(patch) -> float`` that times training steps of ``cfg``'s model.
 
-    The model is built from ``cfg.model`` (:func:`medseg.nn.build_model`) on the training device
+    The model is built from ``model_cfg`` (default ``cfg.model``; :func:`medseg.nn.build_model`) on the training device
     (``cfg.train.device``, or ``device``) with training's precision (:func:`medseg.runtime.resolve_precision`)
     and memory format, and each call runs ``warmup`` + ``steps`` of training's own step
     (forward under autocast, loss, backward, clipping, optimizer step) on random input of
-    ``cfg.train.batch_size x in_channels x patch`` (plus a 2.5D net's z halo); returns the mean
-    seconds of the timed steps. Results are cached per patch; the global RNG is left untouched.
+    ``cfg.train.batch_size x in_channels x patch`` (plus a 2.5D net's z halo); returns the median
+    seconds of the timed steps (a median: one step slowed by the machine does not decide the plan; measured on 2 cores, a first timed step after one warm-up could be 1.6x the steady cost). Results are cached per patch; the global RNG is left untouched.
     """
     import torch
 
@@ -292,7 +311,7 @@ def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Seque
         from types import SimpleNamespace
 
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            model = build_model(cfg.model, in_channels=in_channels, num_classes=num_classes, spacing=spacing).to(dev)
+            model = build_model(model_cfg or cfg.model, in_channels=in_channels, num_classes=num_classes, spacing=spacing).to(dev)
         if cfg.train.channels_last:  # training's switch, read as training reads it (medseg.train.setup)
             model = model.to(memory_format=torch.channels_last_3d)
         opt = build_optimizer(model, cfg.train)
@@ -326,22 +345,78 @@ def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Seque
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         ctx.optimizer.zero_grad(set_to_none=True)
-        cache[key] = float(np.mean(times))
+        cache[key] = float(np.median(times))
         return cache[key]
 
     return step_seconds
 
 
-def _max_voxels(cfg) -> float:
-    """The memory cap of :func:`medseg.data.plan.suggest_patch_size` for ``cfg`` at its batch size."""
+def _max_voxels(cfg, model_cfg) -> float:
+    """The memory cap of :func:`medseg.data.plan.suggest_patch_size` for the net ``model_cfg`` at ``cfg``'s batch size."""
     from medseg.data.plan import max_patch_voxels, model_plan_args
 
-    return max_patch_voxels(cfg.data.memory_budget_gb, cfg.train.batch_size, model_plan_args(cfg.model)["features"])
+    return max_patch_voxels(cfg.data.memory_budget_gb, cfg.train.batch_size, model_plan_args(model_cfg)["features"])
+
+
+def stem_model(cfg):
+    """``cfg.model`` with a strided stem (``strides[0] = 2``), or ``None`` where the plan keeps the
+    config's net: ``data.budget_stem`` off, a stem already there, MONAI's baselines, 2.5D or 2-D nets."""
+    import dataclasses
+
+    from medseg.nn.factory import patch_geometry
+
+    m = cfg.model
+    if cfg.data.budget_stem not in ("auto", True) or str(m.arch).startswith("monai_") or m.spatial_dims != 3:
+        return None
+    if isinstance(m.slices, int) and m.slices > 1:
+        return None
+    if any(v > 1 for v in patch_geometry(m)["stem"]):
+        return None
+    strides = list(m.strides) if m.strides is not None else [1] + [2] * (len(m.channels) - 1)
+    return dataclasses.replace(m, strides=[2] + strides[1:])
+
+
+def plan_nets(cfg, step_for: Callable, **kw) -> dict:
+    """:func:`plan_for_budget` for the config's net and, where rule 5 of the module docstring calls
+    for it, for the same net with a strided stem (:func:`stem_model`); returns the chosen plan with
+    ``stem`` (bool), ``strides`` (the stem net's ``model.strides``, when chosen; ``planned`` then
+    also lists ``"stem"``) and the candidates of both (``net``: ``config`` | ``stem``).
+
+    ``step_for(model_cfg)`` gives the step-seconds function of a net; ``kw`` are
+    :func:`plan_for_budget`'s other arguments but ``divisor``, ``max_voxels`` and ``spacings``.
+    """
+    from medseg.nn.factory import patch_geometry
+
+    def plan(model_cfg, spacings=None) -> dict:
+        return plan_for_budget(step_seconds=step_for(model_cfg), divisor=patch_geometry(model_cfg)["divisor"],
+                               max_voxels=_max_voxels(cfg, model_cfg), spacings=spacings, **kw)
+
+    full = plan(cfg.model)
+    tagged = lambda p, net: [dict(r, net=net) for r in p["candidates"]]  # noqa: E731
+    out = {**full, "stem": False, "candidates": tagged(full, "config")}
+    stem_cfg = stem_model(cfg)
+    if stem_cfg is None or kw.get("patch") is not None:
+        return out
+    cands = [list(map(float, kw["spacing"]))] if kw.get("spacing") is not None else candidate_spacings(kw["target_spacing"])
+    at = next((i for i, c in enumerate(cands) if np.allclose(c, full["spacing"])), len(cands))
+    finer = cands[:at] if full["qualifies"] else cands
+    if not finer:  # the config's net reaches the steps at the finest spacing
+        return out
+    stem = plan(stem_cfg, spacings=finer)
+    use = stem["qualifies"] or not full["qualifies"]
+    chosen = {**(stem if use else full), "stem": use, "candidates": out["candidates"] + tagged(stem, "stem")}
+    if use:
+        chosen["strides"] = [v if isinstance(v, int) else list(v) for v in stem_cfg.strides]
+        chosen["planned"] = [*stem["planned"], "stem"]
+    return chosen
 
 
 # --------------------------------------------------------------------------- hooks
 def apply_plan(cfg, plan: dict) -> None:
-    """Write a plan's chosen parts into ``cfg.data`` (``target_spacing`` and / or ``patch_size``)."""
+    """Write a plan's chosen parts into ``cfg`` (``data.target_spacing``, ``data.patch_size``, and
+    ``model.strides`` when it chose the strided stem)."""
+    if "stem" in plan.get("planned", ()) and plan.get("strides"):
+        cfg.model.strides = list(plan["strides"])
     if "spacing" in plan["planned"]:
         cfg.data.target_spacing = [float(v) for v in plan["spacing"]]
     if "patch" in plan["planned"]:
@@ -360,26 +435,27 @@ def plan_job(cfg, data_dir: str | Path, *, workers: int = 1, progress: bool = Tr
     from medseg.data.datasets import discover_cases, num_classes_of
     from medseg.data.fingerprint import compute_fingerprint
     from medseg.data.plan import target_spacing_nnunet
-    from medseg.nn.factory import patch_geometry
 
     fp = compute_fingerprint(discover_cases(data_dir), workers=workers, progress=progress)
     target = target_spacing_nnunet(fp["spacings"], fp["shapes_after_crop"])
-    step = make_step_seconds(cfg, in_channels=len(fp.get("channel_names") or {}) or cfg.model.in_channels,
-                             num_classes=num_classes_of(fp.get("labels") or {}), spacing=target)
-    plan = plan_for_budget(extent_mm=median_extent_mm(fp["shapes_after_crop"], fp["spacings"]), target_spacing=target,
-                           minutes=cfg.train.max_minutes, step_seconds=step,
-                           divisor=patch_geometry(cfg.model)["divisor"], batch_size=cfg.train.batch_size,
-                           min_steps=cfg.data.budget_min_steps, fov_mm=cfg.data.budget_fov_mm, max_voxels=_max_voxels(cfg))
+    step_for = lambda m: make_step_seconds(  # noqa: E731
+        cfg, in_channels=len(fp.get("channel_names") or {}) or cfg.model.in_channels,
+        num_classes=num_classes_of(fp.get("labels") or {}), spacing=target, model_cfg=m)
+    plan = plan_nets(cfg, step_for, extent_mm=median_extent_mm(fp["shapes_after_crop"], fp["spacings"]),
+                     target_spacing=target, minutes=cfg.train.max_minutes, batch_size=cfg.train.batch_size,
+                     min_steps=cfg.data.budget_min_steps, fov_mm=cfg.data.budget_fov_mm)
     apply_plan(cfg, plan)
     log.info(describe(plan))
     return plan
 
 
-def plan_train_patch(cfg, plans: dict, run_dir: str | Path, model, info) -> dict | None:
-    """``medseg train``'s plan: the patch at the preprocessed spacing for ``cfg.train.max_minutes``.
+def plan_train_patch(cfg, plans: dict, run_dir: str | Path, info) -> dict | None:
+    """``medseg train``'s plan: the patch (and the net, rule 5) at the preprocessed spacing for
+    ``cfg.train.max_minutes``, made before the net is built.
 
     Applies when the budget does (:func:`budget_applies`) and ``data.patch_size`` is unset; sets
-    ``cfg.data.patch_size`` and returns the plan (``None`` when it does not apply). A run being
+    ``cfg.data.patch_size`` (and ``cfg.model.strides`` when the plan chose the strided stem) and
+    returns the plan (``None`` when it does not apply). A run being
     resumed (``run_dir`` holds ``checkpoints/latest.pt`` and ``config.yaml``) keeps the patch it
     was trained with. Under DDP rank 0 measures and the others take its plan.
     """
@@ -391,20 +467,21 @@ def plan_train_patch(cfg, plans: dict, run_dir: str | Path, model, info) -> dict
         plan = _resumed_plan(run_dir)
         if plan is None:
             spacing = [float(v) for v in plans["target_spacing"]]
-            step = make_step_seconds(cfg, in_channels=len(plans.get("channel_names") or {}) or cfg.model.in_channels,
-                                     num_classes=int(plans["num_classes"]), spacing=spacing, device=info.device)
+            step_for = lambda m: make_step_seconds(  # noqa: E731
+                cfg, in_channels=len(plans.get("channel_names") or {}) or cfg.model.in_channels,
+                num_classes=int(plans["num_classes"]), spacing=spacing, device=info.device, model_cfg=m)
             extent = [float(m) * s for m, s in zip(plans["median_shape"], spacing)]
-            plan = plan_for_budget(extent_mm=extent, target_spacing=spacing, spacing=spacing,
-                                   minutes=cfg.train.max_minutes, step_seconds=step,
-                                   divisor=getattr(model, "patch_divisor", None) or 1, batch_size=cfg.train.batch_size,
-                                   min_steps=cfg.data.budget_min_steps, fov_mm=cfg.data.budget_fov_mm,
-                                   max_voxels=_max_voxels(cfg))
+            plan = plan_nets(cfg, step_for, extent_mm=extent, target_spacing=spacing, spacing=spacing,
+                             minutes=cfg.train.max_minutes, batch_size=cfg.train.batch_size,
+                             min_steps=cfg.data.budget_min_steps, fov_mm=cfg.data.budget_fov_mm)
             log.info(describe(plan))
     if getattr(info, "enabled", False):
         from medseg.train.distributed import all_gather_objects
 
         plan = all_gather_objects(plan, info)[0]
     cfg.data.patch_size = [int(v) for v in plan["patch"]]
+    if plan.get("stem") and plan.get("strides"):  # the net changes: the caller builds it again
+        cfg.model.strides = list(plan["strides"])
     return plan
 
 

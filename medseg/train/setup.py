@@ -98,11 +98,11 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
     plans = tdata.read_plans(pre_dir)
     amp_dtype = resolve_precision(cfg.train.precision, info.device)
     seed_everything(cfg.train.seed + info.rank)
-    model = build_model(cfg.model, in_channels=len(plans.get("channel_names", {})) or cfg.model.in_channels,
-                        num_classes=int(plans["num_classes"]), spacing=plans.get("target_spacing"))
-    budget = plan_train_patch(cfg, plans, run_dir, model, info)  # under train.max_minutes with no data.patch_size
+    budget = plan_train_patch(cfg, plans, run_dir, info)  # under train.max_minutes with no data.patch_size
     if budget is not None:
         plans["budget_plan"] = budget  # kept in the run's plans.json (write_run_files)
+    model = build_model(cfg.model, in_channels=len(plans.get("channel_names", {})) or cfg.model.in_channels,
+                        num_classes=int(plans["num_classes"]), spacing=plans.get("target_spacing"))
     patch = resolve_patch_size(cfg, plans, getattr(model, "patch_divisor", None))
     cfg.data.patch_size, cfg.data.preprocessed = patch, str(pre_dir)
     model = model.to(info.device)
