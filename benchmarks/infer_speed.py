@@ -364,11 +364,15 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict[str, Path],
 
 def ours_overrides(model: str, channels) -> list[str]:
     """Config overrides of our ``model`` (``OURS_MODELS``): the widths, 6 classes and, for the
-    ``*_stem`` nets, a strided stem (``model.strides`` all 2: no conv at the input resolution, the
-    logits upsampled; the architecture of ``configs/real_organs.yaml``, the real-CT CPU recipe)."""
+    ``*_stem`` nets, the strided stem the budget planner gives a net (``medseg.data.budget.stem_model``:
+    ``strides[0] = 2``, no conv at the input resolution, the logits upsampled; the architecture of
+    ``configs/real_organs.yaml``, the real-CT CPU recipe)."""
     out = [f"model.channels={list(channels)}", f"model.num_classes={len(LABELS)}"]
     if OURS_MODELS[model][1]:
-        out.append(f"model.strides={[2] * len(channels)}")
+        from medseg.config import load_config
+        from medseg.data.budget import stem_model
+
+        out.append(f"model.strides={stem_model(load_config(OURS_CONFIGS[OURS_MODELS[model][0]], out)).strides}")
     return out
 
 
@@ -443,8 +447,7 @@ def split_of(rows: dict[str, dict], key: str = "total") -> dict[str, float]:
     factors = {"stem": (fp32, stem32), "total_stem_fp32": (monai, stem32), "total_stem_bf16": (monai, stem16),
                "window_plan": (stock, fp32), "architecture": (monai, stock), "total_fp32": (monai, fp32),
                "precision": (fp32, bf16), "total_bf16": (monai, bf16)}  # factor -> (slower, faster) seconds
-    out = {k: a / b for k, (a, b) in factors.items() if a and b}
-    return out
+    return {k: a / b for k, (a, b) in factors.items() if a and b}
 
 
 def summarize(rows: dict[str, dict]) -> dict:

@@ -287,12 +287,15 @@ def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Seque
                       device=None, warmup: int = 2, steps: int = 3, model_cfg=None) -> StepSeconds:
     """A ``step_seconds(patch) -> float`` that times training steps of ``cfg``'s model.
 
-    The model is built from ``model_cfg`` (default ``cfg.model``; :func:`medseg.nn.build_model`) on the training device
-    (``cfg.train.device``, or ``device``) with training's precision (:func:`medseg.runtime.resolve_precision`)
-    and memory format, and each call runs ``warmup`` + ``steps`` of training's own step
-    (forward under autocast, loss, backward, clipping, optimizer step) on random input of
+    The model is built from ``model_cfg`` (default ``cfg.model``; :func:`medseg.nn.build_model`) on the
+    training device (``cfg.train.device``, or ``device``) with training's precision
+    (:func:`medseg.runtime.resolve_precision`) and memory format, and each call runs ``warmup`` +
+    ``steps`` of training's own step (forward under autocast, loss, backward, clipping, optimizer
+    step) on random input of
     ``cfg.train.batch_size x in_channels x patch`` (plus a 2.5D net's z halo); returns the median
-    seconds of the timed steps (a median: one step slowed by the machine does not decide the plan; measured on 2 cores, a first timed step after one warm-up could be 1.6x the steady cost). Results are cached per patch; the global RNG is left untouched.
+    seconds of the timed steps (one step slowed by the machine does not decide the plan; on 2 cores
+    a first timed step after one warm-up measured up to 1.6x the steady cost). Results are cached
+    per patch; the global RNG is left untouched.
     """
     import torch
 
@@ -415,7 +418,7 @@ def plan_nets(cfg, step_for: Callable, **kw) -> dict:
 def apply_plan(cfg, plan: dict) -> None:
     """Write a plan's chosen parts into ``cfg`` (``data.target_spacing``, ``data.patch_size``, and
     ``model.strides`` when it chose the strided stem)."""
-    if "stem" in plan.get("planned", ()) and plan.get("strides"):
+    if "stem" in plan["planned"]:
         cfg.model.strides = list(plan["strides"])
     if "spacing" in plan["planned"]:
         cfg.data.target_spacing = [float(v) for v in plan["spacing"]]
@@ -479,9 +482,7 @@ def plan_train_patch(cfg, plans: dict, run_dir: str | Path, info) -> dict | None
         from medseg.train.distributed import all_gather_objects
 
         plan = all_gather_objects(plan, info)[0]
-    cfg.data.patch_size = [int(v) for v in plan["patch"]]
-    if plan.get("stem") and plan.get("strides"):  # the net changes: the caller builds it again
-        cfg.model.strides = list(plan["strides"])
+    apply_plan(cfg, plan)
     return plan
 
 
@@ -501,4 +502,4 @@ def _resumed_plan(run_dir: Path) -> dict | None:
     if (run_dir / "plans.json").is_file():
         saved = json.loads((run_dir / "plans.json").read_text()).get("budget_plan") or {}
     log.info("budget plan: resumed run keeps its patch %s", "x".join(map(str, patch)))
-    return {**saved, "patch": [int(v) for v in patch], "resumed": True}
+    return {"planned": ["patch"], **saved, "patch": [int(v) for v in patch], "resumed": True}
