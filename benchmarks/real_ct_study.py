@@ -15,12 +15,14 @@ LIDC outlines, test CT from pyradiomics):
 4. ``Predictor.from_run(run, checkpoint="final")`` over ``imagesTs`` (``medseg.infer.runner``), then
    ``medseg.evaluate.evaluate_folders`` against ``labelsTs`` (``scored_labels`` honoured).
 
-Writes ``benchmarks/results/real_ct_study.{md,json}`` after every variant (per-class test Dice,
+Writes ``benchmarks/results/<--name>.{md,json}`` (default ``real_ct_study``) after every run (per-class test Dice and HD95,
 training and inference time); work files (preprocessed data, runs, predictions) go to
 ``--work-dir``, never into the repository. Last stdout line: the JSON summary.
 
     python benchmarks/real_ct_study.py --minutes 15      # the study as specified (2 x 4 x 15 min of CPU)
     nohup python benchmarks/real_ct_study.py --minutes 3 > /tmp/real_ct_study.log 2>&1 &
+    python benchmarks/real_ct_study.py --datasets organs --variants attention unet --seeds 0 1   # 2 seeds each, mean rows
+    python benchmarks/real_ct_study.py --datasets lung_lesion --variants attention unet --name real_ct_study_lung_lesion
     python benchmarks/real_ct_study.py --quick           # phantom dataset, seconds per variant: checks the script
 """
 
@@ -52,9 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "medseg_real_ct_study",
                    help="preprocessed data, runs and predictions (default /tmp/medseg_real_ct_study)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="train.seed of each run: one row per variant and seed, plus a mean row per variant when "
+                        "more than one (default: the config's seed, one run)")
     p.add_argument("--quick", action="store_true",
                    help="a 2+1-case phantom dataset, tiny nets, a few seconds of training per variant: checks the script")
-    p.add_argument("--results", type=Path, default=None, help="folder for real_ct_study.{md,json} (default benchmarks/results)")
+    p.add_argument("--results", type=Path, default=None, help="folder for <name>.{md,json} (default benchmarks/results)")
+    p.add_argument("--name", default="real_ct_study",
+                   help="stem of the result files (default real_ct_study; the README's tables: real_ct_study for "
+                        "organs, real_ct_study_lung_lesion for the lesion dataset)")
     p.add_argument("overrides", nargs="*", help="extra section.key=value config overrides for every run")
     return p.parse_args(argv)
 
@@ -148,7 +156,7 @@ def gate_cell(mean: dict) -> str:
     return "; ".join(cells) or "-"
 
 
-def run_variant(cfg, data_dir: Path, run_dir: Path, pred_dir: Path, metrics: tuple[str, ...] = ("dice",)) -> dict:
+def run_variant(cfg, data_dir: Path, run_dir: Path, pred_dir: Path, metrics: tuple[str, ...] = ("dice", "hd95")) -> dict:
     """Train, segment ``imagesTs`` with ``final.pt``, score against ``labelsTs``; one row of the study."""
     from medseg.train import train
 
@@ -170,30 +178,67 @@ def run_variant(cfg, data_dir: Path, run_dir: Path, pred_dir: Path, metrics: tup
 
 
 # --------------------------------------------------------------------------- report
+MEAN_KEYS = ("test_fg_mean_dice", "val_dice_train_case", "train_s", "patches", "infer_s_per_case")
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """The mean of several seeds' rows of one variant: per class test Dice and HD95 (a seed without
+    that structure predicted has HD95 ``inf``, and so has the mean), the scalar columns, and per gate
+    map its in/out ratio and energy / volume fractions. Rows with an ``error`` are left out."""
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return {"error": "every seed failed"}
+
+    def mean(values):
+        values = [float(v) for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    out: dict = {"seeds": len(ok)}
+    for key in ("test_dice", "test_hd95"):
+        classes = list(dict.fromkeys(c for r in ok for c in r.get(key, {})))
+        if classes:
+            out[key] = {c: mean(r[key][c] for r in ok if c in r.get(key, {})) for c in classes}
+    out.update({k: mean(r.get(k) for r in ok) for k in MEAN_KEYS})
+    locs = [r["gate_localisation"] for r in ok if r.get("gate_localisation") and "error" not in r["gate_localisation"]]
+    if locs:
+        out["gate_localisation"] = {
+            name: {"fg": {m: mean(loc[name]["fg"].get(m, math.nan) for loc in locs if name in loc)
+                          for m in ("ratio", "energy_fraction", "volume_fraction")}}
+            for name in dict.fromkeys(n for loc in locs for n in loc)}
+    return out
+
+
 def markdown(results: dict, minutes: float, setup: str) -> str:
     parts = []
     for ds, rows in results.items():
         classes = list(dict.fromkeys(c for r in rows.values() if "test_dice" in r for c in r["test_dice"]))
-        header = ["variant", *[f"test Dice {c}" for c in classes], "test mean fg Dice", "val Dice (train case)",
+        hd_classes = list(dict.fromkeys(c for r in rows.values() for c in r.get("test_hd95", {})))
+        header = ["variant", *[f"test Dice {c}" for c in classes], "test mean fg Dice",
+                  *[f"test HD95 {c} (mm)" for c in hd_classes], "val Dice (train case)",
                   "train min", "patches seen", "infer s / case"]
         gated = any(r.get("gate_localisation") for r in rows.values())
         header += ["gate maps, test fg: in/out ratio (energy / volume fraction)"] if gated else []
         body = []
         for v, r in rows.items():
             if "error" in r:
-                body.append([v, *["error"] * len(classes), r["error"][:60], "", "", "", "", *([""] if gated else [])])
+                body.append([v, *["error"] * len(classes), r["error"][:60], *[""] * len(hd_classes), "", "", "", "",
+                             *([""] if gated else [])])
                 continue
             loc = r.get("gate_localisation") or {}
+            val = r.get("val_dice_train_case")
             body.append([v, *[r["test_dice"].get(c, float("nan")) for c in classes], r["test_fg_mean_dice"],
-                         r["val_dice_train_case"] if r["val_dice_train_case"] is not None else float("nan"),
+                         *[float(r.get("test_hd95", {}).get(c, float("nan"))) for c in hd_classes],
+                         val if val is not None else float("nan"),
                          r["train_s"] / 60.0, r["patches"], r["infer_s_per_case"],
                          *([loc["error"][:60] if "error" in loc else gate_cell(loc)] if gated else [])])
         parts.append(f"**{ds}**\n\n" + md_table(header, body))
     note = (f"Same wall-clock budget per variant ({minutes:g} min, `train.max_minutes`), {setup}. "
             "The validation Dice is measured on a *training* case (2 organ cases, 1 lesion case: nothing to hold "
-            "out); the test columns are the held-out case, scored on its `scored_labels` only. A few minutes of "
-            "CPU training is far from convergence: these numbers compare the variants under a tiny budget, "
-            "nothing more.")
+            "out); the test columns are the held-out case, scored on its `scored_labels` only (HD95 `inf`: the "
+            "structure was not predicted at all). A few minutes of CPU training is far from convergence: these "
+            "numbers compare the variants under a tiny budget, nothing more.")
+    if any(" mean (" in v for rows in results.values() for v in rows):
+        note += " Rows `<variant> mean (n seeds)` average the seeds' rows above them (`--seeds`)."
     if any(r.get("gate_localisation") for rows in results.values() for r in rows.values()):
         note += (" Gate maps (segmented again, untimed): per map, mean map value inside the dilated foreground "
                  "over outside (1.00 = open everywhere, no attention), and the share of its energy inside vs the "
@@ -235,19 +280,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ds}: training cases {names}, validation on {val}", file=sys.stderr, flush=True)
         results[ds] = {}
         for variant in args.variants:
-            cfg = study_config(DATASETS[ds], variant, pre_dir=pre_dir, data_dir=data_dir, minutes=args.minutes,
-                               overrides=overrides)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            run_dir, pred_dir = work / ds / f"run_{variant}_{stamp}", work / ds / f"pred_{variant}_{stamp}"
-            print(f"{ds} / {variant}: training {args.minutes:g} min -> {run_dir}", file=sys.stderr, flush=True)
-            try:
-                results[ds][variant] = run_variant(cfg, data_dir, run_dir, pred_dir)
-            except Exception as err:  # one variant failing must not lose the others
-                results[ds][variant] = {"error": f"{type(err).__name__}: {err}"}
-            print(f"{ds} / {variant}: {json.dumps(results[ds][variant], default=float)}", file=sys.stderr, flush=True)
-            write_results("real_ct_study", "Real CT: variants under the same training budget", markdown(results, args.minutes, setup),
-                          {"results": results, "minutes": args.minutes, "overrides": overrides}, meta, command=cmd,
-                          **({"out_dir": results_dir} if results_dir else {}))
+            seeds = args.seeds or [None]
+            seed_rows = []
+            for seed in seeds:
+                label = variant if len(seeds) == 1 else f"{variant} seed {seed}"
+                extra = [] if seed is None else [f"train.seed={seed}"]
+                cfg = study_config(DATASETS[ds], variant, pre_dir=pre_dir, data_dir=data_dir, minutes=args.minutes,
+                                   overrides=overrides + extra)
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                tag = variant if seed is None else f"{variant}_s{seed}"
+                run_dir, pred_dir = work / ds / f"run_{tag}_{stamp}", work / ds / f"pred_{tag}_{stamp}"
+                print(f"{ds} / {label}: training {args.minutes:g} min -> {run_dir}", file=sys.stderr, flush=True)
+                try:
+                    row = run_variant(cfg, data_dir, run_dir, pred_dir)
+                except Exception as err:  # one variant failing must not lose the others
+                    row = {"error": f"{type(err).__name__}: {err}"}
+                row["seed"] = cfg.train.seed
+                seed_rows.append(row)
+                results[ds][label] = row
+                print(f"{ds} / {label}: {json.dumps(row, default=float)}", file=sys.stderr, flush=True)
+                if len(seeds) > 1 and len(seed_rows) == len(seeds):
+                    results[ds][f"{variant} mean ({len(seeds)} seeds)"] = mean_row(seed_rows)
+                write_results(args.name, "Real CT: variants under the same training budget",
+                              markdown(results, args.minutes, setup),
+                              {"results": results, "minutes": args.minutes, "seeds": args.seeds, "overrides": overrides},
+                              meta, command=cmd, **({"out_dir": results_dir} if results_dir else {}))
     print(markdown(results, args.minutes, setup))
     print(json.dumps({"minutes": args.minutes, "results": results}, default=float))
     return 0

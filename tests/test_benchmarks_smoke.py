@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -39,10 +40,10 @@ def test_splice_replaces_only_between_markers():
 
 
 def test_result_files_in_readme_order(tmp_path):
-    for name in ("zeta", "real_ct_study", "infer_speed", "alpha", "train_speed"):
+    for name in ("zeta", "head_to_head", "real_ct_study", "infer_speed", "alpha", "real_ct_study_lung_lesion", "train_speed"):
         (tmp_path / f"{name}.md").write_text(name)
     assert [p.stem for p in update_readme.result_files(tmp_path)] == [
-        "infer_speed", "train_speed", "real_ct_study", "alpha", "zeta"]
+        "infer_speed", "train_speed", "real_ct_study", "real_ct_study_lung_lesion", "head_to_head", "alpha", "zeta"]
 
 
 def test_model_zoo_goes_to_its_own_section(tmp_path):
@@ -284,3 +285,37 @@ def test_real_ct_study_table_shows_where_gate_maps_look():
     assert lines[0].endswith("| gate maps, test fg: in/out ratio (energy / volume fraction) |")
     assert lines[1].endswith("| - |") and lines[2].endswith("| gate/level1 1.00 (0.07 / 0.07); gate/level0 3.46 (0.20 / 0.07) |")
     assert "1.00 = open everywhere" in md
+
+
+def test_real_ct_study_mean_of_seeds_and_hd95_columns():
+    import real_ct_study
+
+    loc0 = {"gate/level0": {"fg": {"ratio": 2.0, "energy_fraction": 0.2, "volume_fraction": 0.1}}}
+    loc1 = {"gate/level0": {"fg": {"ratio": 4.0, "energy_fraction": 0.4, "volume_fraction": 0.1}}}
+    base = {"val_dice_train_case": 0.4, "train_s": 60.0, "patches": 10, "infer_s_per_case": 2.0}
+    s0 = {**base, "test_dice": {"liver": 0.8, "spleen": 0.2}, "test_fg_mean_dice": 0.5,
+          "test_hd95": {"liver": 20.0, "spleen": 40.0}, "gate_localisation": loc0}
+    s1 = {**base, "test_dice": {"liver": 0.6, "spleen": 0.0}, "test_fg_mean_dice": 0.3, "patches": 20,
+          "test_hd95": {"liver": 30.0, "spleen": math.inf}, "gate_localisation": loc1}
+    m = real_ct_study.mean_row([s0, s1, {"error": "RuntimeError: boom"}])
+    assert m["seeds"] == 2 and m["test_dice"] == pytest.approx({"liver": 0.7, "spleen": 0.1})
+    assert m["test_hd95"]["liver"] == pytest.approx(25.0) and m["test_hd95"]["spleen"] == math.inf
+    assert m["test_fg_mean_dice"] == pytest.approx(0.4) and m["patches"] == pytest.approx(15.0)
+    assert m["gate_localisation"]["gate/level0"]["fg"]["ratio"] == pytest.approx(3.0)
+    assert real_ct_study.mean_row([{"error": "x"}]) == {"error": "every seed failed"}
+    md = real_ct_study.markdown({"organs": {"attention seed 0": s0, "attention seed 1": s1,
+                                            "attention mean (2 seeds)": m}}, 15, "setup")
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[:6] == ["variant", "test Dice liver", "test Dice spleen", "test mean fg Dice",
+                        "test HD95 liver (mm)", "test HD95 spleen (mm)"]
+    mean_cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert mean_cells[:6] == ["attention mean (2 seeds)", "0.7", "0.1", "0.4", "25.00", "inf"]
+    assert "average the seeds' rows" in md and "gate/level0 3.00 (0.30 / 0.10)" in lines[3]
+
+
+def test_real_ct_study_seeds_option():
+    import real_ct_study
+
+    assert real_ct_study.parse_args([]).seeds is None
+    assert real_ct_study.parse_args(["--seeds", "0", "1"]).seeds == [0, 1]
