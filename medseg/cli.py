@@ -48,19 +48,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def set_quiet(quiet: bool) -> None:
-    """``--quiet``: the ``medseg`` loggers speak from WARNING up, and progress bars stay off.
+    """``--quiet``: the console shows the ``medseg`` loggers from WARNING up, and progress bars stay off.
 
-    The library shows its bars only while the ``medseg`` logger speaks at INFO, and worker
-    processes (data loaders, ``torchrun`` ranks) inherit ``MEDSEG_LOGLEVEL``.
+    The library shows its bars only while the console shows INFO lines; worker processes (data
+    loaders, ``torchrun`` ranks) inherit ``MEDSEG_LOGLEVEL``. A run's ``log.txt`` keeps its INFO lines.
     """
-    import logging
-    import os
-
-    from medseg.runtime import get_logger
+    from medseg.runtime import set_console_level
 
     if quiet:
-        os.environ["MEDSEG_LOGLEVEL"] = "WARNING"
-        get_logger().setLevel(logging.WARNING)
+        set_console_level("WARNING")
 
 
 def show_progress(args: argparse.Namespace) -> bool:

@@ -13,26 +13,56 @@ import torch
 
 from medseg.errors import ConfigError
 
-__all__ = ["autocast", "cpu_supports_bf16", "get_logger", "progress_enabled", "resolve_channels_last", "resolve_device", "resolve_precision", "seed_everything"]
+__all__ = ["autocast", "cpu_supports_bf16", "get_logger", "progress_enabled", "resolve_channels_last", "resolve_device",
+           "resolve_precision", "seed_everything", "set_console_level"]
+
+
+CONSOLE_HANDLER = "medseg-console"
+
+
+def _level(name: str | None) -> int:
+    level = logging.getLevelName(str(name or "INFO").upper())
+    return level if isinstance(level, int) else logging.INFO
+
+
+def _console() -> logging.Handler | None:
+    return next((h for h in logging.getLogger("medseg").handlers if h.get_name() == CONSOLE_HANDLER), None)
 
 
 def get_logger(name: str = "medseg") -> logging.Logger:
-    """A logger that prints ``HH:MM:SS level message`` lines to stderr (configured once)."""
+    """A logger that prints ``HH:MM:SS level message`` lines to stderr (configured once).
+
+    ``MEDSEG_LOGLEVEL`` (default INFO) sets what the *console* shows; the ``medseg`` logger itself
+    stays at INFO or below, so a run's ``log.txt`` (:func:`medseg.train.setup.open_log`) keeps its
+    INFO lines under ``medseg --quiet``.
+    """
     logger = logging.getLogger(name)
     root = logging.getLogger("medseg")
-    if not root.handlers:
+    if _console() is None:
         handler = logging.StreamHandler(sys.stderr)
+        handler.set_name(CONSOLE_HANDLER)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        level = _level(os.environ.get("MEDSEG_LOGLEVEL"))
+        handler.setLevel(level)
         root.addHandler(handler)
-        root.setLevel(os.environ.get("MEDSEG_LOGLEVEL", "INFO"))
+        root.setLevel(min(level, logging.INFO))
         root.propagate = False
     return logger
 
 
+def set_console_level(level: str) -> None:
+    """What the console shows from now on (``medseg --quiet``: ``WARNING``), here and in the worker
+    processes and ``torchrun`` ranks started later (``MEDSEG_LOGLEVEL``); log files keep INFO."""
+    os.environ["MEDSEG_LOGLEVEL"] = str(level).upper()
+    get_logger()
+    _console().setLevel(_level(level))
+
+
 def progress_enabled() -> bool:
-    """Whether progress bars may be drawn: while the ``medseg`` logger speaks at INFO (``medseg --quiet``
+    """Whether progress bars may be drawn: while the console shows INFO lines (``medseg --quiet``
     and ``MEDSEG_LOGLEVEL=WARNING`` turn both off)."""
-    return get_logger().isEnabledFor(logging.INFO)
+    logger = get_logger()
+    return logger.isEnabledFor(logging.INFO) and _console().level <= logging.INFO
 
 
 def resolve_device(name: str = "auto") -> torch.device:

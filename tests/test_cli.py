@@ -31,26 +31,29 @@ def test_version_is_the_package_version(capsys):
 
 @pytest.fixture
 def loud(monkeypatch):
-    """The medseg logger at INFO and no MEDSEG_LOGLEVEL, restored afterwards (--quiet changes both)."""
-    from medseg.runtime import get_logger
+    """The medseg logger and its console at INFO, MEDSEG_LOGLEVEL=INFO, restored afterwards (--quiet changes
+    the console and the variable)."""
+    from medseg.runtime import _console, get_logger
 
     monkeypatch.setenv("MEDSEG_LOGLEVEL", "INFO")
     logger = get_logger()
-    old = logger.level
+    old = logger.level, _console().level
     logger.setLevel(logging.INFO)
+    _console().setLevel(logging.INFO)
     yield logger
-    logger.setLevel(old)
+    logger.setLevel(old[0])
+    _console().setLevel(old[1])
 
 
 @pytest.fixture
 def spy_command(monkeypatch, loud):
     """Replace every command module by one whose run() records the logging level and the progress switches."""
-    from medseg.runtime import get_logger, progress_enabled
+    from medseg.runtime import _console, progress_enabled
 
     seen = {}
 
     def run(args):
-        seen.update(level=get_logger().getEffectiveLevel(), progress=progress_enabled(), show=cli.show_progress(args))
+        seen.update(level=_console().level, progress=progress_enabled(), show=cli.show_progress(args))
         return 0
 
     fake = types.SimpleNamespace(add_arguments=lambda p: None, run=run)
@@ -82,6 +85,32 @@ def test_quiet_preprocess_draws_no_bar_and_logs_no_info(tmp_path, capsys, loud):
     err = capsys.readouterr().err
     assert "fingerprint" not in err and "preprocess" not in err and " INFO " not in err
     assert (tmp_path / "quiet" / "plans.json").is_file()
+
+
+def test_quiet_keeps_the_info_lines_of_the_run_log(tmp_path, loud):
+    """`--quiet` quiets the console only: a run's log.txt (train.setup.open_log) still gets INFO lines."""
+    import io
+
+    from medseg.cli import set_quiet
+    from medseg.runtime import _console, get_logger, progress_enabled
+    from medseg.train.distributed import DistInfo
+    from medseg.train.setup import open_log
+
+    console = io.StringIO()
+    old_stream = _console().setStream(console)
+    set_quiet(True)
+    handler = open_log(tmp_path / "run", DistInfo())
+    try:
+        get_logger("medseg.train.engine").info("epoch 1/2  loss 0.5")
+        get_logger("medseg.train.engine").warning("something odd")
+    finally:
+        get_logger().removeHandler(handler)
+        handler.close()
+        _console().setStream(old_stream)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert " INFO epoch 1/2  loss 0.5" in log and " WARNING something odd" in log
+    assert "something odd" in console.getvalue() and "epoch 1/2" not in console.getvalue()
+    assert not progress_enabled()
 
 
 # --------------------------------------------------------------------------- one meaning per flag
