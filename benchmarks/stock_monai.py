@@ -207,7 +207,7 @@ def predict_stock_recipe(checkpoint: str | Path, images, out_dir: str | Path, *,
     from medseg.runtime import autocast, resolve_device, resolve_precision
 
     t0 = time.perf_counter()
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     dev = resolve_device("auto")
     amp = resolve_precision(precision, dev)
     model = build_monai_model("unet", ck["num_classes"], tuple(ck["channels"]), norm="batch")

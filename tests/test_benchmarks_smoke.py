@@ -149,7 +149,7 @@ def test_medseg_snapshots_saves_weights_past_each_mark_and_restores_the_engine(t
     assert engine._loop is fake_loop  # unwrapped again
     assert [(s["steps"], round(s["at_min"] * 60, 1)) for s in hook["snapshots"]] == [(3, 1.5), (4, 2.5)]
     assert hook["loop_s"] == 100.0
-    saved = torch.load(hook["snapshots"][0]["run_dir"] / "checkpoints" / "final.pt", weights_only=False)
+    saved = torch.load(hook["snapshots"][0]["run_dir"] / "checkpoints" / "final.pt", weights_only=True)
     assert torch.equal(saved["model"]["weight"], model.weight)
     assert not (tmp_path / "run_at1min").exists()  # the last mark is the run's own final.pt
 
