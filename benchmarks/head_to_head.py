@@ -160,15 +160,15 @@ def medseg_snapshots(run_dir: Path, marks_min):
     ``config.yaml`` and ``plans.json`` are copied in by :func:`finish_snapshots`).
 
     The engine has no step callback, so this wraps its ``_loop`` (to start the clock) and
-    ``_train_step`` (to read it) in this process only; it fails loudly if they are renamed.
+    ``train_step`` (to read it) in this process only; it fails loudly if they are renamed.
     Yields ``{"snapshots": [...], "loop_s": seconds}``.
     """
     from medseg.train import engine
     from medseg.train.checkpoint import save_checkpoint
 
-    if not (callable(getattr(engine, "_loop", None)) and callable(getattr(engine, "_train_step", None))):
-        raise RuntimeError("medseg.train.engine has no _loop / _train_step any more: update head_to_head.medseg_snapshots")
-    loop0, step0 = engine._loop, engine._train_step
+    if not (callable(getattr(engine, "_loop", None)) and callable(getattr(engine, "train_step", None))):
+        raise RuntimeError("medseg.train.engine has no _loop / train_step any more: update head_to_head.medseg_snapshots")
+    loop0, step0 = engine._loop, engine.train_step
     out: dict = {"snapshots": [], "loop_s": 0.0}
     pending, t0 = sorted(m for m in marks_min), [0.0]
 
@@ -189,11 +189,11 @@ def medseg_snapshots(run_dir: Path, marks_min):
             out["snapshots"].append({"mark_min": mark, "at_min": elapsed / 60, "steps": ctx.step + 1, "run_dir": snap})
         return res
 
-    engine._loop, engine._train_step = loop, step
+    engine._loop, engine.train_step = loop, step
     try:
         yield out
     finally:
-        engine._loop, engine._train_step = loop0, step0
+        engine._loop, engine.train_step = loop0, step0
 
 
 def child_medseg(args: argparse.Namespace, variant: str, work: Path) -> dict:

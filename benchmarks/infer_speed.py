@@ -377,22 +377,14 @@ def ours_overrides(model: str, channels) -> list[str]:
 
 
 def phantom_dataset(out: Path, shape, spacing, n: int = 2) -> Path:
-    """An nnU-Net v2 dataset (``dataset.json``, ``imagesTr``, ``labelsTr``) of ``n`` phantoms of
-    ``shape`` voxels at ``spacing`` mm, LAS, like :func:`_common.write_phantom_ct`'s (seeds 0..n-1):
-    nnU-Net's plan for them fits the phantom input (its spacing, a patch near its size). Returns ``out``."""
-    from medseg.data.phantoms import LABELS as PHANTOM_LABELS
-    from medseg.data.phantoms import NOMINAL_SPACING, make_phantom_case
-    from medseg.io import write_volume
+    """An nnU-Net v2 dataset (``medseg.data.phantoms.make_phantom_dataset``) of ``n`` LAS phantoms of
+    ``shape`` voxels at ``spacing`` mm, like :func:`_common.write_phantom_ct`'s: nnU-Net's plan for
+    them fits the phantom input (its spacing, a patch near its size). Returns ``out``."""
+    from medseg.data.phantoms import NOMINAL_SPACING, make_phantom_dataset
 
     nominal = [round(k * s / ns) for k, s, ns in zip(shape, spacing, NOMINAL_SPACING)]
-    for i in range(n):
-        image, label = make_phantom_case(i, shape=nominal, orientation="LAS", spacing=spacing, noise_hu=15.0)
-        write_volume(image, out / "imagesTr" / f"phantom_{i:03d}_0000.nii.gz")
-        write_volume(label, out / "labelsTr" / f"phantom_{i:03d}.nii.gz")
-    meta = {"name": "InferSpeedPhantoms", "channel_names": {"0": "CT"}, "labels": dict(PHANTOM_LABELS),
-            "numTraining": n, "file_ending": ".nii.gz"}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
-    return out
+    return make_phantom_dataset(out, n_train=n, n_test=0, shape=nominal, name="InferSpeedPhantoms",
+                                orientations=["LAS"], spacing=spacing, noise_hu=15.0)
 
 
 def prepare_nnunet(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:

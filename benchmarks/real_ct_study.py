@@ -184,7 +184,8 @@ MEAN_KEYS = ("test_fg_mean_dice", "val_dice_train_case", "train_s", "patches", "
 def mean_row(rows: list[dict]) -> dict:
     """The mean of several seeds' rows of one variant: per class test Dice and HD95 (a seed without
     that structure predicted has HD95 ``inf``, and so has the mean), the scalar columns, and per gate
-    map its in/out ratio and energy / volume fractions. Rows with an ``error`` are left out."""
+    map its in/out ratio and energy / volume fractions (``patches``: the mean rounded to a count).
+    Rows with an ``error`` are left out."""
     ok = [r for r in rows if "error" not in r]
     if not ok:
         return {"error": "every seed failed"}
@@ -199,6 +200,8 @@ def mean_row(rows: list[dict]) -> dict:
         if classes:
             out[key] = {c: mean(r[key][c] for r in ok if c in r.get(key, {})) for c in classes}
     out.update({k: mean(r.get(k) for r in ok) for k in MEAN_KEYS})
+    if out.get("patches") is not None:
+        out["patches"] = round(out["patches"])  # a count (the table prints it as one)
     locs = [r["gate_localisation"] for r in ok if r.get("gate_localisation") and "error" not in r["gate_localisation"]]
     if locs:
         out["gate_localisation"] = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from medseg.commands.demo import idle_cpu_threads
+from medseg.commands.demo import busy_from_proc_stat, idle_cpu_threads
 
 PKG = Path(__file__).resolve().parents[1] / "medseg"
 CLI_LAYER = {"cli.py", "__main__.py"}
@@ -23,7 +23,7 @@ def test_library_code_neither_exits_nor_reads_the_load_average():
     for path in _library_files():
         for i, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
-            if re.search(r"\bSystemExit\b|\bsys\.exit\b|\bgetloadavg\b", code) and "raise SystemExit(main())" not in code:
+            if re.search(r"\bSystemExit\b|\bsys\.exit\b|\bgetloadavg\b|/proc/stat", code) and "raise SystemExit(main())" not in code:
                 offenders.append(f"{path.relative_to(PKG)}:{i}: {line.strip()}")
     assert offenders == []
 
@@ -39,3 +39,15 @@ def test_library_code_neither_exits_nor_reads_the_load_average():
 ])
 def test_the_demo_command_picks_threads_from_idle_cores(threads, load, cpus, omp, expected):
     assert idle_cpu_threads(threads, load=load, cpu_count=cpus, omp_set=omp) == expected
+
+
+def test_busy_cpus_come_from_the_proc_stat_delta():
+    # cpu  user nice system idle iowait irq softirq steal: 2 CPUs, 100 jiffies each between the readings
+    before = "cpu  1000 0 500 8000 100 0 0 0 0 0\ncpu0 500 0 250 4000 50 0 0 0 0 0\n"
+    one_busy = "cpu  1090 0 510 8095 105 0 0 0 0 0\n"    # 100 busy of 200: one CPU's worth
+    idle = "cpu  1000 0 500 8190 110 0 0 0 0 0\n"        # all 200 idle or iowait
+    assert busy_from_proc_stat(before, one_busy, 2) == pytest.approx(1.0)
+    assert busy_from_proc_stat(before, idle, 2) == pytest.approx(0.0)
+    assert busy_from_proc_stat(before, before, 2) is None   # no time passed
+    assert busy_from_proc_stat("intr 1 2 3", one_busy, 2) is None
+    assert idle_cpu_threads(2, load=busy_from_proc_stat(before, one_busy, 2), cpu_count=2, omp_set=False) == 1

@@ -106,6 +106,9 @@ def test_bam_channel_batch_norm_uses_batch_statistics_in_training_and_refuses_on
     none = create_block_attention("bam", 8, channel_norm="none").train()
     assert isinstance(none.channel_bn, torch.nn.Identity)
     assert none(torch.randn(1, 8, 4, 4, 4)).shape == (1, 8, 4, 4, 4)
+    null = create_block_attention("bam", 8, channel_norm=None).train()  # YAML `channel_norm: null`
+    assert isinstance(null.channel_bn, torch.nn.Identity)
+    assert null(torch.randn(1, 8, 4, 4, 4)).shape == (1, 8, 4, 4, 4)
 
 
 # --------------------------------------------------------------------------- CBAM arrangements

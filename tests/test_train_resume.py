@@ -77,7 +77,7 @@ class FakeClock:
 def _simulated(monkeypatch, lrs: list, stop_at_step: int | None = None):
     """Patch the engine: a fake clock, recorded LRs, a stub validation, SIGTERM after ``stop_at_step``."""
     clock = FakeClock()
-    real_step = engine._train_step
+    real_step = engine.train_step
 
     def step(ctx, batch):
         lrs.append(ctx.optimizer.param_groups[0]["lr"])
@@ -92,7 +92,7 @@ def _simulated(monkeypatch, lrs: list, stop_at_step: int | None = None):
         return 0.5
 
     monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=clock.perf_counter))
-    monkeypatch.setattr(engine, "_train_step", step)
+    monkeypatch.setattr(engine, "train_step", step)
     monkeypatch.setattr(engine, "_validate", validate)
 
 
@@ -127,3 +127,26 @@ def test_interrupted_time_budgeted_run_resumes_on_the_same_lr_trajectory(preproc
         resumed = train(cfg, tmp_path / "b", resume=True)
     assert resumed["status"] == "finished" and resumed["step"] == steps
     assert first + rest == pytest.approx(straight, rel=1e-12)
+
+
+def test_stop_on_an_epochs_last_iteration_keeps_its_history_record(preprocessed_phantoms, tmp_path, monkeypatch):
+    # a SIGTERM that lands on the last step of epoch 3 (steps 5-6): the epoch is complete, so its
+    # losses stay in the history, and the resumed run's history lists every epoch once
+    cfg = tiny_config(preprocessed_phantoms, "train.epochs=5", "train.iters_per_epoch=2", "train.val_interval=100",
+                      "train.checkpoint_interval=1", "train.optimizer=sgd", "train.scheduler=poly")
+    straight: list = []
+    with monkeypatch.context() as m:
+        _simulated(m, straight)
+        whole = train(cfg, tmp_path / "a")
+    with monkeypatch.context() as m:
+        _simulated(m, [], stop_at_step=6)
+        part = train(cfg, tmp_path / "b")
+    assert part["status"] == "interrupted" and part["step"] == 6
+    assert [r["epoch"] for r in part["history"]] == [0, 1, 2]
+    state = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)
+    assert [r["epoch"] for r in state["history"]] == [0, 1, 2] and state["epoch"] == 2
+    with monkeypatch.context() as m:
+        _simulated(m, [])
+        resumed = train(cfg, tmp_path / "b", resume=True)
+    assert [r["epoch"] for r in resumed["history"]] == [r["epoch"] for r in whole["history"]] == [0, 1, 2, 3, 4]
+    assert [r["loss"] for r in resumed["history"][:3]] == pytest.approx([r["loss"] for r in whole["history"][:3]])

@@ -40,13 +40,56 @@ def idle_cpu_threads(threads: int, *, load: float | None, cpu_count: int | None,
 
     Args:
         threads: torch's current CPU threads.
-        load: the 1-minute load average (``os.getloadavg()[0]``), ``None`` when unavailable.
+        load: CPUs busy now (:func:`busy_cpus`: ``/proc/stat`` over half a second, else the 1-minute
+            load average), ``None`` when unavailable.
         cpu_count: ``os.cpu_count()``.
         omp_set: whether the user set ``OMP_NUM_THREADS``.
     """
     if omp_set or load is None:
         return threads
     return max(1, min(threads, int((cpu_count or threads) - load + 0.5)))
+
+
+def busy_from_proc_stat(before: str, after: str, cpu_count: int) -> float | None:
+    """CPUs busy between two readings of ``/proc/stat`` (its aggregate ``cpu`` line): the share of
+    non-idle jiffies (``user nice system irq softirq steal``; ``idle`` and ``iowait`` count as idle)
+    times ``cpu_count``. ``None`` when a reading has no ``cpu`` line or no time passed."""
+
+    def totals(text: str) -> tuple[int, int] | None:
+        for line in text.splitlines():
+            f = line.split()
+            if f and f[0] == "cpu":
+                v = [int(x) for x in f[1:9]] + [0] * max(0, 8 - len(f[1:9]))
+                return sum(v), v[3] + v[4]  # all, idle + iowait (guest time is inside user)
+        return None
+
+    a, b = totals(before), totals(after)
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    return cpu_count * (1.0 - (b[1] - a[1]) / (b[0] - a[0]))
+
+
+def busy_cpus(interval: float = 0.5) -> float | None:
+    """CPUs busy now: ``/proc/stat`` sampled over ``interval`` seconds (what runs *now*; the 1-minute
+    load average still counts a job that ended seconds ago), else the 1-minute load average, else None."""
+    import os
+    import time
+
+    cpus = os.cpu_count() or 1
+    try:
+        with open("/proc/stat") as f:
+            before = f.read()
+        time.sleep(interval)
+        with open("/proc/stat") as f:
+            busy = busy_from_proc_stat(before, f.read(), cpus)
+        if busy is not None:
+            return busy
+    except OSError:
+        pass
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return None
 
 
 def use_idle_cores() -> None:
@@ -56,10 +99,7 @@ def use_idle_cores() -> None:
 
     from medseg.runtime import get_logger
 
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):  # not on every platform
-        load = None
+    load = None if "OMP_NUM_THREADS" in os.environ else busy_cpus()
     threads = idle_cpu_threads(torch.get_num_threads(), load=load, cpu_count=os.cpu_count(),
                                omp_set="OMP_NUM_THREADS" in os.environ)
     if threads != torch.get_num_threads():

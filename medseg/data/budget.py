@@ -326,7 +326,7 @@ def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Seque
         state["halo"] = z_halo(model)
 
     def step_seconds(patch: Sequence[int]) -> float:
-        from medseg.train.engine import _train_step  # training's own step, so the cost is the one training pays
+        from medseg.train.engine import train_step  # training's own step, so the cost is the one training pays
 
         key = tuple(int(v) for v in patch)
         if key in cache:
@@ -343,7 +343,7 @@ def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Seque
         for i in range(warmup + steps):
             sync()
             t0 = time.perf_counter()
-            _train_step(ctx, batch)
+            train_step(ctx, batch)
             sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)

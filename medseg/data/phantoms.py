@@ -213,19 +213,22 @@ def make_phantom_case(seed: int | Sequence[int], *, shape: Sequence[int] = (64, 
 
 def make_phantom_dataset(out_dir: str | Path, n_train: int = 8, n_test: int = 2, seed: int = 0, *,
                          shape: Sequence[int] = (64, 64, 40), name: str = "Phantoms",
-                         orientations: Sequence[str] | None = None) -> Path:
+                         orientations: Sequence[str] | None = None, spacing: Sequence[float] | None = None,
+                         noise_hu: float | None = None) -> Path:
     """Write an nnU-Net v2 dataset of phantoms: ``dataset.json``, ``imagesTr/<case>_0000.nii.gz``,
     ``labelsTr/<case>.nii.gz``, ``imagesTs/``, ``labelsTs/``. Returns ``out_dir``.
 
     Orientations cycle through ``orientations`` (default :data:`ORIENTATIONS`) so that every
-    dataset mixes them; spacing, shape, pose and noise are drawn per case from ``seed``.
+    dataset mixes them; spacing, shape, pose and noise are drawn per case from ``seed``, except
+    ``spacing`` (mm per physical direction) and ``noise_hu`` when given (see :func:`make_phantom_case`).
     """
     out = Path(out_dir)
     codes = list(orientations or ORIENTATIONS)
     for i in range(n_train + n_test):
         split = "Tr" if i < n_train else "Ts"
         case = f"phantom_{i:03d}"
-        img, lab = make_phantom_case([seed, i], shape=shape, orientation=codes[i % len(codes)])
+        img, lab = make_phantom_case([seed, i], shape=shape, orientation=codes[i % len(codes)], spacing=spacing,
+                                     noise_hu=noise_hu)
         write_volume(img, out / f"images{split}" / f"{case}_0000.nii.gz")
         write_volume(lab, out / f"labels{split}" / f"{case}.nii.gz")
     meta = {

@@ -46,7 +46,7 @@ class BAM(ChannelMLP):
             default, 1 for the paper's exact ratio (:func:`~medseg.nn.channel.reduced_channels`).
         dilation: dilation of the two 3x3(x3) convs of the spatial branch (4 in the paper).
         norm: instance | batch | group, the spatial branch's norms (hidden layers and output).
-        channel_norm: batch | none, the norm on the channel branch's output ``Mc``.
+        channel_norm: batch | none (``None`` too), the norm on the channel branch's output ``Mc``.
 
     Shapes: ``(B, C, *S) -> (B, C, *S)``. ``forward(x, return_map=True)`` also returns
     ``m = mean_c sigmoid(Mc + Ms): (B, 1, *S)`` in [0, 1]: the features are multiplied by
@@ -63,9 +63,10 @@ class BAM(ChannelMLP):
     map_prefix = "bam"
 
     def __init__(self, channels: int, *, spatial_dims: int = 3, reduction: int = 16, min_hidden: int = MIN_HIDDEN,
-                 dilation: int = 4, norm: str = "instance", channel_norm: str = "batch"):
+                 dilation: int = 4, norm: str = "instance", channel_norm: str | None = "batch"):
         super().__init__(channels, spatial_dims=spatial_dims, reduction=reduction, min_hidden=min_hidden)  # fc1, fc2
         check_positive_int("dilation", dilation)
+        channel_norm = "none" if channel_norm is None else channel_norm  # YAML `channel_norm: null`
         if channel_norm not in CHANNEL_NORMS:
             raise ValueError(f"channel_norm must be one of {', '.join(CHANNEL_NORMS)}, got {channel_norm!r}")
         sd, hidden = int(spatial_dims), self.fc1.out_channels

@@ -43,7 +43,7 @@ from medseg.train.signals import StopRequest
 from medseg.train.tensorboard import log_case_images, log_gate_histograms, log_gate_localisation, render_case
 from medseg.train.validation import validate
 
-__all__ = ["TrainingDiverged", "train"]
+__all__ = ["TrainingDiverged", "train", "train_step"]
 
 log = get_logger("medseg.train")
 
@@ -53,7 +53,7 @@ class TrainingDiverged(MedsegError):
 
 
 # --------------------------------------------------------------------------- loop helpers
-def _train_step(ctx: Context, batch: dict) -> torch.Tensor:
+def train_step(ctx: Context, batch: dict) -> torch.Tensor:
     """One optimisation step; returns the detached ``[total, dice_ce, aux]`` losses."""
     dev, t = ctx.info.device, ctx.cfg.train
     x = batch["image"].to(dev, non_blocking=True)
@@ -86,16 +86,18 @@ def _diverged(ctx: Context, epoch: int) -> TrainingDiverged:
     )
 
 
-def _run_epoch(ctx: Context, batches, epoch: int, stop: StopRequest) -> dict | None:
-    """Iterations up to the end of ``epoch``; the epoch's mean losses, or None when a stop was requested."""
+def _run_epoch(ctx: Context, batches, epoch: int, stop: StopRequest) -> tuple[dict | None, bool]:
+    """Iterations up to the end of ``epoch``: ``(record, stopped)``. ``record`` holds the epoch's mean
+    losses, or is None when a stop request cut the epoch short; a stop that arrives on the epoch's
+    last iteration keeps the complete epoch's record (``stopped`` is then True as well)."""
     end = (epoch + 1) * ctx.iters
-    sums, n, t0 = torch.zeros(3, dtype=torch.float64), 0, time.perf_counter()
+    sums, n, t0, stopped = torch.zeros(3, dtype=torch.float64), 0, time.perf_counter(), False
     lr = ctx.optimizer.param_groups[0]["lr"]  # the epoch's first (largest) learning rate
     bar = tqdm(total=end - ctx.step, desc=f"epoch {epoch + 1}/{ctx.total_epochs}", leave=False,
                disable=not (ctx.info.is_main and progress_enabled()) or None)
     try:
         while ctx.step < end:
-            terms = _train_step(ctx, next(batches))
+            terms = train_step(ctx, next(batches))
             flag = torch.tensor([1.0 if stop.signum else 0.0], device=terms.device)
             reduced = mean_across(torch.cat([terms.float(), flag]), ctx.info).cpu().double()
             if not torch.isfinite(reduced[:3]).all():
@@ -106,13 +108,16 @@ def _run_epoch(ctx: Context, batches, epoch: int, stop: StopRequest) -> dict | N
             bar.update(1)
             bar.set_postfix(loss=f"{reduced[0].item():.4f}")
             if reduced[3] > 0:
-                return None
+                stopped = True
+                break
     finally:
         bar.close()
+    if ctx.step < end:
+        return None, stopped
     seconds = time.perf_counter() - t0
     loss = (sums / max(n, 1)).tolist()
     return {"epoch": epoch, "loss": loss[0], "dice_ce": loss[1], "aux": loss[2], "lr": lr,
-            "time_s": seconds, "patches_per_s": n * ctx.cfg.train.batch_size * ctx.info.world_size / max(seconds, 1e-9)}
+            "time_s": seconds, "patches_per_s": n * ctx.cfg.train.batch_size * ctx.info.world_size / max(seconds, 1e-9)}, stopped
 
 
 def _log_epoch(ctx: Context, rec: dict) -> None:
@@ -196,13 +201,16 @@ def _loop(ctx: Context, loader, stop: StopRequest) -> str:
     ctx.clock0 = time.perf_counter() - ctx.train_s
     while ctx.step < ctx.total_epochs * ctx.iters:
         epoch = ctx.step // ctx.iters
-        rec = _run_epoch(ctx, batches, epoch, stop)
-        if rec is None:
+        rec, stopped = _run_epoch(ctx, batches, epoch, stop)
+        if rec is not None:
+            ctx.epoch = epoch
+            _log_epoch(ctx, rec)
+        if stopped:  # a completed epoch keeps its record; its validation is left to the resumed run
+            if rec is not None:
+                ctx.history.append(rec)
             log.warning("%s received: saving checkpoints/latest.pt at step %d and stopping", stop.name, ctx.step)
             _save(ctx, "latest")
             return "interrupted"
-        ctx.epoch = epoch
-        _log_epoch(ctx, rec)
         _update_budget(ctx)
         last = ctx.step >= ctx.total_epochs * ctx.iters
         if (epoch + 1) % ctx.cfg.train.val_interval == 0 or last:
