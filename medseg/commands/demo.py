@@ -99,9 +99,9 @@ def use_idle_cores() -> None:
 
     from medseg.runtime import get_logger
 
-    load = None if "OMP_NUM_THREADS" in os.environ else busy_cpus()
-    threads = idle_cpu_threads(torch.get_num_threads(), load=load, cpu_count=os.cpu_count(),
-                               omp_set="OMP_NUM_THREADS" in os.environ)
+    omp_set = "OMP_NUM_THREADS" in os.environ
+    load = None if omp_set else busy_cpus()  # the user decides: no half-second sample
+    threads = idle_cpu_threads(torch.get_num_threads(), load=load, cpu_count=os.cpu_count(), omp_set=omp_set)
     if threads != torch.get_num_threads():
         get_logger("medseg.demo").info("using %d CPU thread(s): the other cores are busy (set OMP_NUM_THREADS to override)",
                                        threads)

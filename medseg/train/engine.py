@@ -202,12 +202,11 @@ def _loop(ctx: Context, loader, stop: StopRequest) -> str:
     while ctx.step < ctx.total_epochs * ctx.iters:
         epoch = ctx.step // ctx.iters
         rec, stopped = _run_epoch(ctx, batches, epoch, stop)
-        if rec is not None:
+        if rec is not None:  # a complete epoch, stopped on its last iteration or not: its record is kept
             ctx.epoch = epoch
             _log_epoch(ctx, rec)
-        if stopped:  # a completed epoch keeps its record; its validation is left to the resumed run
-            if rec is not None:
-                ctx.history.append(rec)
+            ctx.history.append(rec)  # the validation below adds its score to this same record
+        if stopped:  # a due validation is left to the resumed run
             log.warning("%s received: saving checkpoints/latest.pt at step %d and stopping", stop.name, ctx.step)
             _save(ctx, "latest")
             return "interrupted"
@@ -217,12 +216,9 @@ def _loop(ctx: Context, loader, stop: StopRequest) -> str:
             t0 = time.perf_counter()
             rec["val_mean_fg_dice"] = score = _validate(ctx, epoch)
             ctx.val_s = time.perf_counter() - t0
-            ctx.history.append(rec)
             if score > ctx.best:
                 ctx.best = score
                 _save(ctx, "best")
-        else:
-            ctx.history.append(rec)
         if (epoch + 1) % ctx.cfg.train.checkpoint_interval == 0 or last:
             _save(ctx, "latest")
     _save(ctx, "final", "latest")
