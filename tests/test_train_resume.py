@@ -130,23 +130,35 @@ def test_interrupted_time_budgeted_run_resumes_on_the_same_lr_trajectory(preproc
 
 
 def test_stop_on_an_epochs_last_iteration_keeps_its_history_record(preprocessed_phantoms, tmp_path, monkeypatch):
-    # a SIGTERM that lands on the last step of epoch 3 (steps 5-6): the epoch is complete, so its
-    # losses stay in the history, and the resumed run's history lists every epoch once
-    cfg = tiny_config(preprocessed_phantoms, "train.epochs=5", "train.iters_per_epoch=2", "train.val_interval=100",
+    # a SIGTERM that lands on the last step of epoch 3 (steps 5-6), whose validation is due
+    # (val_interval 3): the epoch is complete, so its losses stay in the history; the resumed run
+    # first validates that epoch, and its history, validations and LRs are the uninterrupted run's
+    cfg = tiny_config(preprocessed_phantoms, "train.epochs=5", "train.iters_per_epoch=2", "train.val_interval=3",
                       "train.checkpoint_interval=1", "train.optimizer=sgd", "train.scheduler=poly")
     straight: list = []
     with monkeypatch.context() as m:
         _simulated(m, straight)
         whole = train(cfg, tmp_path / "a")
+    first: list = []
     with monkeypatch.context() as m:
-        _simulated(m, [], stop_at_step=6)
+        _simulated(m, first, stop_at_step=6)
         part = train(cfg, tmp_path / "b")
     assert part["status"] == "interrupted" and part["step"] == 6
     assert [r["epoch"] for r in part["history"]] == [0, 1, 2]
+    assert not any("val_mean_fg_dice" in r for r in part["history"])  # the stop came before epoch 3's validation
     state = torch.load(tmp_path / "b" / "checkpoints" / "latest.pt", weights_only=True)
     assert [r["epoch"] for r in state["history"]] == [0, 1, 2] and state["epoch"] == 2
+    assert state["epoch_end_pending"] is True
+    rest: list = []
     with monkeypatch.context() as m:
-        _simulated(m, [])
+        _simulated(m, rest)
         resumed = train(cfg, tmp_path / "b", resume=True)
     assert [r["epoch"] for r in resumed["history"]] == [r["epoch"] for r in whole["history"]] == [0, 1, 2, 3, 4]
     assert [r["loss"] for r in resumed["history"][:3]] == pytest.approx([r["loss"] for r in whole["history"][:3]])
+    validated = [r["epoch"] for r in resumed["history"] if "val_mean_fg_dice" in r]
+    assert validated == [r["epoch"] for r in whole["history"] if "val_mean_fg_dice" in r] == [2, 4]
+    assert first + rest == pytest.approx(straight, rel=1e-12)
+    assert resumed["best_metric"] == whole["best_metric"] == 0.5
+    assert (tmp_path / "b" / "checkpoints" / "best.pt").is_file()
+    state = torch.load(tmp_path / "b" / "checkpoints" / "final.pt", weights_only=True)
+    assert state["epoch_end_pending"] is False

@@ -5,7 +5,8 @@ A checkpoint is a plain dict (docs/architecture.md): ``model`` (state dict), ``o
 ``rng`` (python / numpy / torch / cuda states as tensors and primitives), ``config`` (plain
 dict), ``plans`` (plain dict), plus ``step``, ``history`` and ``budget`` (the time budget's state:
 ``train_s`` spent, ``val_s`` of the last validation, ``timed_from`` step, ``max_minutes`` and the
-shrunk ``total_epochs`` or None; :func:`medseg.train.setup.restore_budget`). Nothing in it needs pickled
+shrunk ``total_epochs`` or None; :func:`medseg.train.setup.restore_budget`) and ``epoch_end_pending``
+(the run stopped on an epoch's last iteration, before that epoch's validation / checkpoint). Nothing in it needs pickled
 classes, so ``torch.load(path, weights_only=True)`` reads it (:func:`load_checkpoint`, which the
 predictor uses too).
 

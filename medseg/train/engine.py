@@ -13,7 +13,9 @@ maps (:mod:`medseg.train.tensorboard`), ``best.pt`` on a new best mean foregroun
 
 Faults: a non-finite loss stops the run with :class:`TrainingDiverged` (nothing is saved after
 it, so ``latest.pt`` stays the last good state); Ctrl-C / SIGTERM finish the iteration, save
-``latest.pt`` and return with ``status = "interrupted"``; every file is written atomically.
+``latest.pt`` and return with ``status = "interrupted"`` (a stop on an epoch's last iteration keeps
+the epoch, and the resumed run first does that epoch's due validation and checkpoint); every file is
+written atomically.
 """
 
 from __future__ import annotations
@@ -168,7 +170,8 @@ def _state(ctx: Context) -> dict:
     return {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
             "scheduler": ctx.scheduler.state_dict(), "scaler": ctx.scaler.state_dict(), "epoch": ctx.epoch,
             "step": ctx.step, "best_metric": ctx.best, "rng": rngs, "config": config_to_dict(ctx.cfg),
-            "plans": ctx.plans, "history": ctx.history, "budget": budget_state(ctx, time.perf_counter())}
+            "plans": ctx.plans, "history": ctx.history, "budget": budget_state(ctx, time.perf_counter()),
+            "epoch_end_pending": ctx.epoch_end_pending}
 
 
 def _save(ctx: Context, *names: str) -> None:
@@ -196,31 +199,43 @@ def _update_budget(ctx: Context) -> None:
 
 
 # --------------------------------------------------------------------------- main
+def _end_epoch(ctx: Context, epoch: int, rec: dict) -> None:
+    """After the complete ``epoch`` (its history record ``rec``): refit the budget, then validate and
+    save ``latest`` when they are due. A run stopped on an epoch's last iteration does this on resume."""
+    ctx.epoch_end_pending = False
+    _update_budget(ctx)
+    last = ctx.step >= ctx.total_epochs * ctx.iters
+    if (epoch + 1) % ctx.cfg.train.val_interval == 0 or last:
+        t0 = time.perf_counter()
+        rec["val_mean_fg_dice"] = score = _validate(ctx, epoch)  # the score joins the epoch's record
+        ctx.val_s = time.perf_counter() - t0
+        if score > ctx.best:
+            ctx.best = score
+            _save(ctx, "best")
+    if (epoch + 1) % ctx.cfg.train.checkpoint_interval == 0 or last:
+        _save(ctx, "latest")
+
+
 def _loop(ctx: Context, loader, stop: StopRequest) -> str:
     batches = iter(loader)
     ctx.clock0 = time.perf_counter() - ctx.train_s
+    if ctx.epoch_end_pending and ctx.history:  # resumed after a stop on an epoch's last iteration
+        log.info("epoch %d ended with the stop: its budget refit, validation and checkpoint (where due) now",
+                 ctx.epoch + 1)
+        _end_epoch(ctx, ctx.epoch, ctx.history[-1])
     while ctx.step < ctx.total_epochs * ctx.iters:
         epoch = ctx.step // ctx.iters
         rec, stopped = _run_epoch(ctx, batches, epoch, stop)
         if rec is not None:  # a complete epoch, stopped on its last iteration or not: its record is kept
             ctx.epoch = epoch
             _log_epoch(ctx, rec)
-            ctx.history.append(rec)  # the validation below adds its score to this same record
-        if stopped:  # a due validation is left to the resumed run
+            ctx.history.append(rec)
+        if stopped:  # a complete epoch's due validation is left to the resumed run (epoch_end_pending)
+            ctx.epoch_end_pending = rec is not None
             log.warning("%s received: saving checkpoints/latest.pt at step %d and stopping", stop.name, ctx.step)
             _save(ctx, "latest")
             return "interrupted"
-        _update_budget(ctx)
-        last = ctx.step >= ctx.total_epochs * ctx.iters
-        if (epoch + 1) % ctx.cfg.train.val_interval == 0 or last:
-            t0 = time.perf_counter()
-            rec["val_mean_fg_dice"] = score = _validate(ctx, epoch)
-            ctx.val_s = time.perf_counter() - t0
-            if score > ctx.best:
-                ctx.best = score
-                _save(ctx, "best")
-        if (epoch + 1) % ctx.cfg.train.checkpoint_interval == 0 or last:
-            _save(ctx, "latest")
+        _end_epoch(ctx, epoch, rec)
     _save(ctx, "final", "latest")
     return "finished"
 

@@ -60,6 +60,7 @@ class Context:
     epoch: int = -1  # last completed epoch
     best: float = float("-inf")
     history: list[dict] = field(default_factory=list)
+    epoch_end_pending: bool = False  # the last epoch ended with a stop: its validation / checkpoint not done yet
     final_summary: dict | None = None
 
     @property
@@ -164,6 +165,7 @@ def resume_from_latest(ctx: Context) -> None:
     ctx.scaler.load_state_dict(state["scaler"])
     ctx.step, ctx.epoch = int(state["step"]), int(state["epoch"])
     ctx.best, ctx.history = float(state["best_metric"]), list(state.get("history", []))
+    ctx.epoch_end_pending = bool(state.get("epoch_end_pending", False))
     rng = state.get("rng") or []
     if len(rng) > ctx.info.rank:
         restore_rng(rng[ctx.info.rank])
