@@ -366,12 +366,12 @@ def stem_model(cfg):
     config's net: ``data.budget_stem`` off, a stem already there, MONAI's baselines, 2.5D or 2-D nets."""
     import dataclasses
 
-    from medseg.nn.factory import patch_geometry
+    from medseg.nn.factory import is_slice_stack, patch_geometry
 
     m = cfg.model
     if cfg.data.budget_stem not in ("auto", True) or str(m.arch).startswith("monai_") or m.spatial_dims != 3:
         return None
-    if isinstance(m.slices, int) and m.slices > 1:
+    if is_slice_stack(m):
         return None
     if any(v > 1 for v in patch_geometry(m)["stem"]):
         return None

@@ -23,7 +23,7 @@ from medseg.nn.slice25d import SliceStack25D, SliceStack25DWithAuxiliaryLoss, sl
 from medseg.nn.unet import make_unet
 from medseg.registry import Registry, is_none_name
 
-__all__ = ["MODELS", "build_model", "patch_geometry", "unet_kwargs"]
+__all__ = ["MODELS", "build_model", "is_slice_stack", "patch_geometry", "unet_kwargs"]
 
 MODELS = Registry("model architecture")
 MODELS.register("unet", make_unet)
@@ -46,6 +46,11 @@ def _axes(values: Sequence | None, n: int) -> list | None:
     return [v if isinstance(v, int) else list(v)[:n] for v in values]
 
 
+def is_slice_stack(cfg: ModelConfig) -> bool:
+    """True for a 2.5D net: ``model.slices = k > 1`` stacks k slices on a 2-D U-Net."""
+    return isinstance(cfg.slices, int) and cfg.slices > 1
+
+
 def patch_geometry(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
     """The net's patch divisor and stem stride per axis (x, y, z), from the config alone (no net built).
 
@@ -59,7 +64,7 @@ def patch_geometry(cfg: ModelConfig) -> dict[str, tuple[int, int, int]]:
         ConfigError: ``model.strides`` malformed (wrong number of stages or axes, not positive).
     """
     n = len(cfg.channels)
-    planar = isinstance(cfg.slices, int) and cfg.slices > 1
+    planar = is_slice_stack(cfg)
     sd = 2 if planar else cfg.spatial_dims
     strides = _axes(cfg.strides, sd) if cfg.strides is not None else [1] + [2] * (n - 1)
     if len(strides) != n:
