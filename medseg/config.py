@@ -137,7 +137,9 @@ class AugmentConfig:
     p_gamma: float = 0.15
     gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])
     p_mirror: float = 0.5
-    mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # axes of the RAS grid to flip: a list, or "auto" = [1, 2] when a class sits on one side of the body in
+    # every training case (liver / spleen: a left-right flip swaps them), else [0, 1, 2] (medseg.data.plan.auto_mirror_axes)
+    mirror_axes: Union[str, list[int]] = "auto"
     p_slab: float = 0.0  # keep a random axial slab of the patch, the rest as padding (partial-coverage scans)
     slab_min_slices: int = 8
 

@@ -125,15 +125,20 @@ def test_predictor_mirrors_only_what_the_run_allows(tmp_path, monkeypatch, caplo
         assert np.array_equal(tta_mask, plain_mask)
 
 
-def test_training_records_the_mirror_axes_in_plans(preprocessed_phantoms, tmp_path):
+@pytest.mark.parametrize("axes_override, saved, axes", [
+    (["train.augment.mirror_axes=[1,0]"], [1, 0], [0, 1]),
+    ([], [1, 2], [1, 2]),  # the default "auto": the phantoms' liver and spleen have sides, so no left-right flips
+])
+def test_training_records_the_mirror_axes_in_plans(preprocessed_phantoms, tmp_path, axes_override, saved, axes):
     from medseg.train import train
 
     run = tmp_path / "run"
     cfg = load_config(None, [f"data.preprocessed={preprocessed_phantoms}", "model.channels=[4,8]", "data.patch_size=[16,16,16]",
                              "train.epochs=1", "train.iters_per_epoch=1", "train.batch_size=1", "data.num_workers=0",
                              "data.val_cases=[phantom_003]", "train.tb_num_cases=1", "train.augment.p_mirror=0.3",
-                             "train.augment.mirror_axes=[1,0]"])
+                             *axes_override])
     train(cfg, run)
     plans = json.loads((run / "plans.json").read_text())
-    assert plans["inference_allowed_mirroring_axes"] == [0, 1]
-    assert Predictor.from_run(run, checkpoint="final", device="cpu").mirror_axes == [0, 1]
+    assert plans["inference_allowed_mirroring_axes"] == axes
+    assert load_config(run / "config.yaml").train.augment.mirror_axes == saved  # resolved before it is saved
+    assert Predictor.from_run(run, checkpoint="final", device="cpu").mirror_axes == axes

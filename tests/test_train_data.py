@@ -187,6 +187,7 @@ def test_checkpoint_write_is_atomic_and_rng_round_trips(tmp_path, monkeypatch):
     ("train.epochs=0", "train.epochs"),
     ("data.patch_size=[16,16]", "data.patch_size"),
     ("train.augment.mirror_axes=[3]", "train.augment.mirror_axes"),
+    ("train.augment.mirror_axes=lr", "train.augment.mirror_axes"),
 ])
 def test_bad_config_values_name_the_key(override, key):
     from medseg.train.checks import check_config
@@ -247,3 +248,55 @@ def test_slab_settings_are_checked(override, key):
 
     with pytest.raises(ConfigError, match=key):
         check_config(load_config(None, [override]))
+
+
+# --------------------------------------------------------------------------- mirroring: auto
+def _case_props(width, xs_per_class):
+    """A preprocessed case's properties: a body box ``width`` voxels wide (axis 0, left-right) and
+    each class's sampled voxels at the given x positions."""
+    return {"shape": [width, 8, 8],
+            "class_locations": {str(k): [[x, 4, 4] for x in xs] for k, xs in xs_per_class.items()}}
+
+
+def test_lateral_offsets_are_centroid_distances_from_the_midline_over_the_body_width():
+    from medseg.data.plan import lateral_offsets
+
+    off = lateral_offsets([_case_props(100, {1: [69.5, 79.5], 2: [19.5], 3: [9.5, 89.5]}),
+                           _case_props(50, {1: [34.5], 2: [14.5], 3: []})])
+    assert off[1] == pytest.approx([0.25, 0.2])  # voxel centres: (74.5 + 0.5) / 100 - 0.5, (34.5 + 0.5) / 50 - 0.5
+    assert off[2] == pytest.approx([-0.3, -0.2])
+    assert off[3] == pytest.approx([0.0])  # both sides: centred; absent from the second case
+
+
+@pytest.mark.parametrize("cases, axes, lateral", [
+    # (body width, {class: x positions}) per case
+    # liver right, spleen left in both cases; a bilateral class does not count
+    ([(100, {1: [74.5], 2: [19.5], 3: [10, 89]}), (50, {1: [34.5], 2: [14.5], 3: [5, 44]})], [1, 2],
+     {1: 0.225, 2: -0.25}),
+    ([(100, {3: [10, 89]}), (50, {3: [5, 44]})], [0, 1, 2], {}),  # bilateral only
+    ([(100, {1: [74.5]})], [0, 1, 2], {}),  # one case cannot tell anatomy from chance (a lesion in one lung)
+    ([(100, {1: [74.5]}), (100, {1: [9.5]})], [0, 1, 2], {}),  # the side differs between cases
+    ([(100, {1: [53.5]}), (100, {1: [58.5]})], [0, 1, 2], {}),  # 0.04 / 0.09 off: under LATERAL_MIN_OFFSET (0.1)
+    ([(100, {1: [74.5]}), (100, {2: [19.5]}), (100, {1: [79.5], 2: [14.5]})], [1, 2],
+     {1: 0.275, 2: -0.325}),  # counted over the cases that have the class
+])
+def test_auto_mirror_axes_keeps_left_right_flips_unless_a_class_has_a_side(cases, axes, lateral):
+    from medseg.data.plan import auto_mirror_axes
+
+    got_axes, got = auto_mirror_axes([_case_props(w, c) for w, c in cases])
+    assert got_axes == axes
+    assert got == pytest.approx(lateral)
+
+
+def test_auto_mirror_axes_is_resolved_from_the_preprocessed_cases(preprocessed_phantoms):
+    """The phantoms put the liver on the right and the spleen on the left, as anatomy does."""
+    cfg = load_config(None, [f"data.preprocessed={preprocessed_phantoms}"])
+    assert cfg.train.augment.mirror_axes == "auto"
+    assert tdata.resolve_mirror_axes(cfg, preprocessed_phantoms) == [1, 2]
+    assert cfg.train.augment.mirror_axes == [1, 2]
+    chain = build_train_transforms([8, 8, 8], cfg.train.augment)
+    assert sorted(t.flipper.spatial_axis for t in chain.transforms if hasattr(t, "flipper")) == [1, 2]
+    cfg = load_config(None, ["train.augment.mirror_axes=[0]"])
+    assert tdata.resolve_mirror_axes(cfg, preprocessed_phantoms) == [0]  # a list is the user's: kept
+    unresolved = build_train_transforms([8, 8, 8], AugmentConfig())
+    assert sorted(t.flipper.spatial_axis for t in unresolved.transforms if hasattr(t, "flipper")) == [0, 1, 2]

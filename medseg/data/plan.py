@@ -26,12 +26,14 @@ import numpy as np
 from medseg.data.datasets import ignore_label_of, num_classes_of
 from medseg.errors import ConfigError
 
-__all__ = ["BYTES_PER_VOXEL", "make_plan", "model_plan_args", "suggest_patch_size", "target_spacing_nnunet"]
+__all__ = ["BYTES_PER_VOXEL", "LATERAL_MIN_OFFSET", "auto_mirror_axes", "lateral_offsets", "make_plan", "model_plan_args",
+           "suggest_patch_size", "target_spacing_nnunet"]
 
 ANISOTROPY_THRESHOLD = 3.0
 BYTES_PER_VOXEL = 1900.0  # training memory per patch voxel and sample (3D U-Net, 32 base features, AMP)
 REFERENCE_FEATURES = 32  # the width BYTES_PER_VOXEL was measured for
 PLAN_BATCH_SIZE = 2
+LATERAL_MIN_OFFSET = 0.1  # a class this far (fraction of the body box's width) off the midline is on one side
 
 
 def target_spacing_nnunet(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> list[float]:
@@ -176,3 +178,42 @@ def plan_request(cfg) -> dict:
     return {"normalization": cfg.normalization, "hu_window": list(cfg.hu_window),
             "target_spacing": cfg.target_spacing, "patch_size": cfg.patch_size,
             "memory_budget_gb": cfg.memory_budget_gb}
+
+
+# --------------------------------------------------------------------------- mirroring
+def lateral_offsets(case_props: Sequence[dict]) -> dict[int, list[float]]:
+    """Left-right offset of each foreground class from the body's midline, per case that has it.
+
+    ``case_props``: preprocessed cases' properties (``shape``, ``class_locations``; the arrays are
+    in the closest-RAS axis order, cropped to the body box, so axis 0 runs left-right and the box's
+    centre stands for the midline). The offset is the class centroid's (from its sampled voxels)
+    distance from the box centre as a fraction of the box width, signed (+ = towards +x), in
+    ``[-0.5, 0.5]``.
+    """
+    out: dict[int, list[float]] = {}
+    for props in case_props:
+        width = float(props["shape"][0])
+        for k, locs in (props.get("class_locations") or {}).items():
+            xyz = np.asarray(locs, dtype=np.float64).reshape(-1, 3)
+            if len(xyz) and width > 0:
+                out.setdefault(int(k), []).append(float((xyz[:, 0].mean() + 0.5) / width - 0.5))
+    return out
+
+
+def auto_mirror_axes(case_props: Sequence[dict], *, min_offset: float = LATERAL_MIN_OFFSET,
+                     min_cases: int = 2) -> tuple[list[int], dict[int, float]]:
+    """``train.augment.mirror_axes: auto``: the axes training may flip, and the lateralised classes.
+
+    A class is *lateralised* when it lies on the same side of the midline, at least ``min_offset``
+    of the body width off it (:func:`lateral_offsets`), in every one of at least ``min_cases``
+    cases (one case cannot tell anatomy from chance: a lesion in one lung). Mirroring the
+    left-right axis (axis 0 of the RAS grid) swaps the sides of such classes (liver right, spleen
+    left), so then only axes 1 and 2 are flipped; TotalSegmentator (Wasserthal et al., Radiology AI
+    2023) trains without mirroring for the same reason. Otherwise all three axes, as nnU-Net.
+
+    Returns:
+        ``(axes, {class: mean offset})``.
+    """
+    lateral = {k: float(np.mean(v)) for k, v in sorted(lateral_offsets(case_props).items())
+               if len(v) >= min_cases and (min(v) >= min_offset or max(v) <= -min_offset)}
+    return ([1, 2] if lateral else [0, 1, 2]), lateral

@@ -188,7 +188,9 @@ def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig) -> Com
     """The training chain: region ``(C, *crop_extent)`` dict -> patch ``(C, *patch_size)`` dict.
 
     Keys ``image`` (float) and ``label`` (float labels, nearest-resampled). Intensity transforms
-    touch the image only; mirroring flips both along each of ``mirror_axes`` with ``p_mirror``.
+    touch the image only; mirroring flips both along each of ``mirror_axes`` with ``p_mirror``
+    (training resolves ``"auto"`` from the data first; a chain built from an unresolved ``"auto"``
+    flips all three axes).
     """
     lo_b, hi_b = sorted(aug.brightness_range)
     lo_c, hi_c = sorted(aug.contrast_range)
@@ -204,7 +206,8 @@ def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig) -> Com
         RandSimulateLowResolutiond("image", zoom_range=tuple(sorted(aug.lowres_zoom)), prob=aug.p_lowres),
         RandAdjustContrastd("image", gamma=tuple(sorted(aug.gamma_range)), retain_stats=True, prob=aug.p_gamma),
     ]
-    chain += [RandFlipd(KEYS, prob=aug.p_mirror, spatial_axis=int(ax)) for ax in aug.mirror_axes]
+    axes = (0, 1, 2) if aug.mirror_axes == "auto" else aug.mirror_axes
+    chain += [RandFlipd(KEYS, prob=aug.p_mirror, spatial_axis=int(ax)) for ax in axes]
     if aug.p_slab > 0:  # after the intensity transforms: padding stays the constant MONAI's sliding window pads with
         chain.append(RandAxialSlabd(aug.p_slab, aug.slab_min_slices))
     return Compose(chain)

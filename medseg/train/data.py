@@ -32,12 +32,14 @@ from monai.transforms import Compose, MapTransform
 from medseg.config import Config
 from medseg.data.transforms import as_plain_tensor, build_train_transforms, crop_extent, crop_patch
 from medseg.errors import ConfigError, InputError
+from medseg.runtime import get_logger
 from medseg.train.signals import ignore_in_worker
 
 __all__ = ["LoadCased", "PatchDataset", "case_dataset", "check_foreground", "list_cases", "make_train_loader",
-           "read_plans", "resolve_cache_mode", "train_val_cases"]
+           "read_plans", "resolve_cache_mode", "resolve_mirror_axes", "train_val_cases"]
 
 CACHE_MODES = ("auto", "ram", "disk", "none")
+log = get_logger(__name__)
 
 
 def read_plans(pre_dir: str | Path) -> dict:
@@ -57,6 +59,31 @@ def list_cases(pre_dir: str | Path) -> list[str]:
     if not names:
         raise InputError(f"{pre}: holds no preprocessed cases (cases/*.json); run `medseg preprocess` into it")
     return names
+
+
+def resolve_mirror_axes(cfg: Config, pre_dir: str | Path) -> list[int]:
+    """Write the axes training flips into ``cfg.train.augment.mirror_axes`` (a list stays as it is;
+    ``"auto"`` is decided from the preprocessed cases' class locations by
+    :func:`medseg.data.plan.auto_mirror_axes`, with a log line) and return them."""
+    import json
+
+    from medseg.data.plan import auto_mirror_axes
+
+    aug = cfg.train.augment
+    if aug.mirror_axes != "auto":
+        return list(aug.mirror_axes)
+    pre = Path(pre_dir)
+    props = [json.loads((pre / "cases" / f"{n}.json").read_text()) for n in list_cases(pre)]
+    axes, lateral = auto_mirror_axes(props)
+    if lateral:
+        names = {int(v): k for k, v in read_plans(pre).get("labels", {}).items()}
+        sides = ", ".join(f"{names.get(k, k)} {off:+.2f}" for k, off in lateral.items())
+        log.info("train.augment.mirror_axes auto: %s; no left-right flips: classes on one side of the body in every "
+                 "case (centroid offset / body width: %s)", axes, sides)
+    else:
+        log.info("train.augment.mirror_axes auto: %s (no class on one side of the body in every case)", axes)
+    aug.mirror_axes = axes
+    return axes
 
 
 def train_val_cases(pre_dir: str | Path, cfg: Config, names: Sequence[str]) -> tuple[list[str], list[str]]:
