@@ -143,6 +143,11 @@ class AugmentConfig:
     p_slab: float = 0.0  # keep a random axial slab of the patch, the rest as padding (partial-coverage scans)
     slab_min_slices: int = 8
 
+    def flip_axes(self) -> list[int]:
+        """``mirror_axes`` as a list; an unresolved ``"auto"`` (training resolves it from the data,
+        :func:`medseg.train.data.resolve_mirror_axes`) counts as all three axes."""
+        return [0, 1, 2] if self.mirror_axes == "auto" else [int(a) for a in self.mirror_axes]
+
 
 @dataclass
 class TrainConfig:

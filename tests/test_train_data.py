@@ -292,11 +292,12 @@ def test_auto_mirror_axes_is_resolved_from_the_preprocessed_cases(preprocessed_p
     """The phantoms put the liver on the right and the spleen on the left, as anatomy does."""
     cfg = load_config(None, [f"data.preprocessed={preprocessed_phantoms}"])
     assert cfg.train.augment.mirror_axes == "auto"
-    assert tdata.resolve_mirror_axes(cfg, preprocessed_phantoms) == [1, 2]
+    plans = tdata.read_plans(preprocessed_phantoms)
+    assert tdata.resolve_mirror_axes(cfg, preprocessed_phantoms, plans) == [1, 2]
     assert cfg.train.augment.mirror_axes == [1, 2]
     chain = build_train_transforms([8, 8, 8], cfg.train.augment)
     assert sorted(t.flipper.spatial_axis for t in chain.transforms if hasattr(t, "flipper")) == [1, 2]
     cfg = load_config(None, ["train.augment.mirror_axes=[0]"])
-    assert tdata.resolve_mirror_axes(cfg, preprocessed_phantoms) == [0]  # a list is the user's: kept
+    assert tdata.resolve_mirror_axes(cfg, preprocessed_phantoms, plans) == [0]  # a list is the user's: kept
     unresolved = build_train_transforms([8, 8, 8], AugmentConfig())
     assert sorted(t.flipper.spatial_axis for t in unresolved.transforms if hasattr(t, "flipper")) == [0, 1, 2]

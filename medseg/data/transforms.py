@@ -206,8 +206,7 @@ def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig) -> Com
         RandSimulateLowResolutiond("image", zoom_range=tuple(sorted(aug.lowres_zoom)), prob=aug.p_lowres),
         RandAdjustContrastd("image", gamma=tuple(sorted(aug.gamma_range)), retain_stats=True, prob=aug.p_gamma),
     ]
-    axes = (0, 1, 2) if aug.mirror_axes == "auto" else aug.mirror_axes
-    chain += [RandFlipd(KEYS, prob=aug.p_mirror, spatial_axis=int(ax)) for ax in axes]
+    chain += [RandFlipd(KEYS, prob=aug.p_mirror, spatial_axis=ax) for ax in aug.flip_axes()]
     if aug.p_slab > 0:  # after the intensity transforms: padding stays the constant MONAI's sliding window pads with
         chain.append(RandAxialSlabd(aug.p_slab, aug.slab_min_slices))
     return Compose(chain)

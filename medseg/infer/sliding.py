@@ -90,10 +90,9 @@ def round_roi(roi_size: Sequence[int], divisor: Sequence[int] | int | None) -> t
 def allowed_mirror_axes(augment) -> list[int]:
     """The spatial axes a run's training mirrored (``train.augment``): ``mirror_axes`` when
     ``p_mirror > 0``, else none. What test-time mirroring may flip (nnU-Net's
-    ``inference_allowed_mirroring_axes``). An unresolved ``"auto"`` (a config that never trained:
-    training resolves it, :func:`medseg.train.data.resolve_mirror_axes`) counts as all three."""
-    axes = ALL_AXES if augment.mirror_axes == "auto" else augment.mirror_axes
-    return sorted({int(a) for a in axes}) if float(augment.p_mirror) > 0 else []
+    ``inference_allowed_mirroring_axes``). An unresolved ``"auto"`` counts as all three
+    (:meth:`medseg.config.AugmentConfig.flip_axes`)."""
+    return sorted(set(augment.flip_axes())) if float(augment.p_mirror) > 0 else []
 
 
 def _mirror_sets(tta: bool, axes: Sequence[int] = ALL_AXES) -> list[tuple[int, ...]]:

@@ -61,22 +61,23 @@ def list_cases(pre_dir: str | Path) -> list[str]:
     return names
 
 
-def resolve_mirror_axes(cfg: Config, pre_dir: str | Path) -> list[int]:
+def resolve_mirror_axes(cfg: Config, pre_dir: str | Path, plans: dict) -> list[int]:
     """Write the axes training flips into ``cfg.train.augment.mirror_axes`` (a list stays as it is;
     ``"auto"`` is decided from the preprocessed cases' class locations by
-    :func:`medseg.data.plan.auto_mirror_axes`, with a log line) and return them."""
+    :func:`medseg.data.plan.auto_mirror_axes`, with a log line naming ``plans``' labels) and return them."""
     import json
 
+    from medseg.data.pipeline import case_file
     from medseg.data.plan import auto_mirror_axes
 
     aug = cfg.train.augment
     if aug.mirror_axes != "auto":
-        return list(aug.mirror_axes)
-    pre = Path(pre_dir)
-    props = [json.loads((pre / "cases" / f"{n}.json").read_text()) for n in list_cases(pre)]
+        return aug.flip_axes()
+    cases = Path(pre_dir) / "cases"
+    props = [json.loads(case_file(cases, n, ".json").read_text()) for n in list_cases(pre_dir)]
     axes, lateral = auto_mirror_axes(props)
     if lateral:
-        names = {int(v): k for k, v in read_plans(pre).get("labels", {}).items()}
+        names = {int(v): k for k, v in plans.get("labels", {}).items()}
         sides = ", ".join(f"{names.get(k, k)} {off:+.2f}" for k, off in lateral.items())
         log.info("train.augment.mirror_axes auto: %s; no left-right flips: classes on one side of the body in every "
                  "case (centroid offset / body width: %s)", axes, sides)

@@ -97,7 +97,7 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
         raise ConfigError("data.preprocessed: not set; pass --preprocessed DIR (medseg train) or set it in the config")
     pre_dir = Path(cfg.data.preprocessed).resolve()
     plans = tdata.read_plans(pre_dir)
-    tdata.resolve_mirror_axes(cfg, pre_dir)  # "auto" -> a list, before anything builds the augmentation
+    tdata.resolve_mirror_axes(cfg, pre_dir, plans)  # "auto" -> a list, before anything builds the augmentation
     amp_dtype = resolve_precision(cfg.train.precision, info.device)
     seed_everything(cfg.train.seed + info.rank)
     budget = plan_train_patch(cfg, plans, run_dir, info)  # under train.max_minutes with no data.patch_size
