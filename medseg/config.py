@@ -160,8 +160,9 @@ class TrainConfig:
     lr: float = 1e-2
     weight_decay: float = 3e-5
     momentum: float = 0.99
-    scheduler: str = "poly"  # poly | cosine | constant (stepped per iteration)
+    scheduler: str = "poly"  # poly | cosine | constant | wsd (stepped per iteration)
     poly_exponent: float = 0.9  # lr = lr0 * (1 - step / total) ** poly_exponent
+    decay_fraction: float = 0.2  # wsd: linear cooldown to 0 over this last share of the steps
     grad_clip: float = 12.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = False

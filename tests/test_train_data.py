@@ -129,6 +129,31 @@ def test_deep_supervision_weights_and_loss():
     assert loss(perfect, label) < 1e-3 < loss(full, label)
 
 
+def test_overlap_counts_score_the_argmax_of_the_full_resolution_output_without_halo_and_ignored_voxels():
+    from medseg.train.losses import SegmentationLoss
+
+    label = torch.zeros(1, 1, 4, 4, 6, dtype=torch.long)
+    label[..., :2, :, :] = 1
+    label[..., 3, 3, :] = 2
+    label[..., 0, 0, 1] = 3  # ignore label (K = 3 outputs)
+    pred = torch.zeros(1, 4, 4, 6, dtype=torch.long)
+    pred[:, :3] = 1  # class 1: 2 rows right, 1 row wrong
+    logits = torch.nn.functional.one_hot(pred, 3).permute(0, 4, 1, 2, 3).float()
+    low = torch.zeros(1, 3, 2, 2, 3)  # a deep-supervision output: not scored
+    counts = SegmentationLoss("dice_ce", ignore_label=3, z_halo=1).overlap_counts([logits, low], label)
+    # z halo 1: 4 central slices of 16 voxels; class 1 labelled in 2 x 4 x 4 = 32 less the ignored voxel
+    assert counts.dtype == torch.float64 and counts.shape == (3, 2)
+    assert counts[:, 0].tolist() == [31, 47, 31]  # tp, predicted (3 rows x 16 less 1 ignored), labelled
+    assert counts[:, 1].tolist() == [0, 0, 4]  # class 2 never predicted
+    full = SegmentationLoss("dice_ce").overlap_counts(logits, label.clamp(max=2))
+    assert full[:, 0].tolist() == [47, 72, 47]  # all 6 slices (the clamped voxel is class 2 now)
+    from medseg.train.engine import _train_dice
+
+    dice = _train_dice(counts.flatten(), {"background": 0, "liver": 1, "spleen": 2})
+    assert dice == {"liver": pytest.approx(2 * 31 / 78), "spleen": 0.0}
+    assert _train_dice(torch.zeros(6, dtype=torch.float64), {"liver": 1}) == {"liver": None, "2": None}
+
+
 def test_poly_schedule_follows_a_changed_total():
     from medseg.config import TrainConfig
     from medseg.train.optim import build_optimizer, build_scheduler, refresh_lr
@@ -146,6 +171,36 @@ def test_poly_schedule_follows_a_changed_total():
     total["n"] = 20  # resumed with twice the epochs
     refresh_lr(sched)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.75**0.9)
+
+
+def test_wsd_schedule_holds_the_base_lr_then_cools_down_linearly_and_follows_a_changed_total():
+    from medseg.config import Config, TrainConfig
+    from medseg.errors import ConfigError
+    from medseg.train.checks import check_config
+    from medseg.train.optim import build_optimizer, build_scheduler, lr_factor, refresh_lr
+
+    assert [lr_factor("wsd", s, 100) for s in (0, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])
+    assert [lr_factor("wsd", s, 100) for s in (90, 95, 100, 120)] == pytest.approx([0.5, 0.25, 0.0, 0.0])
+    assert lr_factor("wsd", 50, 100, decay_fraction=1.0) == pytest.approx(0.5)  # linear from the start
+    # the mean LR over a run: ~0.9 of the base (cosine: 0.5)
+    assert np.mean([lr_factor("wsd", s, 1000) for s in range(1000)]) == pytest.approx(0.9, abs=1e-3)
+    model = torch.nn.Linear(2, 2)
+    cfg = TrainConfig(optimizer="adamw", lr=0.001, scheduler="wsd", decay_fraction=0.5)
+    total = {"n": 10}
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, lambda: total["n"])
+    for _ in range(8):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001 * 0.2 / 0.5)
+    total["n"] = 40  # a time budget that turned out to fit more steps: back on the plateau
+    refresh_lr(sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+    for bad in (0.0, 1.5):
+        c = Config()
+        c.train.decay_fraction = bad
+        with pytest.raises(ConfigError, match="train.decay_fraction"):
+            check_config(c)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -40,6 +40,7 @@ def check_config(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr", "must be > 0", t.lr)
     for key in ("weight_decay", "momentum", "grad_clip", "aux_loss_weight", "poly_exponent"):
         _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0", getattr(t, key))
+    _require(0.0 < t.decay_fraction <= 1.0, "train.decay_fraction", "must be in (0, 1]", t.decay_fraction)
     _require(t.tb_num_cases >= 0, "train.tb_num_cases", "must be >= 0", t.tb_num_cases)
     _require(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", "must be > 0 (or null)", t.max_minutes)
     _choice(t.optimizer, "train.optimizer", OPTIMIZERS)

@@ -56,7 +56,9 @@ class TrainingDiverged(MedsegError):
 
 # --------------------------------------------------------------------------- loop helpers
 def train_step(ctx: Context, batch: dict) -> torch.Tensor:
-    """One optimisation step; returns the detached ``[total, dice_ce, aux]`` losses."""
+    """One optimisation step; returns the detached ``[total, dice_ce, aux, *counts]``: the losses, then
+    the step's hard-prediction overlap counts per foreground class (``SegmentationLoss.overlap_counts``,
+    flattened ``(3, K - 1)``) that the epoch sums into its training Dice per class."""
     dev, t = ctx.info.device, ctx.cfg.train
     x = batch["image"].to(dev, non_blocking=True)
     y = batch["label"].to(dev, non_blocking=True).long()
@@ -76,7 +78,8 @@ def train_step(ctx: Context, batch: dict) -> torch.Tensor:
     ctx.scaler.update()
     ctx.scheduler.step()
     zero = seg.detach().new_zeros(())
-    return torch.stack([total.detach(), seg.detach(), zero if aux is None else aux.detach()])
+    counts = ctx.loss_fn.overlap_counts(out, y).flatten().to(seg.dtype)
+    return torch.cat([torch.stack([total.detach(), seg.detach(), zero if aux is None else aux.detach()]), counts])
 
 
 def _diverged(ctx: Context, epoch: int) -> TrainingDiverged:
@@ -93,7 +96,7 @@ def _run_epoch(ctx: Context, batches, epoch: int, stop: StopRequest) -> tuple[di
     losses, or is None when a stop request cut the epoch short; a stop that arrives on the epoch's
     last iteration keeps the complete epoch's record (``stopped`` is then True as well)."""
     end = (epoch + 1) * ctx.iters
-    sums, n, t0, stopped = torch.zeros(3, dtype=torch.float64), 0, time.perf_counter(), False
+    sums, n, t0, stopped = None, 0, time.perf_counter(), False
     lr = ctx.optimizer.param_groups[0]["lr"]  # the epoch's first (largest) learning rate
     bar = tqdm(total=end - ctx.step, desc=f"epoch {epoch + 1}/{ctx.total_epochs}", leave=False,
                disable=not (ctx.info.is_main and progress_enabled()) or None)
@@ -105,11 +108,11 @@ def _run_epoch(ctx: Context, batches, epoch: int, stop: StopRequest) -> tuple[di
             if not torch.isfinite(reduced[:3]).all():
                 raise _diverged(ctx, epoch)
             ctx.step += 1
-            sums += reduced[:3]
+            sums = reduced[:-1] if sums is None else sums + reduced[:-1]
             n += 1
             bar.update(1)
             bar.set_postfix(loss=f"{reduced[0].item():.4f}")
-            if reduced[3] > 0:
+            if reduced[-1] > 0:
                 stopped = True
                 break
     finally:
@@ -117,14 +120,29 @@ def _run_epoch(ctx: Context, batches, epoch: int, stop: StopRequest) -> tuple[di
     if ctx.step < end:
         return None, stopped
     seconds = time.perf_counter() - t0
-    loss = (sums / max(n, 1)).tolist()
+    loss = (sums[:3] / max(n, 1)).tolist()
     return {"epoch": epoch, "loss": loss[0], "dice_ce": loss[1], "aux": loss[2], "lr": lr,
-            "time_s": seconds, "patches_per_s": n * ctx.cfg.train.batch_size * ctx.info.world_size / max(seconds, 1e-9)}, stopped
+            "train_dice": _train_dice(sums[3:], ctx.plans.get("labels", {})), "time_s": seconds, "patches_per_s": n * ctx.cfg.train.batch_size * ctx.info.world_size / max(seconds, 1e-9)}, stopped
+
+
+def _train_dice(counts: torch.Tensor, labels: dict) -> dict[str, float | None]:
+    """Class name -> Dice of the epoch's patches, from summed ``(3, K - 1)`` overlap counts (flattened);
+    None for a class neither predicted nor present in them."""
+    counts = counts.view(3, -1)
+    names = {int(v): str(k) for k, v in labels.items()}
+    out = {}
+    for i in range(counts.shape[1]):
+        tp, pred, ref = counts[:, i].tolist()
+        out[names.get(i + 1, str(i + 1))] = 2 * tp / (pred + ref) if pred + ref > 0 else None
+    return out
 
 
 def _log_epoch(ctx: Context, rec: dict) -> None:
-    log.info("epoch %d/%d  loss %.4f (dice_ce %.4f, aux %.4f)  lr %.2e  %.1f s  %.1f patches/s", rec["epoch"] + 1,
-             ctx.total_epochs, rec["loss"], rec["dice_ce"], rec["aux"], rec["lr"], rec["time_s"], rec["patches_per_s"])
+    dice = rec.get("train_dice") or {}
+    shown = " ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in dice.items())
+    log.info("epoch %d/%d  loss %.4f (dice_ce %.4f, aux %.4f)  lr %.2e  %.1f s  %.1f patches/s%s", rec["epoch"] + 1,
+             ctx.total_epochs, rec["loss"], rec["dice_ce"], rec["aux"], rec["lr"], rec["time_s"], rec["patches_per_s"],
+             f"  train Dice {shown}" if shown else "")
     w, e = ctx.writer, rec["epoch"] + 1
     if w is None:
         return
@@ -133,6 +151,9 @@ def _log_epoch(ctx: Context, rec: dict) -> None:
     if hasattr(ctx.model, "auxiliary_loss"):
         w.add_scalar("loss/aux", rec["aux"], e)
     w.add_scalar("lr", rec["lr"], e)
+    for cls, v in dice.items():
+        if v is not None:
+            w.add_scalar(f"train/dice/{cls}", v, e)
     w.add_scalar("speed/patches_per_s", rec["patches_per_s"], e)
     w.add_scalar("time/epoch_s", rec["time_s"], e)
 

@@ -106,6 +106,29 @@ class SegmentationLoss(torch.nn.Module):
         return DeepSupervisionLoss(self._term, weights=deep_supervision_weights(len(outs)))(outs, label)
 
 
+    @torch.no_grad()
+    def overlap_counts(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        """Hard-prediction overlap of the full-resolution output, for the training Dice per class.
+
+        ``outputs`` / ``label`` as in :meth:`forward` -> float64 ``(3, K - 1)``: per foreground class
+        the voxels predicted and labelled, predicted, labelled (argmax of the logits; the z halo
+        and ``ignore_label`` voxels left out). Summed over steps, ``2 * tp / (pred + ref)`` is the
+        Dice of the patches seen, a class's cue of being learnt long before a validation.
+        """
+        logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+        logits, label = crop_z_halo(logits, self.z_halo), crop_z_halo(label, self.z_halo)[:, 0].long()
+        k = logits.shape[1]
+        pred = logits.argmax(1)
+        keep = None if self.ignore_label is None else label != self.ignore_label
+        counts = []
+        for c in range(1, k):
+            p, r = pred == c, label == c
+            if keep is not None:
+                p = p & keep
+            counts.append(torch.stack([(p & r).sum(), p.sum(), r.sum()]))
+        return torch.stack(counts, 1).double() if counts else logits.new_zeros((3, 0), dtype=torch.float64)
+
+
 def build_loss(train_cfg: TrainConfig, *, ignore_label: int | None = None, z_halo: int = 0) -> SegmentationLoss:
     """The segmentation loss named by ``train.loss``; ``ignore_label``: ``plans["ignore_label"]``;
     ``z_halo``: the model's (:func:`medseg.nn.slice25d.z_halo`)."""
