@@ -140,13 +140,16 @@ def test_overlap_counts_score_the_argmax_of_the_full_resolution_output_without_h
     pred[:, :3] = 1  # class 1: 2 rows right, 1 row wrong
     logits = torch.nn.functional.one_hot(pred, 3).permute(0, 4, 1, 2, 3).float()
     low = torch.zeros(1, 3, 2, 2, 3)  # a deep-supervision output: not scored
-    counts = SegmentationLoss("dice_ce", ignore_label=3, z_halo=1).overlap_counts([logits, low], label)
+    counts = SegmentationLoss("dice_ce", ignore_label=3, z_halo=1).overlap_counts([logits, low], label, stride=1)
     # z halo 1: 4 central slices of 16 voxels; class 1 labelled in 2 x 4 x 4 = 32 less the ignored voxel
     assert counts.dtype == torch.float64 and counts.shape == (3, 2)
     assert counts[:, 0].tolist() == [31, 47, 31]  # tp, predicted (3 rows x 16 less 1 ignored), labelled
     assert counts[:, 1].tolist() == [0, 0, 4]  # class 2 never predicted
-    full = SegmentationLoss("dice_ce").overlap_counts(logits, label.clamp(max=2))
+    full = SegmentationLoss("dice_ce").overlap_counts(logits, label.clamp(max=2), stride=1)
     assert full[:, 0].tolist() == [47, 72, 47]  # all 6 slices (the clamped voxel is class 2 now)
+    # the default: every 2nd voxel per axis (x 0, 2; y 0, 2; z 0, 2, 4): class 1 rows x 0 (labelled), 2 (not)
+    sub = SegmentationLoss("dice_ce").overlap_counts(logits, label.clamp(max=2))
+    assert sub[:, 0].tolist() == [6, 12, 6] and sub[:, 1].tolist() == [0, 0, 0]
     from medseg.train.engine import _train_dice
 
     dice = _train_dice(counts.flatten(), {"background": 0, "liver": 1, "spleen": 2})

@@ -107,26 +107,27 @@ class SegmentationLoss(torch.nn.Module):
 
 
     @torch.no_grad()
-    def overlap_counts(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+    def overlap_counts(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor,
+                       stride: int = 2) -> torch.Tensor:
         """Hard-prediction overlap of the full-resolution output, for the training Dice per class.
 
         ``outputs`` / ``label`` as in :meth:`forward` -> float64 ``(3, K - 1)``: per foreground class
         the voxels predicted and labelled, predicted, labelled (argmax of the logits; the z halo
-        and ``ignore_label`` voxels left out). Summed over steps, ``2 * tp / (pred + ref)`` is the
-        Dice of the patches seen, a class's cue of being learnt long before a validation.
+        and ``ignore_label`` voxels left out), on every ``stride``-th voxel along each axis: an
+        estimate at 1/8 of the cost by default (a full-resolution argmax costs ~10% of a CPU step
+        on 96^3 patches, the subsampled one ~1.5%). Summed over steps, ``2 * tp / (pred + ref)`` is
+        the Dice of the patches seen, a class's cue of being learnt long before a validation.
         """
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
-        logits, label = crop_z_halo(logits, self.z_halo), crop_z_halo(label, self.z_halo)[:, 0].long()
+        logits, label = crop_z_halo(logits, self.z_halo), crop_z_halo(label, self.z_halo)
+        sub = (Ellipsis, slice(None, None, stride), slice(None, None, stride), slice(None, None, stride))
         k = logits.shape[1]
-        pred = logits.argmax(1)
-        keep = None if self.ignore_label is None else label != self.ignore_label
-        counts = []
-        for c in range(1, k):
-            p, r = pred == c, label == c
-            if keep is not None:
-                p = p & keep
-            counts.append(torch.stack([(p & r).sum(), p.sum(), r.sum()]))
-        return torch.stack(counts, 1).double() if counts else logits.new_zeros((3, 0), dtype=torch.float64)
+        pred, ref = logits[sub].argmax(1).flatten(), label[sub][:, 0].long().flatten()
+        if self.ignore_label is not None:
+            keep = ref != self.ignore_label
+            pred, ref = pred[keep], ref[keep]
+        conf = torch.bincount(pred * k + ref.clamp(0, k - 1), minlength=k * k).view(k, k).double()  # [pred, ref]
+        return torch.stack([conf.diagonal()[1:], conf.sum(1)[1:], conf.sum(0)[1:]])
 
 
 def build_loss(train_cfg: TrainConfig, *, ignore_label: int | None = None, z_halo: int = 0) -> SegmentationLoss:
