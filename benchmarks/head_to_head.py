@@ -40,6 +40,9 @@ final model; each point records the minute it was actually taken at. medseg's fi
 post-processing its run chose at its end-of-budget validation (``postprocessing.json``); the earlier
 points have none, as no validation had run by then.
 
+Each row records the commit it was measured on; ``--keep-others`` reruns some contenders (medseg after
+a recipe change) and keeps the other rows of the existing ``head_to_head.json`` with their commits.
+
 Writes ``benchmarks/results/head_to_head.{md,json}`` (a temp folder with ``--quick``) after every
 contender; work files (preprocessed data, runs, predictions) go to ``--work-dir``. The last stdout
 line is the JSON summary.
@@ -63,7 +66,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REAL_CT, md_table, meta_now, repo_relative, run_child, set_threads, write_results  # noqa: E402
+from _common import REAL_CT, RESULTS, md_table, meta_now, repo_relative, run_child, set_threads, write_results  # noqa: E402
 from nnunet_budget import NNUNET_MISSING  # noqa: E402,F401  (the skip message of the nnunet row)
 from real_ct_study import DATASETS, QUICK_OVERRIDES, VARIANTS, quick_dataset  # noqa: E402
 
@@ -99,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a 2+1-case phantom dataset, tiny nets and patches, 0.1 min each (at most): checks the script")
     p.add_argument("--results", type=Path, default=None,
                    help="folder for head_to_head.{md,json} (default benchmarks/results; a temp folder with --quick)")
+    p.add_argument("--keep-others", action="store_true",
+                   help="keep the rows of the contenders not run this time from the existing head_to_head.json "
+                        "(same dataset, budget and marks; each row keeps the commit it was measured on): rerun "
+                        "medseg after a recipe change without rerunning stock MONAI and nnU-Net")
     p.add_argument("overrides", nargs="*", help="extra section.key=value config overrides for the medseg runs")
     # child mode (internal): run one contender, print its JSON row
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -284,7 +291,7 @@ def markdown(rows: dict, args: argparse.Namespace) -> str:
     ok = {n: r for n, r in rows.items() if "test_dice" in r}
     classes = list(dict.fromkeys(c for r in ok.values() for c in r["test_dice"]))
     header = ["contender", *[f"Dice {c}" for c in classes], "mean Dice", *[f"HD95 {c} (mm)" for c in classes],
-              "steps", "patches seen", "voxels seen (G)", "train min", "prep s", "infer s", "precision"]
+              "steps", "patches seen", "voxels seen (G)", "train min", "prep s", "infer s", "precision", "commit"]
     body = []
     for name, r in rows.items():
         if name not in ok:
@@ -293,7 +300,7 @@ def markdown(rows: dict, args: argparse.Namespace) -> str:
         body.append([name, *[_cell(r["test_dice"].get(c)) for c in classes], _cell(r["test_fg_mean_dice"]),
                      *[_cell(r["test_hd95"].get(c)) for c in classes], r["steps"],
                      f"{r['patches']} x {'x'.join(map(str, r['patch_size']))}", r["voxels"] / 1e9, r["train_s"] / 60,
-                     r["prep_s"], r["infer_s"], r["precision"]])
+                     r["prep_s"], r["infer_s"], r["precision"], (r.get("measured") or {}).get("commit") or ""])
     curve_header = ["contender", *[f"Dice {' / '.join(classes)} @ {m:g} min" for m in args.marks]]
     curve_body = []
     for name, r in ok.items():
@@ -311,9 +318,27 @@ def markdown(rows: dict, args: argparse.Namespace) -> str:
             f"({args.minutes:g} min; preprocessing / caching before the clock, reported as prep s), one process each, one "
             f"after the other, {args.threads} torch threads and {args.workers} data worker(s) each, precision `auto` for "
             f"medseg and the stock recipe (bf16 autocast on a CPU with native bf16), nnU-Net's own policy, no TTA. "
-            f"{nn_note}One run per contender from one seed on one test CT: a few Dice points are noise.")
+            f"{nn_note}One run per contender from one seed on one test CT: a few Dice points are noise. "
+            f"Each row says the commit it was measured on (rows of other commits: kept by `--keep-others`).")
     return (note + "\n\n" + md_table(header, body) + "\n\nDice over training time (weights of the same run at each mark; "
             "the time and step each point was actually taken at):\n\n" + md_table(curve_header, curve_body))
+
+
+def kept_rows(results_dir: Path, args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
+    """``--keep-others``: the rows of ``head_to_head.json`` in ``results_dir`` whose contenders are not in
+    ``names``, each with its ``measured`` commit and date (the file's, for rows written before rows
+    carried their own). Raises SystemExit when the file is missing or was run on another dataset,
+    budget or marks: rows of different setups are not comparable."""
+    path = results_dir / "head_to_head.json"
+    if not path.is_file():
+        raise SystemExit(f"--keep-others: {path} not found (run every contender once first)")
+    old = json.loads(path.read_text())
+    setup, want = (old.get("dataset"), old.get("minutes"), old.get("marks")), (args.dataset, args.minutes, args.marks)
+    if setup != want:
+        raise SystemExit(f"--keep-others: {path} holds dataset / minutes / marks {setup}, this run {want}")
+    meta = old.get("meta", {})
+    return {name: {**row, "measured": row.get("measured") or {"commit": meta.get("commit"), "date": meta.get("date")}}
+            for name, row in old.get("results", {}).items() if name not in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if not data_dir.is_dir():
         raise SystemExit(f"{data_dir} not found")
     names = [f"medseg_{v}" if c == "medseg" else c for c in args.contenders for v in (args.variants if c == "medseg" else [c])]
+    kept = kept_rows(results_dir or RESULTS, args, names) if args.keep_others else {}
     rows: dict[str, dict] = {}
     for name in names:
         print(f"{name}: training {args.minutes:g} min ...", file=sys.stderr, flush=True)
@@ -340,12 +366,15 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = run_child(child)
         except Exception as err:  # one contender failing must not lose the others
             rows[name] = {"error": f"{type(err).__name__}: {err}"}
+        rows[name]["measured"] = {"commit": meta.get("commit"), "date": meta.get("date")}
         print(f"{name}: {json.dumps(rows[name], default=float)}", file=sys.stderr, flush=True)
-        write_results("head_to_head", f"Head to head: {args.minutes:g} CPU-minutes of training each", markdown(rows, args),
-                      {"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": rows,
+        write_results("head_to_head", f"Head to head: {args.minutes:g} CPU-minutes of training each",
+                      markdown({**kept, **rows}, args),
+                      {"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": {**kept, **rows},
                        "overrides": args.overrides}, meta, command=cmd, **({"out_dir": results_dir} if results_dir else {}))
-    print(markdown(rows, args))
-    print(json.dumps({"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": rows}, default=float))
+    print(markdown({**kept, **rows}, args))
+    print(json.dumps({"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": {**kept, **rows}},
+                     default=float))
     return 0
 
 

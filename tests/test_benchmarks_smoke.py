@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -102,15 +103,34 @@ def test_head_to_head_markdown_lists_scores_curve_and_skips():
              for m in (5.0, 10.0, 15.0)]
     row = {"test_dice": {"liver": 0.3, "spleen": 0.05}, "test_hd95": {"liver": 12.5, "spleen": float("inf")},
            "test_fg_mean_dice": 0.175, "steps": 150, "patches": 600, "patch_size": [64, 64, 64], "voxels": 600 * 64**3,
-           "train_s": 900.0, "prep_s": 12.0, "infer_s": 3.0, "precision": "bf16", "curve": curve}
+           "train_s": 900.0, "prep_s": 12.0, "infer_s": 3.0, "precision": "bf16", "curve": curve,
+           "measured": {"commit": "abc1234", "date": "2026-11-29 10:28"}}
     md = h2h.markdown({"stock_monai": row, "nnunet": {"skipped": h2h.NNUNET_MISSING},
                        "medseg_unet": {"error": "RuntimeError: boom"}}, args)
     lines = md.splitlines()
     stock = next(ln for ln in lines if ln.startswith("| stock_monai | 0.3 | 0.05 | 0.175 | 12.50 | inf | 150 | 600 x 64x64x64"))
-    assert "| 15.00 |" in stock and stock.endswith("| bf16 |")
+    assert "| 15.00 |" in stock and stock.endswith("| bf16 | abc1234 |")
     assert f"| nnunet | {h2h.NNUNET_MISSING} |" in md and "| medseg_unet | RuntimeError: boom |" in md
     assert "| contender | Dice liver / spleen @ 5 min | Dice liver / spleen @ 10 min | Dice liver / spleen @ 15 min |" in md
     assert "| stock_monai | 0.100 / 0.050 (5.0 min, 50.0 steps) | 0.200 / 0.050 (10.0 min, 100.0 steps) |" in md
+
+
+def test_head_to_head_keep_others_keeps_the_rows_not_rerun_with_their_commit(tmp_path):
+    h2h = _head_to_head()
+    args = h2h.parse_args(["--minutes", "15", "--keep-others"])
+    with pytest.raises(SystemExit, match="not found"):
+        h2h.kept_rows(tmp_path, args, ["medseg_attention"])
+    old = {"dataset": "organs", "minutes": 15.0, "marks": [5.0, 10.0, 15.0],
+           "results": {"stock_monai": {"steps": 1}, "medseg_attention": {"steps": 2},
+                       "nnunet": {"steps": 3, "measured": {"commit": "0ld0ne", "date": "d0"}}},
+           "meta": {"commit": "d1c3d59", "date": "2026-11-29 10:28"}}
+    (tmp_path / "head_to_head.json").write_text(json.dumps(old))
+    kept = h2h.kept_rows(tmp_path, args, ["medseg_attention"])
+    assert list(kept) == ["stock_monai", "nnunet"]  # the rerun contender's old row is dropped
+    assert kept["stock_monai"] == {"steps": 1, "measured": {"commit": "d1c3d59", "date": "2026-11-29 10:28"}}
+    assert kept["nnunet"]["measured"]["commit"] == "0ld0ne"  # a row's own commit wins over the file's
+    with pytest.raises(SystemExit, match="dataset / minutes / marks"):
+        h2h.kept_rows(tmp_path, h2h.parse_args(["--minutes", "10"]), ["medseg_attention"])
 
 
 def test_head_to_head_nnunet_row_says_skipped_without_nnunetv2(tmp_path, monkeypatch):
