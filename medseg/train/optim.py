@@ -3,8 +3,8 @@
 - ``sgd``: SGD with Nesterov momentum (nnU-Net's defaults: lr 1e-2, momentum 0.99, weight decay
   3e-5) and the polynomial schedule ``lr = lr0 * (1 - step / total) ** 0.9`` (Isensee et al. 2021).
 - ``adamw``: AdamW (Loshchilov & Hutter, ICLR 2019) with a cosine schedule (SGDR without restarts).
-- ``wsd`` (warmup-stable-decay, the trapezoid): the base LR until the last ``train.decay_fraction``
-  of the steps, then a linear decay to 0 (Hu et al. 2024, MiniCPM; Hägele et al., NeurIPS 2024,
+- ``wsd`` (warmup-stable-decay without the warmup, the trapezoid): the base LR until the last
+  ``train.decay_fraction`` of the steps, then a linear decay to 0 (Hu et al. 2024, MiniCPM; Hägele et al., NeurIPS 2024,
   "Scaling laws and compute-optimal training beyond fixed training durations": a 20% cooldown
   matches cosine). For wall-clock budgets its LR does not depend on the estimated total until the
   cooldown, and the run spends ~0.9 of its steps' worth of LR where cosine spends 0.5.
