@@ -131,6 +131,8 @@ def test_head_to_head_keep_others_keeps_the_rows_not_rerun_with_their_commit(tmp
     assert kept["nnunet"]["measured"]["commit"] == "0ld0ne"  # a row's own commit wins over the file's
     with pytest.raises(SystemExit, match="dataset / minutes / marks"):
         h2h.kept_rows(tmp_path, h2h.parse_args(["--minutes", "10"]), ["medseg_attention"])
+    rows = h2h.merged(kept, {"medseg_unet": {"steps": 5}, "medseg_attention": {"steps": 4}})
+    assert list(rows) == ["stock_monai", "medseg_unet", "medseg_attention", "nnunet"]  # the contenders' order
 
 
 def test_head_to_head_nnunet_row_says_skipped_without_nnunetv2(tmp_path, monkeypatch):
