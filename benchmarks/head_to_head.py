@@ -343,10 +343,9 @@ def kept_rows(results_dir: Path, args: argparse.Namespace, names: list[str]) -> 
 
 def merged(kept: dict[str, dict], rows: dict[str, dict]) -> dict[str, dict]:
     """The kept rows and this run's in the contenders' order (stock MONAI, medseg's variants, nnU-Net)."""
-    both = {**kept, **rows}
     rank = {c: i for i, c in enumerate(CONTENDERS)}
-    return dict(sorted(both.items(), key=lambda kv: rank.get(kv[0].split("_")[0] if kv[0].startswith("medseg_")
-                                                             else kv[0], len(rank))))
+    return dict(sorted({**kept, **rows}.items(),
+                       key=lambda kv: rank.get("medseg" if kv[0].startswith("medseg_") else kv[0], len(rank))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,13 +375,13 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = {"error": f"{type(err).__name__}: {err}"}
         rows[name]["measured"] = {"commit": meta.get("commit"), "date": meta.get("date")}
         print(f"{name}: {json.dumps(rows[name], default=float)}", file=sys.stderr, flush=True)
-        write_results("head_to_head", f"Head to head: {args.minutes:g} CPU-minutes of training each",
-                      markdown(merged(kept, rows), args),
-                      {"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": merged(kept, rows),
+        table = merged(kept, rows)
+        write_results("head_to_head", f"Head to head: {args.minutes:g} CPU-minutes of training each", markdown(table, args),
+                      {"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": table,
                        "overrides": args.overrides}, meta, command=cmd, **({"out_dir": results_dir} if results_dir else {}))
-    print(markdown(merged(kept, rows), args))
-    print(json.dumps({"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": merged(kept, rows)},
-                     default=float))
+    table = merged(kept, rows)
+    print(markdown(table, args))
+    print(json.dumps({"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": table}, default=float))
     return 0
 
 

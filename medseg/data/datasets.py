@@ -40,7 +40,7 @@ from medseg.errors import InputError
 from medseg.io import find_volumes, is_dicom_dir, read_volume, split_channel_tag, strip_volume_suffix
 
 __all__ = ["IGNORE_NAME", "Case", "DatasetInfo", "build_dataset_json", "discover_cases", "ignore_label_of",
-           "load_dataset_json", "load_or_make_splits", "make_splits", "num_classes_of", "parse_labels"]
+           "label_names_of", "load_dataset_json", "load_or_make_splits", "make_splits", "num_classes_of", "parse_labels"]
 
 IGNORE_NAME = "ignore"  # nnU-Net v2's name of the ignore label
 
@@ -49,6 +49,13 @@ def ignore_label_of(labels: dict[str, int]) -> int | None:
     """The value of the label named ``"ignore"`` in a ``{name: value}`` map, or ``None``."""
     value = (labels or {}).get(IGNORE_NAME)
     return None if value is None else int(value)
+
+
+def label_names_of(labels: dict[str, int]) -> dict[int, str]:
+    """``{value: name}`` of the foreground classes of a ``{name: value}`` map (no background, no ignore
+    label), by value."""
+    ignore = ignore_label_of(labels)
+    return {int(v): k for k, v in sorted((labels or {}).items(), key=lambda kv: kv[1]) if v != 0 and v != ignore}
 
 
 def num_classes_of(labels: dict[str, int]) -> int:
@@ -95,8 +102,7 @@ class DatasetInfo:
     @property
     def label_names(self) -> dict[int, str]:
         """``{value: name}`` of the foreground classes (no background, no ignore label)."""
-        ignore = self.ignore_label
-        return {int(v): k for k, v in sorted(self.labels.items(), key=lambda kv: kv[1]) if v != 0 and v != ignore}
+        return label_names_of(self.labels)
 
 
 def load_dataset_json(path: str | Path) -> DatasetInfo | None:

@@ -67,6 +67,7 @@ def resolve_mirror_axes(cfg: Config, pre_dir: str | Path, plans: dict) -> list[i
     :func:`medseg.data.plan.auto_mirror_axes`, with a log line naming ``plans``' labels) and return them."""
     import json
 
+    from medseg.data.datasets import label_names_of
     from medseg.data.pipeline import case_file
     from medseg.data.plan import auto_mirror_axes
 
@@ -77,7 +78,7 @@ def resolve_mirror_axes(cfg: Config, pre_dir: str | Path, plans: dict) -> list[i
     props = [json.loads(case_file(cases, n, ".json").read_text()) for n in list_cases(pre_dir)]
     axes, lateral = auto_mirror_axes(props)
     if lateral:
-        names = {int(v): k for k, v in plans.get("labels", {}).items()}
+        names = label_names_of(plans.get("labels", {}))
         sides = ", ".join(f"{names.get(k, k)} {off:+.2f}" for k, off in lateral.items())
         log.info("train.augment.mirror_axes auto: %s; no left-right flips: classes on one side of the body in every "
                  "case (centroid offset / body width: %s)", axes, sides)

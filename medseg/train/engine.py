@@ -30,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from medseg.config import Config, config_from_dict, config_to_dict
+from medseg.data.datasets import label_names_of
 from medseg.errors import MedsegError
 from medseg.evaluate.report import write_summary
 from medseg.infer.postprocess import write_run_postprocessing
@@ -122,14 +123,15 @@ def _run_epoch(ctx: Context, batches, epoch: int, stop: StopRequest) -> tuple[di
     seconds = time.perf_counter() - t0
     loss = (sums[:3] / max(n, 1)).tolist()
     return {"epoch": epoch, "loss": loss[0], "dice_ce": loss[1], "aux": loss[2], "lr": lr,
-            "train_dice": _train_dice(sums[3:], ctx.plans.get("labels", {})), "time_s": seconds, "patches_per_s": n * ctx.cfg.train.batch_size * ctx.info.world_size / max(seconds, 1e-9)}, stopped
+            "train_dice": _train_dice(sums[3:], ctx.plans.get("labels", {})), "time_s": seconds,
+            "patches_per_s": n * ctx.cfg.train.batch_size * ctx.info.world_size / max(seconds, 1e-9)}, stopped
 
 
 def _train_dice(counts: torch.Tensor, labels: dict) -> dict[str, float | None]:
     """Class name -> Dice of the epoch's patches, from summed ``(3, K - 1)`` overlap counts (flattened);
     None for a class neither predicted nor present in them."""
     counts = counts.view(3, -1)
-    names = {int(v): str(k) for k, v in labels.items()}
+    names = label_names_of(labels)
     out = {}
     for i in range(counts.shape[1]):
         tp, pred, ref = counts[:, i].tolist()

@@ -105,7 +105,6 @@ class SegmentationLoss(torch.nn.Module):
         # normalise); weight-0 outputs still enter the graph (DDP needs every head to receive a gradient)
         return DeepSupervisionLoss(self._term, weights=deep_supervision_weights(len(outs)))(outs, label)
 
-
     @torch.no_grad()
     def overlap_counts(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor,
                        stride: int = 2) -> torch.Tensor:
