@@ -64,6 +64,9 @@ class DataConfig:
     # no conv at the input resolution, ~1/8 of the FLOPs per voxel) and takes it where it reaches them at a
     # finer spacing. "off": the net is never changed.
     budget_stem: Union[str, bool] = "auto"
+    # "auto": when the plan expects fewer than 10,000 steps and the config trains nnU-Net's SGD + poly, train
+    # with AdamW 1e-3 and the wsd schedule instead (configs/real_organs.yaml's recipe). "off": never changed.
+    budget_recipe: Union[str, bool] = "auto"
     fold: int = 0
     num_folds: int = 5
     split_seed: int = 12345

@@ -201,15 +201,19 @@ def test_train_plans_the_patch_at_the_preprocessed_spacing(phantoms, tmp_path, m
     calls: list = []
     monkeypatch.setattr(budget, "make_step_seconds", _fake_factory(calls))
     out = tmp_path / "job"
-    cfg = load_config("demo", [*FAST, "data.patch_size=null", "data.target_spacing=[3.0,3.0,3.0]", "train.max_minutes=1"])
+    # nnU-Net's optimizer (the variant configs'): a 1-minute budget trains the short-run recipe instead (rule 6)
+    cfg = load_config("demo", [*FAST, "data.patch_size=null", "data.target_spacing=[3.0,3.0,3.0]", "train.max_minutes=1",
+                               "train.optimizer=sgd", "train.scheduler=poly", "train.lr=0.01"])
     job = run_job(phantoms, out, cfg, progress=False)
     assert job["status"] == "finished"
     assert "budget_plan" not in json.loads((out / "job.json").read_text())  # the spacing was given: training plans the patch
     plan = json.loads((out / "run" / "plans.json").read_text())["budget_plan"]
-    assert plan["spacing"] == [3.0, 3.0, 3.0] and plan["planned"] == ["patch"] and plan["qualifies"]
+    assert plan["spacing"] == [3.0, 3.0, 3.0] and plan["planned"] == ["patch", "recipe"] and plan["qualifies"]
     assert math.prod(plan["patch"]) * 1e-5 <= 0.108 and all(p % 4 == 0 for p in plan["patch"])
     run_cfg = yaml.safe_load((out / "run" / "config.yaml").read_text())
     assert run_cfg["data"]["patch_size"] == plan["patch"]  # the window inference uses (Predictor.from_run)
+    assert (run_cfg["train"]["optimizer"], run_cfg["train"]["lr"], run_cfg["train"]["scheduler"]) == ("adamw", 1e-3, "wsd")
+    assert "adamw" in (out / "run" / "log.txt").read_text()  # the model line names the optimizer it built
     assert json.loads((out / "predictions" / "predict_args.json").read_text())["settings"]["roi_size"] == plan["patch"]
 
 
@@ -317,3 +321,52 @@ def test_train_takes_the_stem_and_inference_builds_it(phantoms, tmp_path, monkey
     run_cfg = yaml.safe_load((out / "run" / "config.yaml").read_text())
     assert run_cfg["model"]["strides"] == [2, 2, 2] and run_cfg["data"]["patch_size"] == plan["patch"]
     assert job["evaluation"] is not None  # Predictor.from_run built the stem net from the run's config
+
+
+# --------------------------------------------------------------------------- the optimizer (rule 6)
+def test_short_runs_train_adamw_wsd_instead_of_nnunet_sgd_poly():
+    sgd = _stem_cfg()  # the variant configs' nnU-Net optimizer: SGD 0.01, poly
+    assert (sgd.train.optimizer, sgd.train.scheduler) == ("sgd", "poly")
+    plan = budget.plan_nets(sgd, NetStep(), **BIG_NET)  # a 2-core CPU: ~600 steps in 15 minutes
+    assert plan["expected_steps"] < budget.SHORT_RUN_STEPS
+    assert plan["recipe"] == {"optimizer": "adamw", "lr": 1e-3, "scheduler": "wsd"} and plan["planned"][-1] == "recipe"
+    budget.apply_plan(sgd, plan)
+    assert (sgd.train.optimizer, sgd.train.lr, sgd.train.scheduler) == ("adamw", 1e-3, "wsd")
+    assert "optimizer: adamw lr 0.001, wsd schedule" in budget.describe(plan)
+
+    # a fast GPU expects more steps than the threshold: nnU-Net's recipe stays
+    gpu = _stem_cfg()
+    fast = budget.plan_nets(gpu, NetStep(per_96=0.001), **BIG_NET)
+    assert fast["expected_steps"] >= budget.SHORT_RUN_STEPS and fast["recipe"] is None and "recipe" not in fast["planned"]
+    budget.apply_plan(gpu, fast)
+    assert (gpu.train.optimizer, gpu.train.lr, gpu.train.scheduler) == ("sgd", 1e-2, "poly")
+
+    # a config that chose its own optimizer or schedule keeps it; off keeps nnU-Net's
+    for overrides in (["train.optimizer=adamw"], ["train.scheduler=cosine"], ["data.budget_recipe=off"]):
+        cfg = _stem_cfg(*overrides)
+        kept = budget.plan_nets(cfg, NetStep(), **BIG_NET)
+        assert kept["recipe"] is None, overrides
+        before = (cfg.train.optimizer, cfg.train.lr, cfg.train.scheduler)
+        budget.apply_plan(cfg, kept)
+        assert (cfg.train.optimizer, cfg.train.lr, cfg.train.scheduler) == before
+    assert budget.short_run_recipe(_stem_cfg(), budget.SHORT_RUN_STEPS - 1) is not None
+    assert budget.short_run_recipe(_stem_cfg(), budget.SHORT_RUN_STEPS) is None
+    assert budget.short_run_recipe(_stem_cfg(), None) is None
+    with pytest.raises(ConfigError, match="data.budget_recipe"):
+        check_config(load_config(None, ["data.budget_recipe=maybe"]))
+
+
+def test_a_resumed_run_keeps_its_recipe(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(budget, "make_step_seconds", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-planned")))
+    cfg = load_config(None, ["train.max_minutes=15"])
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.pt").write_bytes(b"")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"patch_size": [64, 48, 32]}}))
+    saved = {"spacing": [3.0] * 3, "planned": ["patch", "recipe"], "expected_steps": 600,
+             "recipe": {"optimizer": "adamw", "lr": 1e-3, "scheduler": "wsd"}}
+    (tmp_path / "plans.json").write_text(json.dumps({"budget_plan": saved}))
+    budget.plan_train_patch(cfg, {"target_spacing": [3.0] * 3}, tmp_path, SimpleNamespace(is_main=True, enabled=False))
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.scheduler) == ("adamw", 1e-3, "wsd")
+    assert cfg.data.patch_size == [64, 48, 32]

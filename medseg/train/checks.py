@@ -53,6 +53,7 @@ def check_config(cfg: Config) -> None:
     _require(d.budget_min_steps >= 1, "data.budget_min_steps", "must be >= 1", d.budget_min_steps)
     _require(d.budget_fov_mm > 0, "data.budget_fov_mm", "must be > 0", d.budget_fov_mm)
     _require(d.budget_stem in ("auto", "off", True, False), "data.budget_stem", "expected auto or off", d.budget_stem)
+    _require(d.budget_recipe in ("auto", "off", True, False), "data.budget_recipe", "expected auto or off", d.budget_recipe)
     if d.patch_size is not None:
         _require(len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size",
                  "expected three positive integers [x, y, z]", d.patch_size)
