@@ -24,6 +24,11 @@ training and inference time); work files (preprocessed data, runs, predictions) 
     python benchmarks/real_ct_study.py --datasets organs --variants attention unet --seeds 0 1   # 2 seeds each, mean rows
     python benchmarks/real_ct_study.py --datasets lung_lesion --variants attention unet --name real_ct_study_lung_lesion
     python benchmarks/real_ct_study.py --quick           # phantom dataset, seconds per variant: checks the script
+    python benchmarks/real_ct_study.py --merge a.json b.json --name real_ct_study_lung_lesion   # seeds run apart, one table
+
+``--merge`` trains nothing: it assembles one table from the ``<name>.json`` of earlier runs (say, one seed per
+run, or runs made on different days), one row per variant and seed, a mean row per variant with more than one
+seed, and a list of the runs (command, commit, date) the rows come from.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="real_ct_study",
                    help="stem of the result files (default real_ct_study; the README's tables: real_ct_study for "
                         "organs, real_ct_study_lung_lesion for the lesion dataset)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="train nothing: one table from earlier runs' <name>.json files (rows of a variant from several "
+                        "files become its seed rows and their mean; the same variant and seed twice is refused), "
+                        "written as --name")
     p.add_argument("overrides", nargs="*", help="extra section.key=value config overrides for every run")
     return p.parse_args(argv)
 
@@ -249,6 +258,76 @@ def markdown(results: dict, minutes: float, setup: str) -> str:
     return note + "\n\n" + "\n\n".join(parts)
 
 
+def setup_of(cfg) -> str:
+    """The table note's settings: spacing, patch, batch and precision of a study config."""
+    return (f"{'x'.join(f'{v:g}' for v in cfg.data.target_spacing)} mm voxels, "
+            f"{'x'.join(map(str, cfg.data.patch_size))} patches, batch {cfg.train.batch_size}, "
+            f"precision {cfg.train.precision}")
+
+
+def merge_runs(paths: list[Path]) -> tuple[dict, float, list[dict]]:
+    """The results of several runs' JSON files as one: ``(results, minutes, sources)``.
+
+    Per dataset and variant the seed rows of every file (mean rows are recomputed, not copied) are
+    relabelled ``<variant> seed <n>`` (the bare ``<variant>`` when only one), ordered by seed, with a
+    ``<variant> mean (k seeds)`` row when ``k > 1``; each row keeps ``measured`` (the commit and date
+    of its run). ``sources``: per file its command line, commit and date.
+
+    Raises:
+        ValueError: the files' budgets differ, or a variant and seed come twice.
+    """
+    budgets, sources, rows = set(), [], {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        meta = data.get("meta", {})
+        budgets.add(float(data["minutes"]))
+        sources.append({"file": path.name, "argv": meta.get("argv", []), "commit": meta.get("commit"),
+                        "date": meta.get("date")})
+        for ds, labelled in data["results"].items():
+            for label, row in labelled.items():
+                if " mean (" in label:
+                    continue
+                variant = label.split(" seed ")[0]
+                seeds = rows.setdefault(ds, {}).setdefault(variant, {})
+                seed = row.get("seed")
+                if seed in seeds:
+                    raise ValueError(f"{path}: {ds} / {variant} seed {seed} is in an earlier file too")
+                seeds[seed] = {**row, "measured": {"commit": meta.get("commit"), "date": meta.get("date")}}
+    if len(budgets) > 1:
+        raise ValueError(f"the runs have different budgets ({sorted(budgets)} min): not one table")
+    results: dict = {}
+    for ds, variants in rows.items():
+        results[ds] = {}
+        for variant, seeds in variants.items():
+            ordered = [seeds[k] for k in sorted(seeds, key=lambda v: (v is None, v))]
+            for row in ordered:
+                label = variant if len(ordered) == 1 else f"{variant} seed {row.get('seed')}"
+                results[ds][label] = row
+            if len(ordered) > 1:
+                results[ds][f"{variant} mean ({len(ordered)} seeds)"] = mean_row(ordered)
+    return results, budgets.pop(), sources
+
+
+def merge_main(args: argparse.Namespace, cmd: str) -> int:
+    """``--merge``: write ``<--name>.{md,json}`` from earlier runs' JSON files (see :func:`merge_runs`)."""
+    results, minutes, sources = merge_runs(args.merge)
+    runs = "\n".join(f"- `python {' '.join(s['argv'])}`: commit `{s['commit']}`, {s['date']}" for s in sources)
+    data = json.loads(Path(args.merge[0]).read_text())
+    setup = data.get("setup") or setup_of(study_config(  # runs written before the JSON kept "setup"
+        DATASETS[next(iter(results))], "unet", pre_dir=Path("."), data_dir=Path("."), minutes=minutes,
+        overrides=list(data.get("overrides") or [])))
+    body = markdown(results, minutes, setup) + "\n\nRuns merged (`--merge`):\n" + runs
+    commits = ", ".join(dict.fromkeys(str(s["commit"]) for s in sources))
+    meta = {**data.get("meta", {}), "commit": commits, "date": " / ".join(dict.fromkeys(str(s["date"]) for s in sources)),
+            "loadavg_start": None, "merged": sources}
+    write_results(args.name, "Real CT: variants under the same training budget", body,
+                  {"results": results, "minutes": minutes, "sources": sources, "setup": setup}, meta, command=cmd,
+                  **({"out_dir": args.results} if args.results else {}))
+    print(body)
+    print(json.dumps({"minutes": minutes, "results": results}, default=float))
+    return 0
+
+
 def quick_dataset(work: Path) -> Path:
     """A phantom stand-in for a real-CT folder: 2 training cases, 1 test case."""
     from medseg.data.phantoms import make_phantom_dataset
@@ -269,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = meta_now(args.threads)
     results_dir = args.results or (Path(tempfile.gettempdir()) / "medseg_bench_quick" if args.quick else None)
     cmd = " ".join(["python benchmarks/real_ct_study.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.merge:
+        return merge_main(args, cmd)
     for ds in args.datasets:
         data_dir = quick_dataset(work) if args.quick else args.real_ct / ds
         if not data_dir.is_dir():
@@ -277,9 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         pre_dir = work / ds / "preprocessed"
         base = study_config(DATASETS[ds], "unet", pre_dir=pre_dir, data_dir=data_dir, minutes=args.minutes, overrides=overrides)
         names, val = prepare(data_dir, pre_dir, base)
-        setup = (f"{'x'.join(f'{v:g}' for v in base.data.target_spacing)} mm voxels, "
-                 f"{'x'.join(map(str, base.data.patch_size))} patches, batch {base.train.batch_size}, "
-                 f"precision {base.train.precision}")
+        setup = setup_of(base)
         print(f"{ds}: training cases {names}, validation on {val}", file=sys.stderr, flush=True)
         results[ds] = {}
         for variant in args.variants:
@@ -306,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[ds][f"{variant} mean ({len(seeds)} seeds)"] = mean_row(seed_rows)
                 write_results(args.name, "Real CT: variants under the same training budget",
                               markdown(results, args.minutes, setup),
-                              {"results": results, "minutes": args.minutes, "seeds": args.seeds, "overrides": overrides},
+                              {"results": results, "minutes": args.minutes, "seeds": args.seeds, "overrides": overrides,
+                               "setup": setup},
                               meta, command=cmd, **({"out_dir": results_dir} if results_dir else {}))
     print(markdown(results, args.minutes, setup))
     print(json.dumps({"minutes": args.minutes, "results": results}, default=float))

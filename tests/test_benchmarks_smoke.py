@@ -336,6 +336,43 @@ def test_real_ct_study_mean_of_seeds_and_hd95_columns():
     assert "average the seeds' rows" in md and "gate/level0 3.00 (0.30 / 0.10)" in lines[3]
 
 
+def test_real_ct_study_merge_assembles_seed_rows_from_separate_runs(tmp_path):
+    import real_ct_study
+
+    base = {"val_dice_train_case": 0.9, "train_s": 900.0, "infer_s_per_case": 2.0, "test_hd95": {"lesion": 2.0}}
+    def run(name, seed, dice, patches, commit, label="attention", extra=None):
+        rows = {label: {**base, "seed": seed, "test_dice": {"lesion": dice}, "test_fg_mean_dice": dice, "patches": patches},
+                **(extra or {})}
+        meta = {"commit": commit, "date": f"2026-11-29 1{seed}:00", "argv": ["benchmarks/real_ct_study.py", "--seeds", str(seed)],
+                "machine": {"cpu": "x", "cores": 2, "threads": 2, "bf16_native": True, "torch": "t", "monai": "m"}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"results": {"lung_lesion": rows}, "minutes": 15.0, "overrides": [], "meta": meta}))
+        return path
+
+    a = run("a", 1, 0.5, 30, "bbb")
+    b = run("b", 0, 0.8, 41, "aaa", label="attention seed 0",
+            extra={"attention seed 9": {**base, "seed": 9, "error": "x"}, "attention mean (2 seeds)": {"seeds": 2}})
+    results, minutes, sources = real_ct_study.merge_runs([a, b])
+    rows = results["lung_lesion"]
+    assert minutes == 15.0 and [s["commit"] for s in sources] == ["bbb", "aaa"]
+    # seed rows in seed order, the stale mean row dropped and recomputed over the seeds that ran
+    assert list(rows) == ["attention seed 0", "attention seed 1", "attention seed 9", "attention mean (3 seeds)"]
+    assert rows["attention seed 0"]["measured"] == {"commit": "aaa", "date": "2026-11-29 10:00"}
+    mean = rows["attention mean (3 seeds)"]
+    assert mean["seeds"] == 2 and mean["test_dice"]["lesion"] == pytest.approx(0.65) and mean["patches"] == 36
+    with pytest.raises(ValueError, match="seed 1 is in an earlier file"):
+        real_ct_study.merge_runs([a, a])
+    other = tmp_path / "c.json"
+    other.write_text(json.dumps({**json.loads(a.read_text()), "minutes": 5.0}))
+    with pytest.raises(ValueError, match="different budgets"):
+        real_ct_study.merge_runs([b, other])
+
+    assert real_ct_study.main(["--merge", str(a), str(b), "--results", str(tmp_path / "out"), "--name", "merged"]) == 0
+    md = (tmp_path / "out" / "merged.md").read_text()
+    assert "| attention mean (3 seeds) | 0.65 |" in md and "48x48x48 patches" in md  # the lesion config's setup
+    assert "commit `bbb`, 2026-11-29 11:00" in md and "Measured on: commit `bbb, aaa`" in md
+
+
 def test_real_ct_study_seeds_option():
     import real_ct_study
 
