@@ -258,6 +258,16 @@ def markdown(results: dict, minutes: float, setup: str) -> str:
     return note + "\n\n" + "\n\n".join(parts)
 
 
+def row_label(variant: str, seed, n_seeds: int) -> str:
+    """A seed row's label: ``<variant>`` when the variant has one run, else ``<variant> seed <n>``."""
+    return variant if n_seeds == 1 else f"{variant} seed {seed}"
+
+
+def mean_label(variant: str, n_seeds: int) -> str:
+    """The label of a variant's mean row over ``n_seeds`` seeds."""
+    return f"{variant} mean ({n_seeds} seeds)"
+
+
 def setup_of(cfg) -> str:
     """The table note's settings: spacing, patch, batch and precision of a study config."""
     return (f"{'x'.join(f'{v:g}' for v in cfg.data.target_spacing)} mm voxels, "
@@ -265,8 +275,9 @@ def setup_of(cfg) -> str:
             f"precision {cfg.train.precision}")
 
 
-def merge_runs(paths: list[Path]) -> tuple[dict, float, list[dict]]:
-    """The results of several runs' JSON files as one: ``(results, minutes, sources)``.
+def merge_runs(runs: list[tuple[str, dict]]) -> tuple[dict, float, list[dict]]:
+    """The results of several runs' JSON files (``(file name, parsed JSON)`` pairs) as one:
+    ``(results, minutes, sources)``.
 
     Per dataset and variant the seed rows of every file (mean rows are recomputed, not copied) are
     relabelled ``<variant> seed <n>`` (the bare ``<variant>`` when only one), ordered by seed, with a
@@ -277,11 +288,10 @@ def merge_runs(paths: list[Path]) -> tuple[dict, float, list[dict]]:
         ValueError: the files' budgets differ, or a variant and seed come twice.
     """
     budgets, sources, rows = set(), [], {}
-    for path in paths:
-        data = json.loads(Path(path).read_text())
+    for name, data in runs:
         meta = data.get("meta", {})
         budgets.add(float(data["minutes"]))
-        sources.append({"file": path.name, "argv": meta.get("argv", []), "commit": meta.get("commit"),
+        sources.append({"file": name, "argv": meta.get("argv", []), "commit": meta.get("commit"),
                         "date": meta.get("date")})
         for ds, labelled in data["results"].items():
             for label, row in labelled.items():
@@ -291,7 +301,7 @@ def merge_runs(paths: list[Path]) -> tuple[dict, float, list[dict]]:
                 seeds = rows.setdefault(ds, {}).setdefault(variant, {})
                 seed = row.get("seed")
                 if seed in seeds:
-                    raise ValueError(f"{path}: {ds} / {variant} seed {seed} is in an earlier file too")
+                    raise ValueError(f"{name}: {ds} / {variant} seed {seed} is in an earlier file too")
                 seeds[seed] = {**row, "measured": {"commit": meta.get("commit"), "date": meta.get("date")}}
     if len(budgets) > 1:
         raise ValueError(f"the runs have different budgets ({sorted(budgets)} min): not one table")
@@ -301,18 +311,18 @@ def merge_runs(paths: list[Path]) -> tuple[dict, float, list[dict]]:
         for variant, seeds in variants.items():
             ordered = [seeds[k] for k in sorted(seeds, key=lambda v: (v is None, v))]
             for row in ordered:
-                label = variant if len(ordered) == 1 else f"{variant} seed {row.get('seed')}"
-                results[ds][label] = row
+                results[ds][row_label(variant, row.get("seed"), len(ordered))] = row
             if len(ordered) > 1:
-                results[ds][f"{variant} mean ({len(ordered)} seeds)"] = mean_row(ordered)
+                results[ds][mean_label(variant, len(ordered))] = mean_row(ordered)
     return results, budgets.pop(), sources
 
 
 def merge_main(args: argparse.Namespace, cmd: str) -> int:
     """``--merge``: write ``<--name>.{md,json}`` from earlier runs' JSON files (see :func:`merge_runs`)."""
-    results, minutes, sources = merge_runs(args.merge)
+    parsed = [(p.name, json.loads(p.read_text())) for p in args.merge]
+    results, minutes, sources = merge_runs(parsed)
     runs = "\n".join(f"- `python {' '.join(s['argv'])}`: commit `{s['commit']}`, {s['date']}" for s in sources)
-    data = json.loads(Path(args.merge[0]).read_text())
+    data = parsed[0][1]  # the first run: its setup, overrides and machine
     setup = data.get("setup") or setup_of(study_config(  # runs written before the JSON kept "setup"
         DATASETS[next(iter(results))], "unet", pre_dir=Path("."), data_dir=Path("."), minutes=minutes,
         overrides=list(data.get("overrides") or [])))
@@ -365,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             seeds = args.seeds or [None]
             seed_rows = []
             for seed in seeds:
-                label = variant if len(seeds) == 1 else f"{variant} seed {seed}"
+                label = row_label(variant, seed, len(seeds))
                 extra = [] if seed is None else [f"train.seed={seed}"]
                 cfg = study_config(DATASETS[ds], variant, pre_dir=pre_dir, data_dir=data_dir, minutes=args.minutes,
                                    overrides=overrides + extra)
@@ -382,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[ds][label] = row
                 print(f"{ds} / {label}: {json.dumps(row, default=float)}", file=sys.stderr, flush=True)
                 if len(seeds) > 1 and len(seed_rows) == len(seeds):
-                    results[ds][f"{variant} mean ({len(seeds)} seeds)"] = mean_row(seed_rows)
+                    results[ds][mean_label(variant, len(seeds))] = mean_row(seed_rows)
                 write_results(args.name, "Real CT: variants under the same training budget",
                               markdown(results, args.minutes, setup),
                               {"results": results, "minutes": args.minutes, "seeds": args.seeds, "overrides": overrides,

@@ -352,7 +352,10 @@ def test_real_ct_study_merge_assembles_seed_rows_from_separate_runs(tmp_path):
     a = run("a", 1, 0.5, 30, "bbb")
     b = run("b", 0, 0.8, 41, "aaa", label="attention seed 0",
             extra={"attention seed 9": {**base, "seed": 9, "error": "x"}, "attention mean (2 seeds)": {"seeds": 2}})
-    results, minutes, sources = real_ct_study.merge_runs([a, b])
+    def load(*paths):
+        return [(p.name, json.loads(p.read_text())) for p in paths]
+
+    results, minutes, sources = real_ct_study.merge_runs(load(a, b))
     rows = results["lung_lesion"]
     assert minutes == 15.0 and [s["commit"] for s in sources] == ["bbb", "aaa"]
     # seed rows in seed order, the stale mean row dropped and recomputed over the seeds that ran
@@ -361,11 +364,11 @@ def test_real_ct_study_merge_assembles_seed_rows_from_separate_runs(tmp_path):
     mean = rows["attention mean (3 seeds)"]
     assert mean["seeds"] == 2 and mean["test_dice"]["lesion"] == pytest.approx(0.65) and mean["patches"] == 36
     with pytest.raises(ValueError, match="seed 1 is in an earlier file"):
-        real_ct_study.merge_runs([a, a])
+        real_ct_study.merge_runs(load(a, a))
     other = tmp_path / "c.json"
     other.write_text(json.dumps({**json.loads(a.read_text()), "minutes": 5.0}))
     with pytest.raises(ValueError, match="different budgets"):
-        real_ct_study.merge_runs([b, other])
+        real_ct_study.merge_runs(load(b, other))
 
     assert real_ct_study.main(["--merge", str(a), str(b), "--results", str(tmp_path / "out"), "--name", "merged"]) == 0
     md = (tmp_path / "out" / "merged.md").read_text()
