@@ -14,6 +14,7 @@ shared out across ranks and their metrics gathered, and only rank 0 writes files
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from medseg.runtime import resolve_device
 
-__all__ = ["DistInfo", "all_gather_objects", "cleanup", "init_distributed", "mean_across", "wrap_ddp"]
+__all__ = ["DistInfo", "all_gather_objects", "barrier", "cleanup", "init_distributed", "mean_across", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,22 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
-def cleanup(info: DistInfo) -> None:
-    """Leave the process group (safe to call twice)."""
+def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here (a no-op when not distributed)."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group (safe to call twice).
+
+    The caller drops its ``DistributedDataParallel`` wrapper first: its reducer holds the process
+    group, and ``destroy_process_group`` only forgets c10d's own references. A group that outlives
+    it is freed whenever the garbage collector gets to the wrapper, possibly at interpreter exit,
+    where gloo's worker threads are torn down with the interpreter (the likely cause of a rare
+    SIGABRT, "terminate called without an active exception", of a 2-rank CPU test run at its very
+    end). So: collect first, then destroy.
+    """
+    if info.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

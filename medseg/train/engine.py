@@ -38,7 +38,7 @@ from medseg.runtime import autocast, get_logger, progress_enabled
 from medseg.train import data as tdata
 from medseg.train.checkpoint import capture_rng, save_checkpoint
 from medseg.train.checks import check_config
-from medseg.train.distributed import all_gather_objects, cleanup, init_distributed, mean_across, wrap_ddp
+from medseg.train.distributed import all_gather_objects, barrier, cleanup, init_distributed, mean_across, wrap_ddp
 from medseg.train.optim import refresh_lr
 from medseg.train.setup import (Context, budget_state, build_context, check_run_dir, open_log, resume_from_latest,
                                 train_loader, write_run_files)
@@ -297,13 +297,16 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
             ctx.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=ctx.epoch + 2 if resume else None)
         with StopRequest() as stop:
             status = _loop(ctx, loader, stop)
+        barrier(info)  # no rank tears the group down while rank 0 still writes its checkpoints
         return {"status": status, "signal": stop.signum, "run_dir": str(run_dir), "epoch": ctx.epoch, "step": ctx.step,
                 "best_metric": ctx.best, "final_summary": ctx.final_summary,
                 "final_metric": ctx.history[-1].get("val_mean_fg_dice") if ctx.history else None,
                 "history": ctx.history}
     finally:
-        if "ctx" in locals() and ctx.writer is not None:
-            ctx.writer.close()
+        if "ctx" in locals():
+            if ctx.writer is not None:
+                ctx.writer.close()
+            ctx.ddp = ctx.model  # drop the DDP wrapper: its reducer holds the process group cleanup destroys
         if handler is not None:
             logging.getLogger("medseg").removeHandler(handler)
             handler.close()
