@@ -1,5 +1,6 @@
 """Post-processing chosen on validation data (nnU-Net's rule): per class, keep the largest
-component only where that raised the validation Dice; the run records it, `medseg infer` applies it."""
+component where that raised the validation Dice, or left it unchanged for a class that is one
+structure in every validation reference; the run records it, `medseg infer` applies it."""
 
 from __future__ import annotations
 
@@ -33,14 +34,43 @@ def test_scores_and_choice_follow_the_dice():
     assert math.isclose(scores["1"][0], 2 * 216 / (228 + 216)) and scores["1"][1] == 1.0
     # class 2: removing the smaller lesion loses 18 true voxels: 2*18/(18+27) after vs 2*45/(45+54) before
     assert math.isclose(scores["2"][0], 2 * 45 / (45 + 54)) and math.isclose(scores["2"][1], 2 * 27 / (27 + 54))
-    assert all(math.isnan(v) for v in scores["3"])  # absent everywhere
+    assert all(math.isnan(v) for v in scores["3"][:2]) and scores["3"][2] == 0  # absent everywhere
+    assert scores["1"][2] == 1 and scores["2"][2] == 2  # reference components: one organ, two lesions
     choice = choose_largest_component([scores, largest_component_scores(ref, ref, [1, 2, 3])])
     assert choice["largest_component_classes"] == [1]  # a strict gain for 1 only; 2 loses, 3 never seen
     assert choice["dice_after"]["1"] > choice["dice_before"]["1"] and choice["num_cases"] == 2
+    assert choice["single_structure"] == {"1": True, "2": False, "3": False}
     # the ignore label is not scored: an island on ignored voxels is no false positive
     ref_ign = ref.copy()
     ref_ign[20:23, 2:4, 2:4] = 9
-    assert largest_component_scores(pred, ref_ign, [1], ignore_label=9)["1"] == [1.0, 1.0]
+    assert largest_component_scores(pred, ref_ign, [1], ignore_label=9)["1"] == [1.0, 1.0, 1]
+
+
+def test_a_tie_chooses_the_largest_component_only_for_a_single_structure_class():
+    """A validation prediction without stray islands scores the same with and without the step (the
+    rule of a study that validates on a training case): chosen for a class that is one component in
+    every validation reference, not for a two-part class (kidneys) nor on a loss."""
+    ref = np.zeros((24, 24, 24), np.uint8)
+    ref[2:8, 2:8, 2:8] = 1                       # liver: one structure
+    ref[12:15, 2:5, 2:5] = 2                     # kidneys: two structures
+    ref[12:15, 18:21, 2:5] = 2
+    ref[16:22, 10:16, 14:20] = 3                 # spleen: one structure ...
+    pred = ref.copy()
+    pred[12:15, 18:21, 2:5] = 0                  # one kidney missed: the prediction is one component
+    pred[16:22, 12, 14:20] = 0                   # spleen predicted in two pieces: the largest loses Dice
+    scores = largest_component_scores(pred, ref, [1, 2, 3])
+    assert scores["1"][:2] == [1.0, 1.0] and scores["2"][0] == scores["2"][1] < 1  # ties
+    assert scores["3"][1] < scores["3"][0]
+    choice = choose_largest_component([scores, scores])
+    assert choice["largest_component_classes"] == [1]
+    assert choice["single_structure"] == {"1": True, "2": False, "3": True}
+    # one validation case where the class is two structures vetoes the tie rule
+    two = ref.copy()
+    two[20:23, 20:23, 20:23] = 1
+    assert choose_largest_component([scores, largest_component_scores(two, two, [1])])["largest_component_classes"] == []
+    # entries without the component count (older summaries) are not read as one structure
+    assert choose_largest_component([{"1": [1.0, 1.0]}])["largest_component_classes"] == []
+    assert choose_largest_component([{"1": [0.9, 0.95]}])["largest_component_classes"] == [1]
 
 
 def test_training_records_the_choice_and_infer_auto_applies_it(preprocessed_phantoms, tmp_path):
@@ -53,8 +83,10 @@ def test_training_records_the_choice_and_infer_auto_applies_it(preprocessed_phan
     summary = json.loads((run / "validation" / "summary.json").read_text())
     assert recorded == summary["postprocessing"]
     assert set(recorded["dice_before"]) == {str(c) for c in range(1, json.loads((run / "plans.json").read_text())["num_classes"])}
-    assert recorded["largest_component_classes"] == [int(c) for c, b in recorded["dice_before"].items()
-                                                      if recorded["dice_after"][c] > b + 1e-9]
+    gain = {c for c, b in recorded["dice_before"].items() if recorded["dice_after"][c] > b + 1e-9}
+    tie = {c for c, b in recorded["dice_before"].items() if recorded["single_structure"][c]
+           and abs(recorded["dice_after"][c] - b) <= 1e-9}
+    assert recorded["largest_component_classes"] == sorted((int(c) for c in gain | tie))
     assert "largest_component" not in summary["metric_per_case"][0]  # nnU-Net's summary layout unchanged
 
     # infer: auto (the default) = the recorded classes reduced to their largest component, the others raw

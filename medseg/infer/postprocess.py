@@ -8,11 +8,15 @@ uses ``scipy.ndimage.label`` on each class's bounding box.
 
 **Chosen on validation data, as nnU-Net does** (``determine_postprocessing``): at every validation
 the trainer scores each class with and without keeping its largest component
-(:func:`choose_largest_component`) and writes the classes where it raised the mean Dice to the
-run's ``postprocessing.json``; ``medseg infer --postprocess auto`` (the default) applies exactly
-that. A class is post-processed only on a strict improvement, so a class whose validation
-predictions have no stray component is left alone, and multi-focal classes (lesions) keep their
-components when removing them costs Dice.
+(:func:`choose_largest_component`) and writes the chosen classes to the run's
+``postprocessing.json``; ``medseg infer --postprocess auto`` (the default) applies exactly that.
+A class is chosen on a strict improvement of its mean validation Dice (nnU-Net's rule), or on a
+tie when its reference mask is one connected component in every validation case (a
+single-structure class: liver, spleen, heart). The tie is what a validation case without stray
+components gives -- always, when the validation case is a training case, as in a study that
+trains on every case of a tiny dataset -- and nnU-Net's strict rule then leaves a far-away false
+positive on new data in place. Multi-focal classes (lesions, two kidneys) keep their components
+unless removing them raised the validation Dice.
 """
 
 from __future__ import annotations
@@ -85,43 +89,61 @@ def apply_postprocess(mask: np.ndarray, name: str | dict | None) -> np.ndarray:
 
 def largest_component_scores(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int], *,
                              ignore_label: int | None = None) -> dict[str, list[float]]:
-    """One validation case: ``{class: [Dice without, Dice with largest-component]}`` (NaN when the
-    class is absent from both prediction and reference); reference voxels equal to
+    """One validation case: ``{class: [Dice without, Dice with largest-component, reference
+    components]}`` (Dice NaN when the class is absent from both prediction and reference; the count
+    of 26-connected components of the class in ``ref``, 0 when absent); reference voxels equal to
     ``ignore_label`` are not scored."""
     ign = (ref == ignore_label) if ignore_label is not None else None
     out = {}
     for c in classes:
         r = ref == c
-        out[str(int(c))] = [dice(pred == c, r, ign), dice(keep_largest_component(pred, [int(c)]) == c, r, ign)]
+        out[str(int(c))] = [dice(pred == c, r, ign), dice(keep_largest_component(pred, [int(c)]) == c, r, ign),
+                            _count_components(r)]
     return out
 
 
+def _count_components(mask: np.ndarray) -> int:
+    if not mask.any():
+        return 0
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    return int(ndimage.label(mask[box], structure=_FULL_CONNECTIVITY)[1])
+
+
 def choose_largest_component(per_case: Sequence[dict[str, list[float]]]) -> dict:
-    """Per class, keep the largest component only where that raises the mean validation Dice.
+    """Per class, keep the largest component where that raises the mean validation Dice, or leaves
+    it unchanged for a class that is one structure in every validation reference.
 
     nnU-Net's rule (Isensee et al. 2021, ``determine_postprocessing``), per class: the mean Dice
     over the validation cases (cases where the class is absent from prediction and reference do
     not count) with the class reduced to its largest 26-connected component, against without;
-    chosen on a strict improvement.
+    chosen on a strict improvement. Added: a tie (within 1e-9) chooses it too when the class's
+    reference is exactly one component in every counted case -- the validation data then say the
+    class is a single structure, and a stray island on new data can only be a false positive. A
+    loss never chooses it.
 
     Args:
-        per_case: :func:`largest_component_scores` of each validation case.
+        per_case: :func:`largest_component_scores` of each validation case (``[before, after]``
+            entries, without the component count, read as "not one structure").
 
     Returns:
         ``{"largest_component_classes": [c, ...], "dice_before": {c: d}, "dice_after": {c: d},
-        "num_cases": n}`` (class keys as strings; a class never seen reads NaN and is not chosen).
+        "single_structure": {c: bool}, "num_cases": n}`` (class keys as strings; a class never
+        seen reads NaN and is not chosen).
     """
     classes = sorted({c for case in per_case for c in case}, key=int)
     before: dict[str, float] = {}
     after: dict[str, float] = {}
+    single: dict[str, bool] = {}
     chosen = []
     for c in classes:
-        valid = [case[c] for case in per_case if c in case and not any(np.isnan(v) for v in case[c])]
-        before[c] = float(np.mean([b for b, _ in valid])) if valid else float("nan")
-        after[c] = float(np.mean([a for _, a in valid])) if valid else float("nan")
-        if valid and after[c] > before[c] + 1e-9:
+        valid = [case[c] for case in per_case if c in case and not any(np.isnan(v) for v in case[c][:2])]
+        before[c] = float(np.mean([v[0] for v in valid])) if valid else float("nan")
+        after[c] = float(np.mean([v[1] for v in valid])) if valid else float("nan")
+        single[c] = bool(valid) and all(len(v) > 2 and v[2] == 1 for v in valid)
+        if valid and (after[c] > before[c] + 1e-9 or (single[c] and after[c] >= before[c] - 1e-9)):
             chosen.append(int(c))
-    return {"largest_component_classes": chosen, "dice_before": before, "dice_after": after, "num_cases": len(per_case)}
+    return {"largest_component_classes": chosen, "dice_before": before, "dice_after": after,
+            "single_structure": single, "num_cases": len(per_case)}
 
 
 def write_run_postprocessing(run_dir: str | Path, choice: dict) -> Path:

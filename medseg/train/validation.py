@@ -6,8 +6,9 @@ Each validation case is predicted whole with :func:`medseg.infer.sliding.sliding
 grid** against its preprocessed label (Dice and IoU per class, :mod:`medseg.evaluate.metrics`).
 The summary has the layout of ``medseg evaluate``'s ``summary.json`` (nnU-Net's
 ``metric_per_case`` / ``mean`` / ``foreground_mean``, built by :func:`medseg.evaluate.evaluator.summarize`)
-plus ``postprocessing``: per class, whether keeping the largest component raised the validation
-Dice (:func:`medseg.infer.postprocess.choose_largest_component`, nnU-Net's rule); the trainer
+plus ``postprocessing``: per class, whether to keep the largest component (it raised the
+validation Dice, nnU-Net's rule, or left it unchanged for a class that is one structure in every
+validation reference: :func:`medseg.infer.postprocess.choose_largest_component`); the trainer
 writes it to the run's ``postprocessing.json`` for ``medseg infer --postprocess auto``.
 
 With DDP the cases are shared out over the ranks (``cases[rank::world]``) and the per-case
