@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write every attention/gate map as <case>_gates/<name>.nii.gz in the input grid")
     p.add_argument("--postprocess", choices=["auto", *POSTPROCESSORS.names()], default="auto",
                    help="auto (default): what training chose on its validation cases (the run's postprocessing.json: "
-                        "largest component kept for the classes where that raised the validation Dice; none if the "
+                        "largest component kept for the classes where that raised the validation Dice, or left it "
+                        "unchanged for a class that is one component in every validation reference; none if the "
                         "run never validated); largest-component: every class; none: the raw arg-max")
     p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="nii.gz",
                    help="mask file format; 'same' keeps the input's (DICOM -> nii.gz)")
