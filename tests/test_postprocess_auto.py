@@ -68,7 +68,7 @@ def test_a_tie_chooses_the_largest_component_only_for_a_single_structure_class()
     two = ref.copy()
     two[20:23, 20:23, 20:23] = 1
     assert choose_largest_component([scores, largest_component_scores(two, two, [1])])["largest_component_classes"] == []
-    # entries without the component count (older summaries) are not read as one structure
+    # two-value entries, without the component count, are not read as one structure
     assert choose_largest_component([{"1": [1.0, 1.0]}])["largest_component_classes"] == []
     assert choose_largest_component([{"1": [0.9, 0.95]}])["largest_component_classes"] == [1]
 

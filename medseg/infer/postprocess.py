@@ -40,6 +40,14 @@ RUN_FILE = "postprocessing.json"
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
+def _components(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray, int]:
+    """26-connected components of a non-empty boolean mask, labelled within its bounding box:
+    ``(box, labels in the box, count)``."""
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    comp, n = ndimage.label(mask[box], structure=_FULL_CONNECTIVITY)
+    return box, comp, int(n)
+
+
 def keep_largest_component(mask: np.ndarray, labels: Sequence[int] | None = None) -> np.ndarray:
     """Keep the largest 26-connected component of each foreground class.
 
@@ -58,8 +66,7 @@ def keep_largest_component(mask: np.ndarray, labels: Sequence[int] | None = None
         fg = out == v
         if not fg.any():
             continue
-        box = ndimage.find_objects(fg.astype(np.uint8))[0]
-        comp, n = ndimage.label(fg[box], structure=_FULL_CONNECTIVITY)
+        box, comp, n = _components(fg)
         if n <= 1:
             continue
         sizes = np.bincount(comp.ravel())
@@ -98,15 +105,8 @@ def largest_component_scores(pred: np.ndarray, ref: np.ndarray, classes: Sequenc
     for c in classes:
         r = ref == c
         out[str(int(c))] = [dice(pred == c, r, ign), dice(keep_largest_component(pred, [int(c)]) == c, r, ign),
-                            _count_components(r)]
+                            _components(r)[2] if r.any() else 0]
     return out
-
-
-def _count_components(mask: np.ndarray) -> int:
-    if not mask.any():
-        return 0
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]
-    return int(ndimage.label(mask[box], structure=_FULL_CONNECTIVITY)[1])
 
 
 def choose_largest_component(per_case: Sequence[dict[str, list[float]]]) -> dict:
