@@ -97,3 +97,39 @@ def test_levels_config_key_builds_and_is_checked():
                                "model.skip_fusion.name=gate", "model.skip_fusion.levels=[false,true,true]"]).model
     with pytest.raises(ConfigError, match="model.skip_fusion.levels"):
         build_model(monai, num_classes=2)
+
+
+def test_zero_init_gates_start_at_one_half_everywhere_and_learn():
+    """zero_init: psi = 0, so every map is exactly 0.5 and the gated skip is x / 2; theta and phi
+    have no gradient at the first step (psi's weight is zero), psi has one, and after one SGD step
+    the map is no longer uniform."""
+    torch.manual_seed(0)
+    model = make_unet(**SMALL, skip_fusion_kwargs={"zero_init": True})
+    gates = list(model.decoder.fusions)
+    assert all(torch.count_nonzero(f.psi.weight) == 0 and torch.count_nonzero(f.psi.bias) == 0 for f in gates)
+    x = torch.randn(2, 1, 16, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        _, maps = model(x, return_attention=True)
+    assert sorted(maps) == ["gate/level0", "gate/level1", "gate/level2"]
+    assert all(torch.equal(m, torch.full_like(m, 0.5)) for m in maps.values())
+    model.train()
+    out = model(x)
+    (out[0] if isinstance(out, (list, tuple)) else out).square().mean().backward()
+    assert all(f.theta.weight.grad is None or torch.count_nonzero(f.theta.weight.grad) == 0 for f in gates)
+    assert any(torch.count_nonzero(f.psi.weight.grad) > 0 for f in gates)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    model.eval()
+    with torch.no_grad():
+        _, maps = model(x, return_attention=True)
+    assert all(m.std() > 0 for m in maps.values())
+    # default: PyTorch's init, a random non-uniform map from the start
+    default = make_unet(**SMALL).eval()
+    with torch.no_grad():
+        _, maps = default(x, return_attention=True)
+    assert all(m.std() > 0 for m in maps.values())
+    with pytest.raises(ValueError, match="zero_init must be true or false"):
+        create_skip_fusion("gate", 8, 16, zero_init=1)

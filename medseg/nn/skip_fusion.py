@@ -81,12 +81,19 @@ class AttentionGate(nn.Module):
     the U-Net, not of the gate -- ``model.skip_fusion.levels: [false, true, ...]``, which leaves the
     finest skip ungated as their net does.
 
+    ``zero_init=True`` initialises ``psi`` (weights and bias) to zero, so every gate map starts at
+    0.5 everywhere: the untrained gated net is a plain U-Net with its skips halved, not one whose
+    skips are multiplied by a random spatial pattern, and the gates grow from there (the non-local
+    block's zero-initialised output, Wang et al. 2018, applied to the gate's logit). ``theta`` and
+    ``phi`` get their first gradients once ``psi`` has moved (after one step).
+
     Args:
         skip_channels: Cs. gating_channels: Cg. spatial_dims: 2 or 3.
         scale: the resolution ratio between ``x`` and ``g`` (int or per axis), default 2.
         inter_channels: Ci: an int, ``None`` (default, ``max(Cs // 2, 1)``) or ``"skip"`` (Cs).
         gating_transform: 1x1 conv + ``norm`` + ReLU on ``g`` before ``phi`` (default off).
         norm: instance | batch | group, of the gating transform (the U-Net passes its own).
+        zero_init: ``psi`` starts at zero (every gate 0.5 at the start; default off: PyTorch's init).
 
     Shapes: ``x (B, Cs, *S), g (B, Cg, *S') -> (B, 2 Cs, *S)``; with ``return_map=True`` also the
     gate map ``a: (B, 1, *S)`` in [0, 1], the factor the skip is multiplied by (0: suppressed,
@@ -109,6 +116,7 @@ class AttentionGate(nn.Module):
         inter_channels: int | str | None = None,
         gating_transform: bool = False,
         norm: str = "instance",
+        zero_init: bool = False,
     ):
         super().__init__()
         sd = _check(skip_channels, gating_channels, spatial_dims)
@@ -120,8 +128,9 @@ class AttentionGate(nn.Module):
             raise ValueError(f"inter_channels must be a positive integer, null or 'skip', got {inter_channels!r}")
         else:
             ci = check_positive_int("inter_channels", inter_channels)
-        if not isinstance(gating_transform, bool):
-            raise ValueError(f"gating_transform must be true or false, got {gating_transform!r}")
+        for name, flag in (("gating_transform", gating_transform), ("zero_init", zero_init)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
         s = to_tuple(scale, sd, "scale")
         self.gating = None
         if gating_transform:
@@ -130,6 +139,9 @@ class AttentionGate(nn.Module):
         self.theta = conv_nd(sd, skip_channels, ci, s, stride=s, padding=0, bias=False)
         self.phi = conv_nd(sd, gating_channels, ci, 1)
         self.psi = conv_nd(sd, ci, 1, 1)
+        if zero_init:
+            nn.init.zeros_(self.psi.weight)
+            nn.init.zeros_(self.psi.bias)
         self.up = Upsample(sd, gating_channels, skip_channels, s)
         self.out_channels = 2 * skip_channels
         self._mode = "bilinear" if sd == 2 else "trilinear"
