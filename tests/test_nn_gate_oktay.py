@@ -116,7 +116,7 @@ def test_zero_init_gates_start_at_one_half_everywhere_and_learn():
     model.train()
     out = model(x)
     (out[0] if isinstance(out, (list, tuple)) else out).square().mean().backward()
-    assert all(f.theta.weight.grad is None or torch.count_nonzero(f.theta.weight.grad) == 0 for f in gates)
+    assert all(w.grad is None or torch.count_nonzero(w.grad) == 0 for f in gates for w in (f.theta.weight, f.phi.weight))
     assert any(torch.count_nonzero(f.psi.weight.grad) > 0 for f in gates)
     with torch.no_grad():
         for p in model.parameters():
