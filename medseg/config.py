@@ -145,6 +145,10 @@ class AugmentConfig:
     mirror_axes: Union[str, list[int]] = "auto"
     p_slab: float = 0.0  # keep a random axial slab of the patch, the rest as padding (partial-coverage scans)
     slab_min_slices: int = 8
+    # per-structure intensity shift (contrast phases; medseg.data.transforms.RandLabelIntensityShiftd): with this
+    # probability per patch, each labelled class present gets its own offset from label_shift_range (normalized units)
+    p_label_shift: float = 0.0
+    label_shift_range: list[float] = field(default_factory=lambda: [-0.5, 0.5])
 
     def flip_axes(self) -> list[int]:
         """``mirror_axes`` as a list; an unresolved ``"auto"`` (training resolves it from the data,

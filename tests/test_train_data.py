@@ -308,6 +308,53 @@ def test_slab_settings_are_checked(override, key):
         check_config(load_config(None, [override]))
 
 
+
+def test_label_intensity_shift_moves_each_structure_by_its_own_offset_within_the_range():
+    from medseg.data.transforms import RandLabelIntensityShiftd
+
+    image = torch.randn(2, 6, 6, 6)
+    label = torch.zeros(1, 6, 6, 6)
+    label[0, :2] = 1  # class 1: x 0-1
+    label[0, 4:] = 3  # class 3: x 4-5 (class 2 absent)
+    seen = []
+    for seed in range(30):
+        t = RandLabelIntensityShiftd(prob=1.0, shift_range=(0.5, -0.5))  # either order
+        t.set_random_state(seed=seed)
+        out = t({"image": image, "label": label})
+        delta = out["image"] - image
+        assert torch.equal(out["label"], label)
+        assert delta[:, 2:4].abs().max() == 0  # background untouched
+        d1, d3 = delta[0, 0, 0, 0].item(), delta[0, 5, 0, 0].item()
+        assert torch.allclose(delta[:, :2], torch.full_like(delta[:, :2], d1), atol=1e-6)  # one offset per class,
+        assert torch.allclose(delta[:, 4:], torch.full_like(delta[:, 4:], d3), atol=1e-6)  # every channel
+        assert -0.5 <= d1 <= 0.5 and -0.5 <= d3 <= 0.5
+        seen.append((d1, d3))
+    d1s, d3s = zip(*seen)
+    assert min(d1s) < -0.2 and max(d1s) > 0.2  # spread over the range, both signs
+    assert sum(abs(a - b) > 0.05 for a, b in seen) > 20  # the classes draw independently
+    assert torch.equal(RandLabelIntensityShiftd(prob=0.0)({"image": image, "label": label})["image"], image)
+    empty = RandLabelIntensityShiftd(prob=1.0)({"image": image, "label": torch.zeros_like(label)})
+    assert torch.equal(empty["image"], image)  # nothing labelled: nothing to shift
+
+
+def test_label_intensity_shift_is_in_the_chain_only_when_asked_and_its_settings_are_checked():
+    from medseg.config import AugmentConfig, load_config
+    from medseg.data.transforms import RandLabelIntensityShiftd, build_train_transforms
+    from medseg.errors import ConfigError
+    from medseg.train.checks import check_config
+
+    def has_shift(aug):
+        return any(isinstance(t, RandLabelIntensityShiftd) for t in build_train_transforms([8, 8, 8], aug).transforms)
+
+    assert not has_shift(AugmentConfig())
+    assert has_shift(AugmentConfig(p_label_shift=0.3))
+    check_config(load_config(None, ["train.augment.p_label_shift=0.3", "train.augment.label_shift_range=[-0.4,0.2]"]))
+    for override, key in (("train.augment.p_label_shift=2", "p_label_shift"),
+                          ("train.augment.label_shift_range=[0.5]", "label_shift_range")):
+        with pytest.raises(ConfigError, match=key):
+            check_config(load_config(None, [override]))
+
+
 # --------------------------------------------------------------------------- mirroring: auto
 def _case_props(width, xs_per_class):
     """A preprocessed case's properties: a body box ``width`` voxels wide (axis 0, left-right) and

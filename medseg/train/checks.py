@@ -57,12 +57,14 @@ def check_config(cfg: Config) -> None:
     if d.patch_size is not None:
         _require(len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size",
                  "expected three positive integers [x, y, z]", d.patch_size)
-    for key in ("p_rotate", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma", "p_mirror", "p_slab"):
+    for key in ("p_rotate", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma", "p_mirror", "p_slab",
+                "p_label_shift"):
         _require(0.0 <= getattr(a, key) <= 1.0, f"train.augment.{key}", "must be a probability in [0, 1]", getattr(a, key))
     for key in ("scale_range", "blur_sigma", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range"):
         _pair(getattr(a, key), f"train.augment.{key}")
     _require(a.mirror_axes == "auto" or (isinstance(a.mirror_axes, list) and all(ax in (0, 1, 2) for ax in a.mirror_axes)),
              "train.augment.mirror_axes", "expected auto or a list of axes 0, 1, 2", a.mirror_axes)
+    _pair(a.label_shift_range, "train.augment.label_shift_range", positive=False)
     _require(a.noise_std >= 0, "train.augment.noise_std", "must be >= 0", a.noise_std)
     _require(isinstance(a.slab_min_slices, int) and a.slab_min_slices >= 1, "train.augment.slab_min_slices",
              "must be an integer >= 1", a.slab_min_slices)
