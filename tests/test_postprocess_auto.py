@@ -73,6 +73,47 @@ def test_a_tie_chooses_the_largest_component_only_for_a_single_structure_class()
     assert choose_largest_component([{"1": [0.9, 0.95]}])["largest_component_classes"] == [1]
 
 
+
+def test_classes_no_validation_reference_holds_fall_back_on_the_training_references():
+    """The heart of a study validated on an abdominal CT: no validation evidence either way, so the
+    training labels decide (one component in every training label that holds it)."""
+    from medseg.infer.postprocess import single_structure_classes
+
+    a = np.zeros((20, 20, 20), np.uint8)
+    a[2:6, 2:6, 2:6] = 1                         # liver: one structure
+    a[10:12, 2:4, 2:4] = 2                       # kidneys: two structures in this case
+    a[10:12, 14:16, 2:4] = 2
+    a[14:18, 14:18, 14:18] = 3                   # heart: one structure
+    b = np.zeros_like(a)
+    b[3:9, 3:9, 3:9] = 1                         # liver again one; no kidney, no heart
+    b[12:14, 12:14, 12:14] = 2
+    assert single_structure_classes([a, b], [1, 2, 3, 4]) == {"1": True, "2": False, "3": True}  # 4: nowhere
+
+    ref = np.zeros((20, 20, 20), np.uint8)       # the validation case: liver and kidneys, no heart
+    ref[2:6, 2:6, 2:6] = 1
+    ref[10:12, 2:4, 2:4] = 2
+    ref[10:12, 14:16, 2:4] = 2
+    pred = ref.copy()
+    pred[2:6, 2:6, 5] = 0                        # liver in one piece, a little smaller: a tie, single -> chosen
+    training = {"1": True, "2": False, "3": True}
+    quiet = largest_component_scores(pred, ref, [1, 2, 3])  # heart absent from prediction and reference: NaN
+    choice = choose_largest_component([quiet], training)
+    assert choice["largest_component_classes"] == [1, 3] and choice["from_training_references"] == [3]
+    stray = pred.copy()
+    stray[16:18, 16:18, 16:18] = 3               # a few heart voxels predicted where the reference has none
+    scores = largest_component_scores(stray, ref, [1, 2, 3])
+    assert scores["3"] == [0.0, 0.0, 0]
+    assert choose_largest_component([scores], training)["largest_component_classes"] == [1, 3]
+    assert choose_largest_component([scores], {**training, "3": False})["largest_component_classes"] == [1]
+    assert choose_largest_component([scores])["largest_component_classes"] == [1]  # no fallback without training labels
+    # a class some validation reference holds is decided there, whatever the training labels say
+    split = pred.copy()
+    split[4, 2:6, 2:6] = 0                       # the liver predicted in two pieces: the largest loses Dice
+    assert choose_largest_component([largest_component_scores(split, ref, [1, 2, 3])], training)["largest_component_classes"] == [3]
+    # a two-part class in the training labels is never chosen by the fallback
+    assert 2 not in choose_largest_component([{"2": [float("nan"), float("nan"), 0]}], training)["largest_component_classes"]
+
+
 def test_training_records_the_choice_and_infer_auto_applies_it(preprocessed_phantoms, tmp_path):
     run = tmp_path / "run"
     cfg = load_config(None, [f"data.preprocessed={preprocessed_phantoms}", "model.channels=[4,8,16]",
@@ -86,7 +127,9 @@ def test_training_records_the_choice_and_infer_auto_applies_it(preprocessed_phan
     gain = {c for c, b in recorded["dice_before"].items() if recorded["dice_after"][c] > b + 1e-9}
     tie = {c for c, b in recorded["dice_before"].items() if recorded["single_structure"][c]
            and abs(recorded["dice_after"][c] - b) <= 1e-9}
-    assert recorded["largest_component_classes"] == sorted((int(c) for c in gain | tie))
+    fallback = {str(c) for c in recorded["from_training_references"]}
+    assert not fallback & (gain | tie)
+    assert recorded["largest_component_classes"] == sorted((int(c) for c in gain | tie | fallback))
     assert "largest_component" not in summary["metric_per_case"][0]  # nnU-Net's summary layout unchanged
 
     # infer: auto (the default) = the recorded classes reduced to their largest component, the others raw

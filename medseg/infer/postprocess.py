@@ -16,13 +16,16 @@ single-structure class: liver, spleen, heart). The tie is what a validation case
 components gives -- always, when the validation case is a training case, as in a study that
 trains on every case of a tiny dataset -- and nnU-Net's strict rule then leaves a far-away false
 positive on new data in place. Multi-focal classes (lesions, two kidneys) keep their components
-unless removing them raised the validation Dice.
+unless removing them raised the validation Dice. A class that no validation reference contains (the
+heart, when the validation case is an abdominal CT) cannot be judged there; it falls back on the
+training references (:func:`single_structure_classes`): kept to its largest component when it is one
+connected component in every training label that holds it, else left alone.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ from medseg.evaluate.metrics import dice
 from medseg.registry import Registry
 
 __all__ = ["POSTPROCESSORS", "apply_postprocess", "choose_largest_component", "keep_largest_component",
-           "largest_component_scores",
+           "largest_component_scores", "single_structure_classes",
            "load_run_postprocessing", "write_run_postprocessing"]
 
 RUN_FILE = "postprocessing.json"
@@ -109,7 +112,22 @@ def largest_component_scores(pred: np.ndarray, ref: np.ndarray, classes: Sequenc
     return out
 
 
-def choose_largest_component(per_case: Sequence[dict[str, list[float]]]) -> dict:
+def single_structure_classes(labels: Iterable[np.ndarray], classes: Sequence[int]) -> dict[str, bool]:
+    """Per class, whether it is exactly one 26-connected component in every label map of ``labels``
+    that contains it (classes in none of them are left out): the training references' say for
+    :func:`choose_largest_component`'s fallback. Keys are class strings."""
+    counts: dict[str, list[int]] = {}
+    for lab in labels:
+        lab = np.asarray(lab)
+        for c in classes:
+            m = lab == c
+            if m.any():
+                counts.setdefault(str(int(c)), []).append(_components(m)[2])
+    return {c: all(n == 1 for n in ns) for c, ns in counts.items()}
+
+
+def choose_largest_component(per_case: Sequence[dict[str, list[float]]],
+                             training_single: dict[str, bool] | None = None) -> dict:
     """Per class, keep the largest component where that raises the mean validation Dice, or leaves
     it unchanged for a class that is one structure in every validation reference.
 
@@ -119,22 +137,26 @@ def choose_largest_component(per_case: Sequence[dict[str, list[float]]]) -> dict
     chosen on a strict improvement. Added: a tie (within 1e-9) chooses it too when the class's
     reference is exactly one component in every counted case -- the validation data then say the
     class is a single structure, and a stray island on new data can only be a false positive. A
-    loss never chooses it.
+    loss never chooses it. A class absent from every validation reference (never counted, or only
+    predicted where the reference has none) has no validation evidence: it is chosen when
+    ``training_single`` says it is one structure in every training reference that holds it
+    (:func:`single_structure_classes`), and listed under ``"from_training_references"``.
 
     Args:
         per_case: :func:`largest_component_scores` of each validation case (``[before, after]``
             entries, without the component count, read as "not one structure").
+        training_single: :func:`single_structure_classes` of the training labels (``None``: no fallback).
 
     Returns:
         ``{"largest_component_classes": [c, ...], "dice_before": {c: d}, "dice_after": {c: d},
-        "single_structure": {c: bool}, "num_cases": n}`` (class keys as strings; a class never
-        seen reads NaN and is not chosen).
+        "single_structure": {c: bool}, "from_training_references": [c, ...], "num_cases": n}`` (class
+        keys as strings; a class never seen reads NaN and is chosen only by the fallback).
     """
     classes = sorted({c for case in per_case for c in case}, key=int)
     before: dict[str, float] = {}
     after: dict[str, float] = {}
     single: dict[str, bool] = {}
-    chosen = []
+    chosen, fallback = [], []
     for c in classes:
         valid = [case[c] for case in per_case if c in case and not any(np.isnan(v) for v in case[c][:2])]
         before[c] = float(np.mean([v[0] for v in valid])) if valid else float("nan")
@@ -142,8 +164,11 @@ def choose_largest_component(per_case: Sequence[dict[str, list[float]]]) -> dict
         single[c] = bool(valid) and all(len(v) > 2 and v[2] == 1 for v in valid)
         if valid and (after[c] > before[c] + 1e-9 or (single[c] and after[c] >= before[c] - 1e-9)):
             chosen.append(int(c))
+        elif training_single and training_single.get(c) and all(len(v) > 2 and v[2] == 0 for v in valid):
+            chosen.append(int(c))  # no validation reference holds the class: the training references decide
+            fallback.append(int(c))
     return {"largest_component_classes": chosen, "dice_before": before, "dice_after": after,
-            "single_structure": single, "num_cases": len(per_case)}
+            "single_structure": single, "from_training_references": fallback, "num_cases": len(per_case)}
 
 
 def write_run_postprocessing(run_dir: str | Path, choice: dict) -> Path:

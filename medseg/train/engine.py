@@ -33,7 +33,7 @@ from medseg.config import Config, config_from_dict, config_to_dict
 from medseg.data.datasets import label_names_of
 from medseg.errors import MedsegError
 from medseg.evaluate.report import write_summary
-from medseg.infer.postprocess import write_run_postprocessing
+from medseg.infer.postprocess import single_structure_classes, write_run_postprocessing
 from medseg.runtime import autocast, get_logger, progress_enabled
 from medseg.train import data as tdata
 from medseg.train.checkpoint import capture_rng, save_checkpoint
@@ -160,11 +160,19 @@ def _log_epoch(ctx: Context, rec: dict) -> None:
     w.add_scalar("time/epoch_s", rec["time_s"], e)
 
 
+def _training_single(pre_dir: Path, cases: list[str], num_classes: int) -> dict[str, bool]:
+    """Per class, one connected component in every training label holding it (memory-mapped labels)."""
+    from medseg.data.pipeline import load_case
+
+    labels = (load_case(pre_dir, name, mmap=True)[1] for name in cases)
+    return single_structure_classes((lab[0] for lab in labels if lab is not None), range(1, num_classes))
+
+
 def _validate(ctx: Context, epoch: int) -> float:
     t0 = time.perf_counter()
     res = validate(ctx.model, ctx.val_cases, ctx.pre_dir, ctx.cfg, patch_size=ctx.patch,
                    num_classes=int(ctx.plans["num_classes"]), labels=ctx.plans.get("labels", {}), info=ctx.info,
-                   amp_dtype=ctx.amp_dtype, draw=ctx.cfg.train.tb_num_cases)
+                   amp_dtype=ctx.amp_dtype, draw=ctx.cfg.train.tb_num_cases, training_single=ctx.training_single)
     score, summary = res.mean_fg_dice, res.summary
     summary["epoch"] = epoch + 1
     ctx.final_summary = summary
@@ -291,6 +299,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
         write_run_files(ctx)
         train_cases, ctx.val_cases = tdata.train_val_cases(ctx.pre_dir, cfg, tdata.list_cases(ctx.pre_dir))
         loader = train_loader(ctx, train_cases)
+        ctx.training_single = _training_single(ctx.pre_dir, train_cases, int(ctx.plans["num_classes"]))
         ctx.ddp = wrap_ddp(ctx.model, info)
         ctx.loss_fn = ctx.loss_fn.to(info.device)
         if info.is_main:

@@ -50,6 +50,7 @@ class Context:
     loss_fn: torch.nn.Module
     amp_dtype: torch.dtype | None
     val_cases: list[str] = field(default_factory=list)
+    training_single: dict[str, bool] | None = None  # per class: one structure in every training label (post-processing fallback)
     writer: SummaryWriter | None = None
     total_epochs: int = 1  # may shrink under train.max_minutes
     train_s: float = 0.0  # training wall time before this session (restored on resume)

@@ -8,7 +8,8 @@ The summary has the layout of ``medseg evaluate``'s ``summary.json`` (nnU-Net's
 ``metric_per_case`` / ``mean`` / ``foreground_mean``, built by :func:`medseg.evaluate.evaluator.summarize`)
 plus ``postprocessing``: per class, whether to keep the largest component (it raised the
 validation Dice, nnU-Net's rule, or left it unchanged for a class that is one structure in every
-validation reference: :func:`medseg.infer.postprocess.choose_largest_component`); the trainer
+validation reference, or -- for a class no validation reference holds -- in every training reference:
+:func:`medseg.infer.postprocess.choose_largest_component`); the trainer
 writes it to the run's ``postprocessing.json`` for ``medseg infer --postprocess auto``.
 
 With DDP the cases are shared out over the ranks (``cases[rank::world]``) and the per-case
@@ -79,7 +80,8 @@ def _score(pred: np.ndarray, label: np.ndarray, classes: Sequence[int], spacing,
 @torch.no_grad()
 def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, cfg: Config, *,
              patch_size: Sequence[int], num_classes: int, labels: dict[str, int], info: DistInfo,
-             amp_dtype: torch.dtype | None, draw: int = 0) -> ValidationResult:
+             amp_dtype: torch.dtype | None, draw: int = 0,
+             training_single: dict[str, bool] | None = None) -> ValidationResult:
     """Predict and score ``cases``; returns the gathered summary and (on rank 0) ``draw`` case views.
 
     Args:
@@ -88,6 +90,9 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
         patch_size: sliding-window size ``(x, y, z)``.
         num_classes: K, background included; classes ``1..K-1`` are scored.
         labels: ``plans["labels"]`` (name -> value), for the summary's ``label_names``.
+        training_single: per class, one structure in every training label that holds it
+            (:func:`medseg.infer.postprocess.single_structure_classes`): the post-processing choice
+            for classes no validation reference contains.
     """
     from medseg.data.pipeline import load_case
 
@@ -118,7 +123,7 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
                                                    ignore_label=ignore_label_of(labels))
     gathered = [c for part in all_gather_objects(per_case, info) for c in part]
     gathered.sort(key=lambda c: c["case"])
-    postprocessing = choose_largest_component([c.pop("largest_component") for c in gathered])
+    postprocessing = choose_largest_component([c.pop("largest_component") for c in gathered], training_single)
     mean, fg_mean = summarize(gathered)
     names = {str(v): k for k, v in labels.items() if int(v) != 0}
     summary = {"metric_per_case": gathered, "mean": mean, "foreground_mean": fg_mean, "label_names": names,
