@@ -133,3 +133,24 @@ def test_zero_init_gates_start_at_one_half_everywhere_and_learn():
     assert all(m.std() > 0 for m in maps.values())
     with pytest.raises(ValueError, match="zero_init must be true or false"):
         create_skip_fusion("gate", 8, 16, zero_init=1)
+
+
+def test_residual_gate_scales_the_skip_by_one_plus_the_map():
+    """residual: the skip becomes x * (1 + a) (Wang et al. 2017), never less than x; same map and
+    parameters as the plain gate, which gives x * a."""
+    torch.manual_seed(0)
+    plain = create_skip_fusion("gate", 4, 8)
+    res = create_skip_fusion("gate", 4, 8, residual=True)
+    res.load_state_dict(plain.state_dict())  # no parameters of its own
+    x, g = torch.randn(2, 4, 8, 8, 8), torch.randn(2, 8, 4, 4, 4)
+    out_p, a = plain(x, g, return_map=True)
+    out_r, a_r = res(x, g, return_map=True)
+    assert torch.equal(a, a_r) and 0 < a.min() and a.max() < 1
+    assert torch.allclose(out_r[:, :4], x * (1 + a)) and torch.allclose(out_p[:, :4], x * a)
+    assert torch.equal(out_r[:, 4:], out_p[:, 4:])  # the upsampled gating signal is unchanged
+    assert (out_r[:, :4].abs() >= x.abs()).all()  # nothing suppressed
+    model = build_model(load_config(None, ["model.skip_fusion.name=gate", "model.skip_fusion.kwargs.residual=true",
+                                           "model.channels=[4,8,16]"]).model, num_classes=3)
+    assert all(f.residual for f in model.decoder.fusions)
+    with pytest.raises(ValueError, match="residual must be true or false"):
+        create_skip_fusion("gate", 8, 16, residual="yes")

@@ -68,7 +68,7 @@ class AttentionGate(nn.Module):
                                                phi:   1x1 conv Cg -> Ci       (both on g's grid)
         alpha = sigmoid(psi(q))                psi:   1x1 conv Ci -> 1
         a     = upsample(alpha) to S           (bi/trilinear)
-        out   = [x * a, up(g)]
+        out   = [x * a, up(g)]                 with residual: [x * (1 + a), up(g)]
 
     Only ``theta`` touches the fine grid (one strided conv), so the gate costs a few percent of a
     decoder stage, unlike gates evaluated at full resolution. Oktay's optional output transform
@@ -94,6 +94,7 @@ class AttentionGate(nn.Module):
         gating_transform: 1x1 conv + ``norm`` + ReLU on ``g`` before ``phi`` (default off).
         norm: instance | batch | group, of the gating transform (the U-Net passes its own).
         zero_init: ``psi`` starts at zero (every gate 0.5 at the start; default off: PyTorch's init).
+        residual: skip gated as ``x * (1 + a)`` instead of ``x * a`` (default off).
 
     Shapes: ``x (B, Cs, *S), g (B, Cg, *S') -> (B, 2 Cs, *S)``; with ``return_map=True`` also the
     gate map ``a: (B, 1, *S)`` in [0, 1], the factor the skip is multiplied by (0: suppressed,
@@ -117,6 +118,7 @@ class AttentionGate(nn.Module):
         gating_transform: bool = False,
         norm: str = "instance",
         zero_init: bool = False,
+        residual: bool = False,
     ):
         super().__init__()
         sd = _check(skip_channels, gating_channels, spatial_dims)
@@ -128,7 +130,7 @@ class AttentionGate(nn.Module):
             raise ValueError(f"inter_channels must be a positive integer, null or 'skip', got {inter_channels!r}")
         else:
             ci = check_positive_int("inter_channels", inter_channels)
-        for name, flag in (("gating_transform", gating_transform), ("zero_init", zero_init)):
+        for name, flag in (("gating_transform", gating_transform), ("zero_init", zero_init), ("residual", residual)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be true or false, got {flag!r}")
         s = to_tuple(scale, sd, "scale")
@@ -144,6 +146,7 @@ class AttentionGate(nn.Module):
             nn.init.zeros_(self.psi.bias)
         self.up = Upsample(sd, gating_channels, skip_channels, s)
         self.out_channels = 2 * skip_channels
+        self.residual = residual
         self._mode = "bilinear" if sd == 2 else "trilinear"
 
     def gate(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -156,7 +159,7 @@ class AttentionGate(nn.Module):
 
     def forward(self, x: torch.Tensor, g: torch.Tensor, return_map: bool = False):
         a = self.gate(x, g)
-        out = torch.cat([x * a, self.up(g, x.shape[2:])], dim=1)
+        out = torch.cat([x * (1 + a) if self.residual else x * a, self.up(g, x.shape[2:])], dim=1)
         return (out, a) if return_map else out
 
 
