@@ -247,7 +247,7 @@ def print_table(rows: dict[str, dict]) -> None:
 
 # what each map prefix means (the factor it is, or a stated function of it; README "Model zoo")
 MAP_MEANING = {
-    "gate": "additive gate alpha in [0, 1] multiplied into the skip: 0 suppresses it, 1 passes it",
+    "gate": "additive gate alpha in [0, 1] multiplied into the skip: 0 suppresses it, 1 passes it (with residual: true, 1 + alpha: 0 passes, 1 doubles)",
     "cbam": "CBAM spatial factor in [0, 1]: 0 suppresses the voxel in every channel, 1 passes it",
     "bam": "channel mean of sigmoid(Mc + Ms) in [0, 1]; features x (1 + it): 0 leaves them, 1 doubles them",
     "aff": "channel mean of the fusion weight M in [0, 1]: 1 takes the skip, 0 the upsampled decoder path",
