@@ -98,7 +98,7 @@ class AttentionGate(nn.Module):
 
     Shapes: ``x (B, Cs, *S), g (B, Cg, *S') -> (B, 2 Cs, *S)``; with ``return_map=True`` also the
     gate map ``a: (B, 1, *S)`` in [0, 1], the factor the skip is multiplied by (0: suppressed,
-    1: passed unchanged).
+    1: passed unchanged; with ``residual`` the factor is ``1 + a``: 0 passes, 1 doubles).
 
     Raises:
         ValueError: non-positive channel counts / scale / ``inter_channels``, bad ``spatial_dims`` / ``norm``.
