@@ -151,3 +151,32 @@ def test_training_records_the_choice_and_infer_auto_applies_it(preprocessed_phan
     (run / "postprocessing.json").unlink()  # a run that never validated: auto = none
     assert main(["infer", "-m", str(run), "-i", str(image), "-o", str(tmp_path / "none"), "--checkpoint", "final"]) == 0
     assert np.array_equal(read_volume(next((tmp_path / "none").glob("*.nii.gz"))).array, raw)
+
+
+def test_training_fallback_reads_only_the_labels_of_classes_no_validation_case_holds(tmp_path, monkeypatch):
+    """The trainer's fallback input: classes every validation case lacks, judged on the training
+    labels that hold them; no label is read when the validation cases hold every class."""
+    from medseg.data import pipeline
+    from medseg.train.engine import _training_single
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    one, two = np.zeros((12, 12, 12), np.uint8), np.zeros((12, 12, 12), np.uint8)
+    one[1:4, 1:4, 1:4] = 1
+    one[6:9, 6:9, 6:9] = 3                        # class 3: one structure here ...
+    two[1:4, 1:4, 1:4] = 1
+    two[1:3, 8:10, 8:10] = 3
+    two[8:10, 1:3, 1:3] = 3                       # ... two there
+    two[6:9, 6:9, 6:9] = 2
+    for name, lab in (("a", one), ("b", two), ("v", one * (one == 1))):
+        np.save(cases / f"{name}_image.npy", lab[None].astype(np.float32))
+        np.save(cases / f"{name}_label.npy", lab[None])
+        locs = {str(c): np.argwhere(lab == c)[:2].tolist() for c in (1, 2, 3)}
+        (cases / f"{name}.json").write_text(json.dumps({"class_locations": locs}))
+    assert _training_single(tmp_path, ["a", "b"], ["v"], 4) == {"2": True, "3": False}  # v holds class 1 only
+    assert _training_single(tmp_path, ["a"], ["v"], 4) == {"3": True}  # class 2 in no training label: left out
+    assert _training_single(tmp_path, ["a", "b"], [], 4) == {}  # nothing validated, nothing to decide
+    read = []
+    real = pipeline.load_case
+    monkeypatch.setattr(pipeline, "load_case", lambda *a, **k: read.append(a[1]) or real(*a, **k))
+    assert _training_single(tmp_path, ["a", "b"], ["b"], 4) == {} and read == ["b"]  # b holds 1-3: no training case opened

@@ -160,12 +160,24 @@ def _log_epoch(ctx: Context, rec: dict) -> None:
     w.add_scalar("time/epoch_s", rec["time_s"], e)
 
 
-def _training_single(pre_dir: Path, cases: list[str], num_classes: int) -> dict[str, bool]:
-    """Per class, one connected component in every training label holding it (memory-mapped labels)."""
+def _training_single(pre_dir: Path, train_cases: list[str], val_cases: list[str], num_classes: int) -> dict[str, bool]:
+    """Per class that no validation case holds (the only classes the post-processing fallback decides),
+    whether it is one connected component in every training label holding it. Which classes a case
+    holds comes from its ``class_locations``, so only the training labels holding such a class are
+    read (memory-mapped); with every class in some validation case, none is."""
     from medseg.data.pipeline import load_case
 
-    labels = (load_case(pre_dir, name, mmap=True)[1] for name in cases)
-    return single_structure_classes((lab[0] for lab in labels if lab is not None), range(1, num_classes))
+    def held(props: dict) -> set[int]:
+        return {int(k) for k, v in (props.get("class_locations") or {}).items() if v}
+
+    if not val_cases:
+        return {}
+    unjudged = set(range(1, num_classes)).difference(*(held(load_case(pre_dir, n, mmap=True)[2]) for n in val_cases))
+    if not unjudged:
+        return {}
+    cases = (load_case(pre_dir, n, mmap=True) for n in train_cases)
+    labels = (lab[0] for _, lab, props in cases if lab is not None and unjudged & held(props))
+    return single_structure_classes(labels, sorted(unjudged))
 
 
 def _validate(ctx: Context, epoch: int) -> float:
@@ -299,7 +311,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
         write_run_files(ctx)
         train_cases, ctx.val_cases = tdata.train_val_cases(ctx.pre_dir, cfg, tdata.list_cases(ctx.pre_dir))
         loader = train_loader(ctx, train_cases)
-        ctx.training_single = _training_single(ctx.pre_dir, train_cases, int(ctx.plans["num_classes"]))
+        ctx.training_single = _training_single(ctx.pre_dir, train_cases, ctx.val_cases, int(ctx.plans["num_classes"]))
         ctx.ddp = wrap_ddp(ctx.model, info)
         ctx.loss_fn = ctx.loss_fn.to(info.device)
         if info.is_main:
