@@ -178,7 +178,7 @@ class TrainConfig:
     val_interval: int = 5  # epochs between full validations
     checkpoint_interval: int = 1  # epochs between `latest` checkpoints
     max_minutes: Optional[float] = None  # stop training after this wall time
-    loss: str = "dice_ce"  # dice_ce | dice | ce (monai.losses.DiceCELoss)
+    loss: str = "dice_ce"  # dice_ce | dice | ce | dice_topk10 (CE over the 10% hardest voxels; medseg.train.losses)
     batch_dice: bool = True  # Dice over the whole batch (nnU-Net) instead of per sample
     aux_loss_weight: float = 1.0  # weight of auxiliary losses declared by the model; 1.0 = plain sum, as ABN
     tb_num_cases: int = 2  # fixed validation cases drawn in TensorBoard

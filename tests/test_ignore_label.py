@@ -136,3 +136,19 @@ def test_evaluate_masks_the_reference_ignore_region(tmp_path, capsys):
     assert list(m) == ["1"] and s["ignore_label"] == 2
     assert m["1"]["Dice"] == 1.0 and m["1"]["FP"] == 0 and m["1"]["HD95"] == 0.0
     assert m["1"]["TN"] == ref.size - 8 * 8 * 6 - 6 * 6 * 4  # ignored voxels are counted nowhere
+
+
+def test_the_trainers_label_shift_keeps_the_ignore_region_unshifted(ignore_pre, tmp_path):
+    """The training chain gets the dataset's ignore label: a per-structure intensity shift on every
+    patch moves the structures but never the ignore region (unknown content, not one structure)."""
+    from medseg.config import load_config
+    from medseg.data.transforms import RandLabelIntensityShiftd
+    from medseg.train import setup
+
+    _, pre = ignore_pre
+    cfg = load_config(None, [f"data.preprocessed={pre}", "model.channels=[4,8,16]", "data.patch_size=[16,16,16]",
+                             "train.augment.p_label_shift=1.0", "data.num_workers=0", "data.cache=disk"])
+    ctx = setup.build_context(cfg, tmp_path / "run", setup.DistInfo())
+    chain = setup.train_loader(ctx, ["phantom_000"]).dataset.transforms.transforms
+    shift = [t for t in chain if isinstance(t, RandLabelIntensityShiftd)]
+    assert len(shift) == 1 and shift[0].ignore_label == IGNORE

@@ -129,6 +129,37 @@ def test_deep_supervision_weights_and_loss():
     assert loss(perfect, label) < 1e-3 < loss(full, label)
 
 
+def test_topk_loss_averages_the_cross_entropy_of_the_hardest_tenth_of_the_voxels():
+    import torch.nn.functional as F
+
+    from medseg.train.losses import SegmentationLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 10, 10, 10)
+    label = torch.randint(0, 3, (2, 1, 10, 10, 10))
+    voxel = F.cross_entropy(logits, label[:, 0], reduction="none").flatten()
+    hardest = voxel.sort(descending=True).values[:200].mean()  # 10% of 2,000 voxels
+    dice = float(SegmentationLoss("dice")(logits, label))
+    topk = float(SegmentationLoss("dice_topk10")(logits, label))
+    assert topk == pytest.approx(dice + float(hardest), rel=1e-5)
+    assert float(hardest) > 1.5 * float(voxel.mean())  # not the plain mean: dice_ce would be lower
+    assert float(SegmentationLoss("dice_ce")(logits, label)) < topk
+    # the ignore label is left out before the top 10% are taken: ignored voxels count in neither part
+    ignored = label.clone()
+    ignored[..., :5] = 3
+    kept = F.cross_entropy(logits[..., 5:], label[:, 0, ..., 5:], reduction="none").flatten()
+    expect = SegmentationLoss("dice")(logits[..., 5:], label[..., 5:]) + kept.sort(descending=True).values[:100].mean()
+    assert float(SegmentationLoss("dice_topk10", ignore_label=3)(logits, ignored)) == pytest.approx(float(expect), rel=1e-5)
+    # a voxel outside the top 10% gets no CE gradient
+    x = logits.clone().requires_grad_(True)
+    only_ce = SegmentationLoss("dice_topk10")
+    only_ce.lambda_dice = 0.0
+    only_ce(x, label).backward()
+    easy = voxel.view(2, 10, 10, 10) < voxel.sort(descending=True).values[199]
+    assert float(x.grad.permute(0, 2, 3, 4, 1)[easy].abs().max()) == 0.0
+    assert float(x.grad.abs().max()) > 0
+
+
 def test_overlap_counts_score_the_argmax_of_the_full_resolution_output_without_halo_and_ignored_voxels():
     from medseg.train.losses import SegmentationLoss
 
@@ -335,6 +366,27 @@ def test_label_intensity_shift_moves_each_structure_by_its_own_offset_within_the
     assert torch.equal(RandLabelIntensityShiftd(prob=0.0)({"image": image, "label": label})["image"], image)
     empty = RandLabelIntensityShiftd(prob=1.0)({"image": image, "label": torch.zeros_like(label)})
     assert torch.equal(empty["image"], image)  # nothing labelled: nothing to shift
+
+
+def test_label_intensity_shift_leaves_the_ignore_label_alone():
+    from medseg.config import AugmentConfig
+    from medseg.data.transforms import RandLabelIntensityShiftd, build_train_transforms
+
+    image = torch.randn(1, 6, 6, 6)
+    label = torch.zeros(1, 6, 6, 6)
+    label[0, :2] = 1
+    label[0, 4:] = 7  # the dataset's ignore label: unknown content, not a structure
+    for seed in range(5):
+        t = RandLabelIntensityShiftd(prob=1.0, shift_range=(0.3, 0.5), ignore_label=7)
+        t.set_random_state(seed=seed)
+        delta = t({"image": image, "label": label})["image"] - image
+        assert delta[:, 4:].abs().max() == 0 and delta[:, 2:4].abs().max() == 0
+        assert delta[:, :2].min() >= 0.3 - 1e-6  # the structure itself still moves
+    only_ignore = RandLabelIntensityShiftd(prob=1.0, ignore_label=7)({"image": image, "label": (label == 7).float() * 7})
+    assert torch.equal(only_ignore["image"], image)
+    shift = [t for t in build_train_transforms([8, 8, 8], AugmentConfig(p_label_shift=0.3), ignore_label=7).transforms
+             if isinstance(t, RandLabelIntensityShiftd)]
+    assert len(shift) == 1 and shift[0].ignore_label == 7  # the chain passes the dataset's ignore label on
 
 
 def test_label_intensity_shift_is_in_the_chain_only_when_asked_and_its_settings_are_checked():

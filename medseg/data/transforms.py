@@ -191,8 +191,9 @@ class RandLabelIntensityShiftd(RandomizableTransform, MapTransform):
     With probability ``prob`` per patch, every foreground class present in the patch gets an
     offset drawn uniformly from ``shift_range`` (normalized intensity units; with medseg's CT
     normalization one unit is the dataset's foreground standard deviation in HU, ~445 HU for the
-    shared organ CTs), added to the image wherever the label holds that class. Background and
-    the label are left unchanged.
+    shared organ CTs), added to the image wherever the label holds that class. Background, the
+    voxels of ``ignore_label`` (nnU-Net v2's ignore label: their content is unknown, not one
+    structure) and the label are left unchanged.
 
     Why: in CT the contrast phase moves organs by hundreds of HU relative to each other (the
     blood pool and heart ~40 HU without contrast, 300+ HU arterial; the spleen 35 HU native,
@@ -208,11 +209,12 @@ class RandLabelIntensityShiftd(RandomizableTransform, MapTransform):
     returns the same shapes and dtypes.
     """
 
-    def __init__(self, prob: float = 0.0, shift_range: Sequence[float] = (-0.5, 0.5)):
+    def __init__(self, prob: float = 0.0, shift_range: Sequence[float] = (-0.5, 0.5), ignore_label: int | None = None):
         RandomizableTransform.__init__(self, prob)
         MapTransform.__init__(self, KEYS)
         lo, hi = sorted(float(v) for v in shift_range)
         self.shift_range = (lo, hi)
+        self.ignore_label = None if ignore_label is None else int(ignore_label)
 
     def __call__(self, data):
         d = dict(data)
@@ -220,25 +222,27 @@ class RandLabelIntensityShiftd(RandomizableTransform, MapTransform):
         if not self._do_transform:
             return d
         label = torch.as_tensor(d["label"])
-        classes = [int(c) for c in torch.unique(label).tolist() if int(c) != 0]
+        classes = [int(c) for c in torch.unique(label).tolist() if int(c) not in (0, self.ignore_label)]
         if not classes:
             return d
         offsets = self.R.uniform(*self.shift_range, size=len(classes))
-        lut = torch.zeros(int(max(classes)) + 1, dtype=torch.float32)
+        values = label[0].round().long().clamp_(min=0)
+        lut = torch.zeros(int(values.max()) + 1, dtype=torch.float32)  # every value present: the ignore label keeps 0
         lut[classes] = torch.as_tensor(offsets, dtype=torch.float32)
-        shift = lut[label[0].round().long().clamp_(0, len(lut) - 1)]
+        shift = lut[values]
         image = torch.as_tensor(d["image"])
         d["image"] = image + shift.to(image.dtype)  # broadcasts over the channels
         return d
 
 
-def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig) -> Compose:
+def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig, *, ignore_label: int | None = None) -> Compose:
     """The training chain: region ``(C, *crop_extent)`` dict -> patch ``(C, *patch_size)`` dict.
 
     Keys ``image`` (float) and ``label`` (float labels, nearest-resampled). Intensity transforms
     touch the image only; mirroring flips both along each of ``mirror_axes`` with ``p_mirror``
     (training resolves ``"auto"`` from the data first; a chain built from an unresolved ``"auto"``
-    flips all three axes).
+    flips all three axes). ``ignore_label``: the dataset's ignore label (kept out of the
+    per-structure intensity shift), ``None`` when it has none.
     """
     lo_b, hi_b = sorted(aug.brightness_range)
     lo_c, hi_c = sorted(aug.contrast_range)
@@ -246,7 +250,7 @@ def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig) -> Com
     chain = [
         RandRotateScaled(patch_size, p_rotate=aug.p_rotate, rotate_deg=aug.rotate_deg,
                          p_scale=aug.p_scale, scale_range=aug.scale_range),
-        *([RandLabelIntensityShiftd(aug.p_label_shift, aug.label_shift_range)] if aug.p_label_shift > 0 else []),
+        *([RandLabelIntensityShiftd(aug.p_label_shift, aug.label_shift_range, ignore_label)] if aug.p_label_shift > 0 else []),
         RandGaussianNoised("image", prob=aug.p_noise, std=aug.noise_std),
         RandGaussianSmoothd("image", sigma_x=sig, sigma_y=sig, sigma_z=sig, prob=aug.p_blur),
         RandScaleIntensityd("image", factors=(lo_b - 1.0, hi_b - 1.0), prob=aug.p_brightness),

@@ -168,13 +168,14 @@ class PatchDataset(torch.utils.data.Dataset):
     which items an epoch takes.
     """
 
-    def __init__(self, cases: Dataset, patch_size: Sequence[int], cfg: Config, *, rank: int = 0, z_halo: int = 0):
+    def __init__(self, cases: Dataset, patch_size: Sequence[int], cfg: Config, *, rank: int = 0, z_halo: int = 0,
+                 ignore_label: int | None = None):
         x, y, z = (int(p) for p in patch_size)
         self.cases, self.patch = cases, [x, y, z + 2 * int(z_halo)]
         self.batch_size, self.fg = int(cfg.train.batch_size), float(cfg.data.fg_oversample)
         self.seed, self.rank = int(cfg.train.seed), int(rank)
         self.extent = crop_extent(self.patch, cfg.train.augment)
-        self.transforms = build_train_transforms(self.patch, cfg.train.augment)
+        self.transforms = build_train_transforms(self.patch, cfg.train.augment, ignore_label=ignore_label)
         self.n_random = round(self.batch_size * (1.0 - self.fg))
 
     def __len__(self) -> int:

@@ -3,6 +3,11 @@
 - Dice + CE: MONAI's :class:`~monai.losses.DiceLoss` (softmax, one-hot target, background left
   out of the Dice term as in nnU-Net's ``DC_and_CE_loss``; batch Dice by default) plus torch's
   cross-entropy -- the two terms of MONAI's ``DiceCELoss``, which has no ``ignore_index``.
+- Dice + TopK CE (``dice_topk10``, nnU-Net's ``nnUNetTrainerDiceTopK10Loss``): the cross-entropy
+  averages only the 10% of voxels with the highest loss (bootstrapped CE, Wu et al., "Bridging
+  category-level and instance-level semantic image segmentation", arXiv 1605.06885, 2016). A
+  small class the net does not predict yet then holds a share of the CE near its share of the
+  hard voxels, not of all voxels: a spleen of 1% of a patch weighs ~10x more until it is learnt.
 - nnU-Net v2's ignore label (``ignore_label``): voxels labelled with it are left out of both
   terms, as nnU-Net's ``DC_and_CE_loss`` does: the cross-entropy averages over the other voxels
   (``ignore_index``) and the Dice masks prediction and one-hot target there (MONAI's
@@ -36,7 +41,8 @@ from medseg.nn.slice25d import crop_z_halo
 
 __all__ = ["build_loss", "deep_supervision_weights", "SegmentationLoss"]
 
-LOSSES = {"dice_ce": (1.0, 1.0), "dice": (1.0, 0.0), "ce": (0.0, 1.0)}
+LOSSES = {"dice_ce": (1.0, 1.0), "dice": (1.0, 0.0), "ce": (0.0, 1.0), "dice_topk10": (1.0, 1.0)}
+TOPK_PERCENT = {"dice_topk10": 10.0}  # kinds whose CE term is the mean over the top k% voxel losses
 
 
 def deep_supervision_weights(n: int) -> list[float]:
@@ -60,7 +66,7 @@ class SegmentationLoss(torch.nn.Module):
     ``label (B, 1, X, Y, Z)`` integer -> scalar float32 loss.
 
     Args:
-        kind: ``dice_ce``, ``dice`` or ``ce``.
+        kind: ``dice_ce``, ``dice``, ``ce`` or ``dice_topk10`` (CE over the 10% hardest voxels).
         batch_dice: Dice over the whole batch (nnU-Net's default) instead of per sample.
         ignore_label: label value whose voxels enter no term (nnU-Net v2's ``ignore``; it is
             ``>= K``, not a network output), or ``None``.
@@ -77,6 +83,7 @@ class SegmentationLoss(torch.nn.Module):
         if kind not in LOSSES:
             raise ConfigError(f"train.loss: '{kind}' is not valid (use {', '.join(LOSSES)})")
         self.lambda_dice, self.lambda_ce = LOSSES[kind]
+        self.topk = TOPK_PERCENT.get(kind)
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
                              ignore_index=self.ignore_label)
@@ -91,10 +98,21 @@ class SegmentationLoss(torch.nn.Module):
             ignore = -100 if self.ignore_label is None else self.ignore_label
             if self.ignore_label is not None and not bool((target != ignore).any()):
                 ce = logits.sum() * 0.0  # every voxel ignored: no CE (still in the graph, as nnU-Net)
-            else:
+            elif self.topk is None:
                 ce = F.cross_entropy(logits, target[:, 0], ignore_index=ignore)
+            else:
+                ce = self._topk_ce(logits, target[:, 0], ignore)
             loss = loss + self.lambda_ce * ce
         return loss
+
+    def _topk_ce(self, logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tensor:
+        """Mean CE of the ``self.topk`` % voxels with the highest CE (ignored voxels left out first), as
+        nnU-Net's ``TopKLoss``: ``(B, K, *S)`` logits, ``(B, *S)`` target -> scalar."""
+        voxel = F.cross_entropy(logits, target, ignore_index=ignore, reduction="none").flatten()
+        if self.ignore_label is not None:
+            voxel = voxel[target.flatten() != ignore]
+        k = max(1, int(voxel.numel() * self.topk / 100))
+        return voxel.topk(k, sorted=False).values.mean()
 
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         outs = crop_z_halo([outputs] if isinstance(outputs, torch.Tensor) else list(outputs), self.z_halo)

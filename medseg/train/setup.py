@@ -204,6 +204,7 @@ def train_loader(ctx: Context, train_cases: list[str]) -> torch.utils.data.DataL
     tdata.check_foreground(cases, ctx.pre_dir)
     log.info("%d training cases (cache: %s), %d validation cases, patch %s, batch %d x %d rank(s)", len(train_cases),
              mode, len(ctx.val_cases), ctx.patch, cfg.train.batch_size, info.world_size)
-    patches = tdata.PatchDataset(cases, ctx.patch, cfg, rank=info.rank, z_halo=z_halo(ctx.model))
+    patches = tdata.PatchDataset(cases, ctx.patch, cfg, rank=info.rank, z_halo=z_halo(ctx.model),
+                                 ignore_label=ctx.plans.get("ignore_label"))
     return tdata.make_train_loader(patches, start_batch=ctx.step, end_batch=cfg.train.epochs * ctx.iters,
                                    num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
