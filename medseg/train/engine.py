@@ -142,8 +142,10 @@ def _train_dice(counts: torch.Tensor, labels: dict) -> dict[str, float | None]:
 def _log_epoch(ctx: Context, rec: dict) -> None:
     dice = rec.get("train_dice") or {}
     shown = " ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in dice.items())
-    log.info("epoch %d/%d  loss %.4f (dice_ce %.4f, aux %.4f)  lr %.2e  %.1f s  %.1f patches/s%s", rec["epoch"] + 1,
-             ctx.total_epochs, rec["loss"], rec["dice_ce"], rec["aux"], rec["lr"], rec["time_s"], rec["patches_per_s"],
+    # rec["dice_ce"] is the segmentation term, whichever train.loss it is (the history's key stays)
+    log.info("epoch %d/%d  loss %.4f (%s %.4f, aux %.4f)  lr %.2e  %.1f s  %.1f patches/s%s", rec["epoch"] + 1,
+             ctx.total_epochs, rec["loss"], ctx.cfg.train.loss, rec["dice_ce"], rec["aux"], rec["lr"], rec["time_s"],
+             rec["patches_per_s"],
              f"  train Dice {shown}" if shown else "")
     w, e = ctx.writer, rec["epoch"] + 1
     if w is None:
