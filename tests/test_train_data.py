@@ -458,3 +458,16 @@ def test_auto_mirror_axes_is_resolved_from_the_preprocessed_cases(preprocessed_p
     assert tdata.resolve_mirror_axes(cfg, preprocessed_phantoms, plans) == [0]  # a list is the user's: kept
     unresolved = build_train_transforms([8, 8, 8], AugmentConfig())
     assert sorted(t.flipper.spatial_axis for t in unresolved.transforms if hasattr(t, "flipper")) == [0, 1, 2]
+
+
+def test_overlap_counts_break_ties_towards_the_first_class_as_argmax():
+    from medseg.train.losses import SegmentationLoss
+
+    logits = torch.zeros(1, 3, 4, 4, 4, dtype=torch.bfloat16)  # every class tied everywhere
+    logits[:, 2, :2] = 1.0  # class 2 wins in x 0-1
+    label = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    label[:, :, :2] = 2
+    counts = SegmentationLoss("dice_ce").overlap_counts(logits, label, stride=1)
+    assert counts[:, 0].tolist() == [0.0, 0.0, 0.0]  # class 1 never chosen on a tie with background
+    assert counts[:, 1].tolist() == [32.0, 32.0, 32.0]  # class 2 exactly where it wins
+    assert torch.equal(logits.max(1).indices, logits.argmax(1))

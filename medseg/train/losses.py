@@ -132,14 +132,17 @@ class SegmentationLoss(torch.nn.Module):
         the voxels predicted and labelled, predicted, labelled (argmax of the logits; the z halo
         and ``ignore_label`` voxels left out), on every ``stride``-th voxel along each axis: an
         estimate at 1/8 of the cost by default (a full-resolution argmax costs ~10% of a CPU step
-        on 96^3 patches, the subsampled one ~1.5%). Summed over steps, ``2 * tp / (pred + ref)`` is
-        the Dice of the patches seen, a class's cue of being learnt long before a validation.
+        on 96^3 patches, the subsampled one 1.5-5% with ``argmax``, ~0.5% with ``max``). Summed over
+        steps, ``2 * tp / (pred + ref)`` is the Dice of the patches seen, a class's cue of being
+        learnt long before a validation.
         """
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
         logits, label = crop_z_halo(logits, self.z_halo), crop_z_halo(label, self.z_halo)
         sub = (Ellipsis, slice(None, None, stride), slice(None, None, stride), slice(None, None, stride))
         k = logits.shape[1]
-        pred, ref = logits[sub].argmax(1).flatten(), label[sub][:, 0].long().flatten()
+        # max(1).indices: the first maximum on ties, as argmax, ~10x faster on the CPU over a short channel
+        # axis (2 x 6 x 48^3 bf16 on 2 cores: 4 against 48 ms, ~5% of a 96^3 training step)
+        pred, ref = logits[sub].max(1).indices.flatten(), label[sub][:, 0].long().flatten()
         if self.ignore_label is not None:
             keep = ref != self.ignore_label
             pred, ref = pred[keep], ref[keep]

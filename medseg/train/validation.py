@@ -108,7 +108,7 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
             return_attention=want_gates, channels_last=cfg.train.channels_last,
         )
         logits, gates = out if want_gates else (out, {})
-        pred = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        pred = logits.max(0).indices.to(torch.uint8).cpu().numpy()  # first maximum on ties, as argmax; ~10x faster on CPU
         ref = np.asarray(label[0])
         spacing = tuple(float(s) for s in props.get("spacing", [1.0, 1.0, 1.0]))
         per_case.append({"case": name, "prediction_file": None, "reference_file": f"cases/{name}_label.npy",
