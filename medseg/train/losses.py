@@ -41,8 +41,8 @@ from medseg.nn.slice25d import crop_z_halo
 
 __all__ = ["build_loss", "deep_supervision_weights", "SegmentationLoss"]
 
-LOSSES = {"dice_ce": (1.0, 1.0), "dice": (1.0, 0.0), "ce": (0.0, 1.0), "dice_topk10": (1.0, 1.0)}
-TOPK_PERCENT = {"dice_topk10": 10.0}  # kinds whose CE term is the mean over the top k% voxel losses
+# kind -> (Dice weight, CE weight, top-k %: the CE term averages the k% highest voxel losses; None: all voxels)
+LOSSES = {"dice_ce": (1.0, 1.0, None), "dice": (1.0, 0.0, None), "ce": (0.0, 1.0, None), "dice_topk10": (1.0, 1.0, 10.0)}
 
 
 def deep_supervision_weights(n: int) -> list[float]:
@@ -82,8 +82,7 @@ class SegmentationLoss(torch.nn.Module):
         self.z_halo = int(z_halo)
         if kind not in LOSSES:
             raise ConfigError(f"train.loss: '{kind}' is not valid (use {', '.join(LOSSES)})")
-        self.lambda_dice, self.lambda_ce = LOSSES[kind]
-        self.topk = TOPK_PERCENT.get(kind)
+        self.lambda_dice, self.lambda_ce, self.topk = LOSSES[kind]
         self.ignore_label = None if ignore_label is None else int(ignore_label)
         self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
                              ignore_index=self.ignore_label)
