@@ -113,6 +113,7 @@ class ModelConfig:
     act: str = "leakyrelu"  # leakyrelu | relu | prelu | gelu
     residual: bool = False
     deep_supervision: bool = False
+    train_at_stem: bool = False  # strided stem: the training loss at the stem's resolution (no logits upsampling)
     block_attention: BlockAttentionConfig = field(default_factory=BlockAttentionConfig)
     skip_fusion: SkipFusionConfig = field(default_factory=SkipFusionConfig)
     slices: int = 1  # 2.5D: k adjacent axial slices as channels (odd); 1 = true 3D

@@ -93,6 +93,7 @@ def unet_kwargs(cfg: ModelConfig, *, in_channels: int, num_classes: int, spatial
         act=cfg.act,
         residual=cfg.residual,
         deep_supervision=cfg.deep_supervision,
+        train_at_stem=cfg.train_at_stem,
         block_attention=ba.name,
         block_attention_where=ba.where,
         block_attention_stages=ba.stages,

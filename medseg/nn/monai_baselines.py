@@ -47,6 +47,7 @@ _KEYS = {
     "act": ("model.act", "leakyrelu"),
     "residual": ("model.residual", False),
     "deep_supervision": ("model.deep_supervision", False),
+    "train_at_stem": ("model.train_at_stem", False),
     "block_attention": ("model.block_attention.name", None),
     "block_attention_where": ("model.block_attention.where", "both"),
     "block_attention_stages": ("model.block_attention.stages", None),

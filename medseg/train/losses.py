@@ -15,7 +15,8 @@
 - Deep supervision (Lee et al., "Deeply-Supervised Nets", AISTATS 2015; nnU-Net's weighting):
   output ``i`` (resolution ``1/2^i``) gets weight ``1/2^i``, the lowest-resolution output gets
   0, the weights are normalized to sum to 1. Targets are downsampled with nearest neighbour
-  (``nearest-exact``). The weighted sum is MONAI's :class:`~monai.losses.DeepSupervisionLoss`
+  (``nearest-exact``), as is the target of a single output coarser than the label (a strided
+  stem's logits with ``model.train_at_stem``). The weighted sum is MONAI's :class:`~monai.losses.DeepSupervisionLoss`
   given these weights.
 - 2.5D models (``z_halo = H > 0``, :mod:`medseg.nn.slice25d`): outputs and label carry ``H``
   context slices at each z end (:class:`medseg.train.data.PatchDataset`); the loss sees only the
@@ -117,7 +118,7 @@ class SegmentationLoss(torch.nn.Module):
         outs = crop_z_halo([outputs] if isinstance(outputs, torch.Tensor) else list(outputs), self.z_halo)
         label = crop_z_halo(label, self.z_halo).float()  # MONAI resizes the target with nearest-exact: a float
         if len(outs) == 1:
-            return self._term(outs[0].float(), label)
+            return self._term(outs[0].float(), _label_like(label, outs[0]))
         # MONAI's DeepSupervisionLoss with nnU-Net's weights (its "exp" mode floors at 1/16 and does not
         # normalise); weight-0 outputs still enter the graph (DDP needs every head to receive a gradient)
         return DeepSupervisionLoss(self._term, weights=deep_supervision_weights(len(outs)))(outs, label)
@@ -125,7 +126,7 @@ class SegmentationLoss(torch.nn.Module):
     @torch.no_grad()
     def overlap_counts(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor,
                        stride: int = 2) -> torch.Tensor:
-        """Hard-prediction overlap of the full-resolution output, for the training Dice per class.
+        """Hard-prediction overlap of the first (finest) output, for the training Dice per class.
 
         ``outputs`` / ``label`` as in :meth:`forward` -> float64 ``(3, K - 1)``: per foreground class
         the voxels predicted and labelled, predicted, labelled (argmax of the logits; the z halo
@@ -137,7 +138,10 @@ class SegmentationLoss(torch.nn.Module):
         """
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
         logits, label = crop_z_halo(logits, self.z_halo), crop_z_halo(label, self.z_halo)
-        sub = (Ellipsis, slice(None, None, stride), slice(None, None, stride), slice(None, None, stride))
+        # logits coarser than the label (model.train_at_stem): the label at their grid, the same density of samples
+        steps = [max(1, stride * o // i) for o, i in zip(logits.shape[2:], label.shape[2:])]
+        label = _label_like(label, logits)
+        sub = (Ellipsis, *(slice(None, None, s) for s in steps))
         k = logits.shape[1]
         # max(1).indices: the first maximum on ties, as argmax, ~10x faster on the CPU over a short channel
         # axis (2 x 6 x 48^3 bf16 on 2 cores: 4 against 48 ms, ~5% of a 96^3 training step)
@@ -147,6 +151,14 @@ class SegmentationLoss(torch.nn.Module):
             pred, ref = pred[keep], ref[keep]
         conf = torch.bincount(pred * k + ref.clamp(0, k - 1), minlength=k * k).view(k, k).double()  # [pred, ref]
         return torch.stack([conf.diagonal()[1:], conf.sum(1)[1:], conf.sum(0)[1:]])
+
+
+def _label_like(label: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``label (B, 1, *S)`` at the spatial size of ``logits`` (nearest-exact, as MONAI's
+    ``DeepSupervisionLoss`` resizes targets); unchanged when the sizes agree."""
+    if label.shape[2:] == logits.shape[2:]:
+        return label
+    return F.interpolate(label.float(), size=logits.shape[2:], mode="nearest-exact").to(label.dtype)
 
 
 def build_loss(train_cfg: TrainConfig, *, ignore_label: int | None = None, z_halo: int = 0) -> SegmentationLoss:
