@@ -268,6 +268,7 @@ def test_stem_taken_where_the_config_net_needs_a_coarse_spacing_and_a_shrunk_pat
     applied = _stem_cfg()
     budget.apply_plan(applied, plan)
     assert applied.model.strides == [2, 2, 2, 2, 2] and applied.data.patch_size == [96] * 3
+    assert applied.model.train_at_stem and not _stem_cfg().model.train_at_stem
     assert "net: strided stem (model.strides [2, 2, 2, 2, 2])" in budget.describe(plan)
 
 
@@ -292,6 +293,7 @@ def test_stem_taken_only_at_a_finer_spacing_and_off_when_asked():
     assert budget.stem_model(_stem_cfg("model.arch=monai_unet")) is None
     assert budget.stem_model(_stem_cfg("model.slices=3")) is None
     assert budget.stem_model(_stem_cfg()).strides == [2, 2, 2, 2, 2]
+    assert budget.stem_model(_stem_cfg()).train_at_stem  # timed as it will train: loss at the stem's resolution
     with pytest.raises(ConfigError, match="data.budget_stem"):
         check_config(load_config(None, ["data.budget_stem=maybe"]))
 

@@ -205,3 +205,44 @@ def test_strided_stem_predicts_on_the_input_grid_at_an_eighth_of_the_flops():
     stem.train()
     sum(o.float().mean() for o in stem(x)).backward()
     assert all(p.grad is not None for p in stem.parameters())  # both heads run with deep supervision
+
+
+def test_train_at_stem_keeps_training_logits_at_the_stem_resolution_and_inference_on_the_input_grid():
+    """model.train_at_stem: training mode returns level 0 at S / strides[0] (deep supervision and
+    plain), evaluation mode upsamples as before; same weights, same eval logits; no-op without a
+    strided stem; refused by the MONAI baselines."""
+    torch.manual_seed(0)
+    kw = dict(SMALL, channels=[8, 16, 32], skip_fusion="gate", strides=[2, 2, 2])
+    x = torch.randn(2, 1, 32, 32, 16)
+    for ds in (True, False):
+        base, coarse = make_unet(**kw, deep_supervision=ds), make_unet(**kw, deep_supervision=ds, train_at_stem=True)
+        coarse.load_state_dict(base.state_dict())
+        out = coarse.train()(x)
+        level0 = out[0] if ds else out
+        assert tuple(level0.shape[2:]) == (16, 16, 8)
+        if ds:
+            assert tuple(out[1].shape[2:]) == (8, 8, 4)
+        # the coarse training logits are exactly what the default net upsamples
+        ref = base.train()(x)
+        ref0 = ref[0] if ds else ref
+        up = torch.nn.functional.interpolate(level0, size=(32, 32, 16), mode="trilinear", align_corners=False)
+        torch.testing.assert_close(up, ref0)
+        with torch.no_grad():
+            torch.testing.assert_close(coarse.eval()(x), base.eval()(x))
+        assert coarse.eval()(x).shape == (2, 3, 32, 32, 16)
+    flat = make_unet(**dict(kw, strides=[1, 2, 2]), train_at_stem=True).train()
+    assert flat(x).shape == (2, 3, 32, 32, 16)
+    net = build_model(model_cfg(strides="[2,2,2]", channels="[8,16,32]", train_at_stem="true"), num_classes=3)
+    assert net.train_at_stem and tuple(net.train()(x).shape[2:]) == (16, 16, 8)
+    with pytest.raises(ConfigError, match="model.train_at_stem"):
+        build_model(model_cfg(arch="monai_unet", train_at_stem="true"), num_classes=3)
+    # 2.5D: the 2-D net's stem halves x and y only; the loss takes the label at that grid, z halo cropped
+    from medseg.nn.slice25d import z_halo
+    from medseg.train.losses import SegmentationLoss
+
+    s25 = build_model(model_cfg(slices=3, strides="[2,2,2]", channels="[4,8,16]", train_at_stem="true"), num_classes=3)
+    x25 = torch.randn(1, 1, 32, 32, 8 + 2 * z_halo(s25))
+    assert tuple(s25.train()(x25).shape) == (1, 3, 16, 16, 10)
+    assert tuple(s25.eval()(x25).shape) == (1, 3, 32, 32, 10)
+    y25 = torch.randint(0, 3, (1, 1, 32, 32, 10))
+    assert torch.isfinite(SegmentationLoss(z_halo=z_halo(s25))(s25.train()(x25), y25))

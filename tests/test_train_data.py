@@ -188,6 +188,32 @@ def test_overlap_counts_score_the_argmax_of_the_full_resolution_output_without_h
     assert _train_dice(torch.zeros(6, dtype=torch.float64), {"liver": 1}) == {"liver": None, "2": None}
 
 
+def test_a_coarser_output_is_scored_against_the_label_downsampled_to_it():
+    """Logits at half the label's resolution (model.train_at_stem): loss and training Dice take the
+    label resampled with nearest-exact, the loss equals the one on that label explicitly; the
+    overlap counts keep one sample per 2^3 label voxels (stride 2 on the label = stride 1 here)."""
+    import torch.nn.functional as F
+
+    from medseg.train.losses import SegmentationLoss
+
+    torch.manual_seed(0)
+    label = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    label[0, 0, 0, 0, 0] = 3  # ignore label
+    coarse = torch.randn(2, 3, 4, 4, 4)
+    down = F.interpolate(label.float(), size=(4, 4, 4), mode="nearest-exact").long()
+    assert torch.equal(down, label[..., 1::2, 1::2, 1::2])  # nearest-exact takes the odd voxels of a 2x grid
+    for kind in ("dice_ce", "dice_topk10"):
+        loss = SegmentationLoss(kind, ignore_label=3)
+        torch.testing.assert_close(loss(coarse, label), loss(coarse, down))
+        half = torch.randn(2, 3, 2, 2, 2)
+        torch.testing.assert_close(loss([coarse, half], label), loss([coarse, half], down))
+    loss = SegmentationLoss("dice_ce", ignore_label=3)
+    torch.testing.assert_close(loss.overlap_counts(coarse, label), loss.overlap_counts(coarse, down, stride=1))
+    perfect = F.one_hot(down[:, 0].clamp(max=2), 3).permute(0, 4, 1, 2, 3).float()
+    counts = loss.overlap_counts(perfect, label)
+    assert torch.equal(counts[0], counts[1]) and torch.equal(counts[1], counts[2]) and counts.sum() > 0
+
+
 def test_poly_schedule_follows_a_changed_total():
     from medseg.config import TrainConfig
     from medseg.train.optim import build_optimizer, build_scheduler, refresh_lr

@@ -22,7 +22,8 @@ worse). The rule, :func:`plan_for_budget`:
 5. the net (``data.budget_stem``, default ``auto``): when the config's net reaches the steps only
    at a coarser spacing than the finest candidate, or nowhere, the same net with a strided stem
    (``model.strides[0] = 2``: no conv at the input resolution, logits upsampled, ~1/8 of the FLOPs
-   per voxel: the architecture of ``configs/real_organs.yaml``) is planned over the finer spacings
+   per voxel, trained at the stem's resolution, ``model.train_at_stem``: the net and training of
+   ``configs/real_organs.yaml``) is planned over the finer spacings
    (all of them when the config's net reached none) and taken when it reaches the steps there;
    when neither net reaches them anywhere, the stem net (a wider view for the same time) is taken.
    A GPU that runs the config's net at the finest spacing never sees the stem. MONAI's baselines
@@ -287,7 +288,7 @@ def describe(plan: dict) -> str:
         + ("" if r["timed"] else " (extrapolated)") + f" -> {r['expected_steps']}"
         for r in plan["candidates"])
     miss = "" if plan["qualifies"] else f" (fewer than {plan['min_steps']}: nothing tried reaches it)"
-    net = f"net: strided stem (model.strides {plan['strides']}); " if plan.get("stem") else ""
+    net = f"net: strided stem (model.strides {plan['strides']}), trained at its resolution; " if plan.get("stem") else ""
     if plan.get("recipe"):
         r = plan["recipe"]
         net += (f"optimizer: {r['optimizer']} lr {r['lr']:g}, {r['scheduler']} schedule (fewer than {SHORT_RUN_STEPS:,} "
@@ -393,7 +394,7 @@ def stem_model(cfg):
     if any(v > 1 for v in patch_geometry(m)["stem"]):
         return None
     strides = list(m.strides) if m.strides is not None else [1] + [2] * (len(m.channels) - 1)
-    return dataclasses.replace(m, strides=[2] + strides[1:])
+    return dataclasses.replace(m, strides=[2] + strides[1:], train_at_stem=True)
 
 
 def short_run_recipe(cfg, expected_steps: int | None) -> dict | None:
@@ -455,10 +456,10 @@ def _plan_nets(cfg, step_for: Callable, **kw) -> dict:
 # --------------------------------------------------------------------------- hooks
 def apply_plan(cfg, plan: dict) -> None:
     """Write a plan's chosen parts into ``cfg`` (``data.target_spacing``, ``data.patch_size``,
-    ``model.strides`` when it chose the strided stem, ``train.optimizer`` / ``lr`` / ``scheduler``
+    ``model.strides`` and ``model.train_at_stem`` when it chose the strided stem, ``train.optimizer`` / ``lr`` / ``scheduler``
     when it chose the short-run recipe)."""
     if "stem" in plan["planned"]:
-        cfg.model.strides = list(plan["strides"])
+        cfg.model.strides, cfg.model.train_at_stem = list(plan["strides"]), True
     if "spacing" in plan["planned"]:
         cfg.data.target_spacing = [float(v) for v in plan["spacing"]]
     if "patch" in plan["planned"]:
