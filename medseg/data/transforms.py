@@ -221,12 +221,11 @@ class RandLabelIntensityShiftd(RandomizableTransform, MapTransform):
         self.randomize(None)
         if not self._do_transform:
             return d
-        label = torch.as_tensor(d["label"])
-        classes = [int(c) for c in torch.unique(label).tolist() if int(c) not in (0, self.ignore_label)]
+        values = torch.as_tensor(d["label"])[0].round().long().clamp_(min=0)
+        classes = [c for c in torch.unique(values).tolist() if c not in (0, self.ignore_label)]
         if not classes:
             return d
         offsets = self.R.uniform(*self.shift_range, size=len(classes))
-        values = label[0].round().long().clamp_(min=0)
         lut = torch.zeros(int(values.max()) + 1, dtype=torch.float32)  # every value present: the ignore label keeps 0
         lut[classes] = torch.as_tensor(offsets, dtype=torch.float32)
         shift = lut[values]

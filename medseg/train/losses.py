@@ -117,10 +117,10 @@ class SegmentationLoss(torch.nn.Module):
     def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
         outs = crop_z_halo([outputs] if isinstance(outputs, torch.Tensor) else list(outputs), self.z_halo)
         label = crop_z_halo(label, self.z_halo).float()  # MONAI resizes the target with nearest-exact: a float
-        if len(outs) == 1:
-            return self._term(outs[0].float(), _label_like(label, outs[0]))
         # MONAI's DeepSupervisionLoss with nnU-Net's weights (its "exp" mode floors at 1/16 and does not
-        # normalise); weight-0 outputs still enter the graph (DDP needs every head to receive a gradient)
+        # normalise); weight-0 outputs still enter the graph (DDP needs every head to receive a gradient).
+        # A single output goes through it too (weight 1.0): its target is resized the same way when the
+        # output is coarser than the label (model.train_at_stem)
         return DeepSupervisionLoss(self._term, weights=deep_supervision_weights(len(outs)))(outs, label)
 
     @torch.no_grad()
