@@ -90,6 +90,31 @@ def test_patches_depend_on_seed_rank_and_index_only(preprocessed_phantoms):
     torch.testing.assert_close(two_workers["image"][1], p0[7]["image"])  # batch 2, slot 1 = item 7
 
 
+def test_num_workers_auto_gives_workers_only_idle_cores_on_a_cpu_and_spare_cores_on_cuda():
+    from medseg.train.checks import check_config
+
+    auto = tdata.resolve_num_workers
+    assert load_config(None, []).data.num_workers == "auto"
+    check_config(load_config(None, ["data.num_workers=auto"]))
+    check_config(load_config(None, ["data.num_workers=3"]))
+    assert auto(3, "cpu", cores=2, threads=2) == 3  # an explicit count is kept
+    assert auto(0, "cuda", cores=64, threads=64) == 0
+    # CPU: every core computing -> the 2-core machine loads inline, a larger one spends one core on a worker
+    assert auto("auto", "cpu", cores=2, threads=2) == 0
+    assert auto("auto", "cpu", cores=1, threads=1) == 0
+    assert auto("auto", "cpu", cores=16, threads=16) == 1
+    # idle cores (threads below the core count) go to workers, at most 2
+    assert auto("auto", "cpu", cores=4, threads=3) == 1
+    assert auto("auto", "cpu", cores=16, threads=8) == 2
+    # CUDA: one core per rank stays with the main process, at most 8 workers, at least 1
+    assert auto("auto", "cuda", cores=16, threads=16) == 8
+    assert auto("auto", "cuda", cores=16, threads=16, ranks=4) == 3
+    assert auto("auto", "cuda", cores=2, threads=2, ranks=4) == 1
+    # CPU ranks share the cores too: 2 ranks of 2 threads on 4 cores have none idle
+    assert auto("auto", "cpu", cores=4, threads=2, ranks=2) == 0
+    assert tdata.available_cores() >= 1
+
+
 def test_cache_modes_and_case_loading(preprocessed_phantoms):
     names = tdata.list_cases(preprocessed_phantoms)
     assert names == ["phantom_000", "phantom_001", "phantom_002", "phantom_003"]
@@ -303,6 +328,8 @@ def test_checkpoint_write_is_atomic_and_rng_round_trips(tmp_path, monkeypatch):
     ("data.patch_size=[16,16]", "data.patch_size"),
     ("train.augment.mirror_axes=[3]", "train.augment.mirror_axes"),
     ("train.augment.mirror_axes=lr", "train.augment.mirror_axes"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.num_workers=many", "data.num_workers"),
 ])
 def test_bad_config_values_name_the_key(override, key):
     from medseg.train.checks import check_config

@@ -48,7 +48,9 @@ def check_config(cfg: Config) -> None:
     _choice(t.loss, "train.loss", tuple(LOSSES))
     _choice(d.cache, "data.cache", CACHE_MODES)
     _require(0.0 <= d.fg_oversample <= 1.0, "data.fg_oversample", "must be in [0, 1]", d.fg_oversample)
-    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    _require(d.num_workers == "auto" or (isinstance(d.num_workers, int) and not isinstance(d.num_workers, bool)
+                                         and d.num_workers >= 0),
+             "data.num_workers", "expected auto or an integer >= 0", d.num_workers)
     _require(d.budget_plan in ("auto", "off", True, False), "data.budget_plan", "expected auto or off", d.budget_plan)
     _require(d.budget_min_steps >= 1, "data.budget_min_steps", "must be >= 1", d.budget_min_steps)
     _require(d.budget_fov_mm > 0, "data.budget_fov_mm", "must be > 0", d.budget_fov_mm)

@@ -199,12 +199,15 @@ def write_run_files(ctx: Context) -> None:
 def train_loader(ctx: Context, train_cases: list[str]) -> torch.utils.data.DataLoader:
     cfg, info = ctx.cfg, ctx.info
     mode = tdata.resolve_cache_mode(cfg.data.cache, ctx.pre_dir, train_cases, copies=info.local_world_size)
-    cases = tdata.case_dataset(ctx.pre_dir, train_cases, mode, workers=cfg.data.num_workers,
+    workers = tdata.resolve_num_workers(cfg.data.num_workers, info.device.type, cores=tdata.available_cores(),
+                                        threads=torch.get_num_threads(), ranks=info.local_world_size)
+    cases = tdata.case_dataset(ctx.pre_dir, train_cases, mode, workers=workers,
                                progress=info.is_main and progress_enabled())
     tdata.check_foreground(cases, ctx.pre_dir)
-    log.info("%d training cases (cache: %s), %d validation cases, patch %s, batch %d x %d rank(s)", len(train_cases),
-             mode, len(ctx.val_cases), ctx.patch, cfg.train.batch_size, info.world_size)
+    log.info("%d training cases (cache: %s), %d validation cases, patch %s, batch %d x %d rank(s), %s",
+             len(train_cases), mode, len(ctx.val_cases), ctx.patch, cfg.train.batch_size, info.world_size,
+             f"{workers} loader worker(s)" if workers else "batches loaded in the main process")
     patches = tdata.PatchDataset(cases, ctx.patch, cfg, rank=info.rank, z_halo=z_halo(ctx.model),
                                  ignore_label=ctx.plans.get("ignore_label"))
     return tdata.make_train_loader(patches, start_batch=ctx.step, end_batch=cfg.train.epochs * ctx.iters,
-                                   num_workers=cfg.data.num_workers, pin_memory=info.device.type == "cuda")
+                                   num_workers=workers, pin_memory=info.device.type == "cuda")
