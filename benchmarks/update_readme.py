@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
-ORDER = ("infer_speed", "train_speed", "real_ct_study", "real_ct_study_lung_lesion", "head_to_head")
+ORDER = ("infer_speed", "train_speed", "real_ct_study", "real_ct_study_fp32", "real_ct_study_lung_lesion", "head_to_head")
 ZOO, ZOO_START, ZOO_END = "model_zoo", "<!-- zoo:start -->", "<!-- zoo:end -->"
 
 
