@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="preprocessed data, runs, checkpoints and predictions (default /tmp/medseg_head_to_head)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of every contender (default 2)")
     p.add_argument("--workers", type=int, default=1,
-                   help="data-loading / augmentation worker processes of every contender (default 1, medseg's real-CT config)")
+                   help="data-loading / augmentation worker processes, the same for every contender (default 1; medseg's "
+                        "own default, data.num_workers=auto, gives 0 on a 2-core CPU: pass --workers 0 there to match it)")
     p.add_argument("--seed", type=int, default=0, help="seed of medseg (train.seed) and the stock recipe; nnU-Net does not seed (default 0)")
     p.add_argument("--quick", action="store_true",
                    help="a 2+1-case phantom dataset, tiny nets and patches, 0.1 min each (at most): checks the script")
