@@ -162,7 +162,7 @@ def resolve_num_workers(value: int | str, device_type: str, *, cores: int, threa
     cores those leave idle (at most 2); with no idle core, a machine of <= 2 cores per rank loads in
     the main process (0 workers) and a larger one spends one core on a worker. Measured on a 2-core
     AMD EPYC (fp32, ``configs/real_organs.yaml``, 2 threads): with 1 worker the step took 1.41 s
-    (the worker's preemption stalls both compute threads), loading in the main process 1.16 s +
+    (presumably the worker's preemption stalls both compute threads; not profiled), loading in the main process 1.16 s +
     0.11 s. The 1 worker of a larger machine is not measured.
     """
     if value != "auto":
