@@ -73,9 +73,9 @@ def machine(threads: int) -> dict[str, Any]:
     import monai
     import torch
 
-    from medseg.runtime import cpu_supports_bf16
+    from medseg.runtime import available_cores, cpu_supports_bf16
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "bf16_native": cpu_supports_bf16(),
+    return {"cpu": cpu_model(), "cores": available_cores(), "threads": threads, "bf16_native": cpu_supports_bf16(),
             "torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()}
 
 

@@ -51,3 +51,30 @@ def test_busy_cpus_come_from_the_proc_stat_delta():
     assert busy_from_proc_stat(before, before, 2) is None   # no time passed
     assert busy_from_proc_stat("intr 1 2 3", one_busy, 2) is None
     assert idle_cpu_threads(2, load=busy_from_proc_stat(before, one_busy, 2), cpu_count=2, omp_set=False) == 1
+
+
+def test_busy_cpus_count_only_the_cores_of_the_affinity_mask():
+    # 4 CPUs, 100 jiffies each; this process may use cpu2 and cpu3. cpu0 and cpu1 are fully busy (someone
+    # else's cores), cpu2 is fully busy, cpu3 idle: the machine has 3 busy CPUs, the mask 1
+    before = ("cpu  0 0 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 0 0 0 0 0\n"
+              "cpu2 0 0 0 0 0 0 0 0\ncpu3 0 0 0 0 0 0 0 0\n")
+    after = ("cpu  300 0 0 100 0 0 0 0\ncpu0 100 0 0 0 0 0 0 0\ncpu1 90 0 10 0 0 0 0 0\n"
+             "cpu2 100 0 0 0 0 0 0 0\ncpu3 0 0 0 95 5 0 0 0\n")
+    assert busy_from_proc_stat(before, after, 4) == pytest.approx(3.0)
+    assert busy_from_proc_stat(before, after, 4, {2, 3}) == pytest.approx(1.0)
+    assert busy_from_proc_stat(before, after, 4, {3}) == pytest.approx(0.0)
+    assert busy_from_proc_stat(before, after, 4, {7}) is None           # no line of the mask
+    assert idle_cpu_threads(2, load=busy_from_proc_stat(before, after, 4, {2, 3}), cpu_count=2, omp_set=False) == 1
+    assert idle_cpu_threads(2, load=busy_from_proc_stat(before, after, 4), cpu_count=4, omp_set=False) == 1
+    assert idle_cpu_threads(2, load=busy_from_proc_stat(before, after, 4, {3}), cpu_count=1, omp_set=False) == 1
+
+
+def test_available_cores_is_the_affinity_mask():
+    import os
+
+    from medseg.runtime import available_cores
+
+    n = available_cores()
+    assert 1 <= n <= (os.cpu_count() or n)
+    if hasattr(os, "sched_getaffinity"):
+        assert n == len(os.sched_getaffinity(0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from pathlib import Path
 
 
@@ -42,7 +43,7 @@ def idle_cpu_threads(threads: int, *, load: float | None, cpu_count: int | None,
         threads: torch's current CPU threads.
         load: CPUs busy now (:func:`busy_cpus`: ``/proc/stat`` over half a second, else the 1-minute
             load average), ``None`` when unavailable.
-        cpu_count: ``os.cpu_count()``.
+        cpu_count: the cores this process may use (:func:`medseg.runtime.available_cores`).
         omp_set: whether the user set ``OMP_NUM_THREADS``.
     """
     if omp_set or load is None:
@@ -50,38 +51,58 @@ def idle_cpu_threads(threads: int, *, load: float | None, cpu_count: int | None,
     return max(1, min(threads, int((cpu_count or threads) - load + 0.5)))
 
 
-def busy_from_proc_stat(before: str, after: str, cpu_count: int) -> float | None:
-    """CPUs busy between two readings of ``/proc/stat`` (its aggregate ``cpu`` line): the share of
-    non-idle jiffies (``user nice system irq softirq steal``; ``idle`` and ``iowait`` count as idle)
-    times ``cpu_count``. ``None`` when a reading has no ``cpu`` line or no time passed."""
+def busy_from_proc_stat(before: str, after: str, cpu_count: int, cpus: Collection[int] | None = None) -> float | None:
+    """CPUs busy between two readings of ``/proc/stat``: the share of non-idle jiffies (``user nice
+    system irq softirq steal``; ``idle`` and ``iowait`` count as idle) times the CPUs counted.
 
-    def totals(text: str) -> tuple[int, int] | None:
+    Without ``cpus``, the aggregate ``cpu`` line times ``cpu_count`` (the whole machine). With ``cpus``
+    (the process's affinity mask), only their ``cpuN`` lines: work on cores this process cannot use
+    does not count, work on the ones it can does, however idle the rest of the machine is.
+    ``None`` when a reading has none of those lines or no time passed."""
+
+    def row(values: list[str]) -> tuple[int, int]:
+        v = [int(x) for x in values[:8]] + [0] * max(0, 8 - len(values[:8]))
+        return sum(v), v[3] + v[4]  # all, idle + iowait (guest time is inside user)
+
+    def totals(text: str) -> tuple[int, int, int] | None:
+        total = idle = n = 0
         for line in text.splitlines():
             f = line.split()
-            if f and f[0] == "cpu":
-                v = [int(x) for x in f[1:9]] + [0] * max(0, 8 - len(f[1:9]))
-                return sum(v), v[3] + v[4]  # all, idle + iowait (guest time is inside user)
-        return None
+            if not f or not f[0].startswith("cpu"):
+                continue
+            if cpus is None and f[0] == "cpu":
+                a, i = row(f[1:])
+                return a, i, cpu_count
+            if cpus is not None and f[0][3:].isdigit() and int(f[0][3:]) in cpus:
+                a, i = row(f[1:])
+                total, idle, n = total + a, idle + i, n + 1
+        return (total, idle, n) if n else None
 
     a, b = totals(before), totals(after)
-    if a is None or b is None or b[0] <= a[0]:
+    if a is None or b is None or b[0] <= a[0] or a[2] != b[2]:
         return None
-    return cpu_count * (1.0 - (b[1] - a[1]) / (b[0] - a[0]))
+    return b[2] * (1.0 - (b[1] - a[1]) / (b[0] - a[0]))
 
 
 def busy_cpus(interval: float = 0.5) -> float | None:
-    """CPUs busy now: ``/proc/stat`` sampled over ``interval`` seconds (what runs *now*; the 1-minute
-    load average still counts a job that ended seconds ago), else the 1-minute load average, else None."""
+    """CPUs busy now among those this process may use (its affinity mask): ``/proc/stat`` sampled over
+    ``interval`` seconds (what runs *now*; the 1-minute load average still counts a job that ended
+    seconds ago), else the 1-minute load average (whole machine), else None."""
     import os
     import time
 
     cpus = os.cpu_count() or 1
     try:
+        mask = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        mask = None
+    mask = mask if mask is not None and len(mask) < cpus else None  # the whole machine: its aggregate line
+    try:
         with open("/proc/stat") as f:
             before = f.read()
         time.sleep(interval)
         with open("/proc/stat") as f:
-            busy = busy_from_proc_stat(before, f.read(), cpus)
+            busy = busy_from_proc_stat(before, f.read(), cpus, mask)
         if busy is not None:
             return busy
     except OSError:
@@ -97,11 +118,11 @@ def use_idle_cores() -> None:
 
     import torch
 
-    from medseg.runtime import get_logger
+    from medseg.runtime import available_cores, get_logger
 
     omp_set = "OMP_NUM_THREADS" in os.environ
     load = None if omp_set else busy_cpus()  # the user decides: no half-second sample
-    threads = idle_cpu_threads(torch.get_num_threads(), load=load, cpu_count=os.cpu_count(), omp_set=omp_set)
+    threads = idle_cpu_threads(torch.get_num_threads(), load=load, cpu_count=available_cores(), omp_set=omp_set)
     if threads != torch.get_num_threads():
         get_logger("medseg.demo").info("using %d CPU thread(s): the other cores are busy (set OMP_NUM_THREADS to override)",
                                        threads)

@@ -35,7 +35,7 @@ from medseg.errors import ConfigError, InputError
 from medseg.runtime import get_logger
 from medseg.train.signals import ignore_in_worker
 
-__all__ = ["LoadCased", "PatchDataset", "available_cores", "case_dataset", "check_foreground", "list_cases",
+__all__ = ["LoadCased", "PatchDataset", "case_dataset", "check_foreground", "list_cases",
            "make_train_loader", "read_plans", "resolve_cache_mode", "resolve_mirror_axes", "resolve_num_workers",
            "train_val_cases"]
 
@@ -143,14 +143,6 @@ def resolve_cache_mode(mode: str, pre_dir: str | Path, names: Sequence[str], *, 
     except (ValueError, OSError, AttributeError):
         return "disk"
     return "ram" if copies * _case_bytes(Path(pre_dir), names) < 0.5 * avail else "disk"
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def resolve_num_workers(value: int | str, device_type: str, *, cores: int, threads: int, ranks: int = 1) -> int:

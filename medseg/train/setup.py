@@ -18,7 +18,7 @@ from medseg.data.budget import plan_train_patch
 from medseg.errors import ConfigError, InputError
 from medseg.io import atomic_write_text
 from medseg.nn.slice25d import z_halo
-from medseg.runtime import get_logger, progress_enabled, resolve_precision, seed_everything
+from medseg.runtime import available_cores, get_logger, progress_enabled, resolve_precision, seed_everything
 from medseg.train import data as tdata
 from medseg.train.checkpoint import load_checkpoint, restore_rng
 from medseg.train.checks import resolve_patch_size
@@ -199,7 +199,7 @@ def write_run_files(ctx: Context) -> None:
 def train_loader(ctx: Context, train_cases: list[str]) -> torch.utils.data.DataLoader:
     cfg, info = ctx.cfg, ctx.info
     mode = tdata.resolve_cache_mode(cfg.data.cache, ctx.pre_dir, train_cases, copies=info.local_world_size)
-    workers = tdata.resolve_num_workers(cfg.data.num_workers, info.device.type, cores=tdata.available_cores(),
+    workers = tdata.resolve_num_workers(cfg.data.num_workers, info.device.type, cores=available_cores(),
                                         threads=torch.get_num_threads(), ranks=info.local_world_size)
     cases = tdata.case_dataset(ctx.pre_dir, train_cases, mode, workers=workers,
                                progress=info.is_main and progress_enabled())
