@@ -13,8 +13,8 @@ import torch
 
 from medseg.errors import ConfigError
 
-__all__ = ["autocast", "available_cores", "cpu_supports_bf16", "get_logger", "progress_enabled", "resolve_channels_last",
-           "resolve_device", "resolve_precision", "seed_everything", "set_console_level"]
+__all__ = ["affinity_mask", "autocast", "available_cores", "cpu_supports_bf16", "get_logger", "progress_enabled",
+           "resolve_channels_last", "resolve_device", "resolve_precision", "seed_everything", "set_console_level"]
 
 
 CONSOLE_HANDLER = "medseg-console"
@@ -65,14 +65,20 @@ def progress_enabled() -> bool:
     return logger.isEnabledFor(logging.INFO) and _console().level <= logging.INFO
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on: its affinity mask where the OS has one (``taskset``, a container's
-    cpuset, a Slurm allocation), else ``os.cpu_count()``. The one core count of medseg (loader workers, the
-    demo's idle-core check)."""
+def affinity_mask() -> set[int] | None:
+    """The CPU ids this process may run on (``taskset``, a container's cpuset, a Slurm allocation), ``None``
+    where the OS does not say."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return None
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on: the size of its :func:`affinity_mask`, else ``os.cpu_count()``.
+    The one core count of medseg (loader workers, the demo's idle-core check)."""
+    mask = affinity_mask()
+    return len(mask) if mask is not None else os.cpu_count() or 1
 
 
 def resolve_device(name: str = "auto") -> torch.device:

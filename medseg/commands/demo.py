@@ -91,11 +91,10 @@ def busy_cpus(interval: float = 0.5) -> float | None:
     import os
     import time
 
+    from medseg.runtime import affinity_mask
+
     cpus = os.cpu_count() or 1
-    try:
-        mask = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        mask = None
+    mask = affinity_mask()
     mask = mask if mask is not None and len(mask) < cpus else None  # the whole machine: its aggregate line
     try:
         with open("/proc/stat") as f:
