@@ -78,6 +78,11 @@ class DataConfig:
     # loading the batch in the main process costs: 2-core AMD EPYC, fp32, real_organs: 1.41 -> 1.27 s per step)
     num_workers: Union[int, str] = "auto"
     fg_oversample: float = 0.33  # fraction of each batch forced to contain foreground
+    # hard-negative patches (medseg.train.hard_negatives): every hard_negative_interval epochs the trainer predicts
+    # its training cases and this fraction of the random (not foreground-forced) patches is then centred on a voxel
+    # it marked as a foreground class that voxel is not (0: off, the patch stream is unchanged)
+    hard_negatives: float = 0.0
+    hard_negative_interval: int = 20  # epochs between two mining passes (the first after this many epochs)
 
 
 @dataclass

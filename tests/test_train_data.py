@@ -329,6 +329,9 @@ def test_checkpoint_write_is_atomic_and_rng_round_trips(tmp_path, monkeypatch):
     ("train.augment.mirror_axes=lr", "train.augment.mirror_axes"),
     ("data.num_workers=-1", "data.num_workers"),
     ("data.num_workers=many", "data.num_workers"),
+    ("data.hard_negatives=1.5", "data.hard_negatives"),
+    ("data.hard_negatives=-0.1", "data.hard_negatives"),
+    ("data.hard_negative_interval=0", "data.hard_negative_interval"),
 ])
 def test_bad_config_values_name_the_key(override, key):
     from medseg.train.checks import check_config

@@ -48,6 +48,8 @@ def check_config(cfg: Config) -> None:
     _choice(t.loss, "train.loss", tuple(LOSSES))
     _choice(d.cache, "data.cache", CACHE_MODES)
     _require(0.0 <= d.fg_oversample <= 1.0, "data.fg_oversample", "must be in [0, 1]", d.fg_oversample)
+    _require(0.0 <= d.hard_negatives <= 1.0, "data.hard_negatives", "must be in [0, 1]", d.hard_negatives)
+    _require(d.hard_negative_interval >= 1, "data.hard_negative_interval", "must be >= 1", d.hard_negative_interval)
     _require(d.num_workers == "auto" or (isinstance(d.num_workers, int) and not isinstance(d.num_workers, bool)
                                          and d.num_workers >= 0),
              "data.num_workers", "expected auto or an integer >= 0", d.num_workers)

@@ -13,6 +13,10 @@
   ``batch_size - round(batch_size * (1 - fg_oversample))`` samples are centred on a voxel of a
   random foreground class present in the case (``properties["class_locations"]``); with a
   batch of 1 the sample is forced with probability ``fg_oversample``.
+- **Hard negatives** (``data.hard_negatives = f > 0``, :mod:`medseg.train.hard_negatives`): once
+  the trainer has mined its model's false positives on the training cases, a random patch of a
+  case that has some is centred on one of them with probability ``f`` (the table is read from
+  ``hard_file`` and reread when that file changes, so loader workers see each new mining).
 - **z halo** (2.5D models, ``z_halo = H > 0``, :mod:`medseg.nn.slice25d`): each patch is cut and
   augmented with ``patch_z + 2H`` slices, so that the slices of the patch proper have their real
   neighbours; the loss keeps the central ``patch_z`` slices (:class:`medseg.train.losses.SegmentationLoss`).
@@ -193,7 +197,7 @@ class PatchDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cases: Dataset, patch_size: Sequence[int], cfg: Config, *, rank: int = 0, z_halo: int = 0,
-                 ignore_label: int | None = None):
+                 ignore_label: int | None = None, hard_file: str | Path | None = None):
         x, y, z = (int(p) for p in patch_size)
         self.cases, self.patch = cases, [x, y, z + 2 * int(z_halo)]
         self.batch_size, self.fg = int(cfg.train.batch_size), float(cfg.data.fg_oversample)
@@ -201,6 +205,10 @@ class PatchDataset(torch.utils.data.Dataset):
         self.extent = crop_extent(self.patch, cfg.train.augment)
         self.transforms = build_train_transforms(self.patch, cfg.train.augment, ignore_label=ignore_label)
         self.n_random = round(self.batch_size * (1.0 - self.fg))
+        self.hard = float(cfg.data.hard_negatives)
+        self.hard_file = Path(hard_file) if hard_file is not None and self.hard > 0 else None
+        self._hard_key: tuple | None = None
+        self._hard_table: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return 10**12
@@ -210,11 +218,30 @@ class PatchDataset(torch.utils.data.Dataset):
             return bool(rng.random() < self.fg)
         return index % self.batch_size >= self.n_random
 
+    def hard_locations(self, case: str) -> np.ndarray | None:
+        """The mined false-positive voxels of ``case`` ((N, 3), N > 0), or None (none mined, or off)."""
+        if self.hard_file is None:
+            return None
+        try:
+            st = os.stat(self.hard_file)
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._hard_key:  # a new mining (written through a rename: a new inode)
+            from medseg.train.hard_negatives import read_hard_negatives
+
+            self._hard_table, self._hard_key = read_hard_negatives(self.hard_file), key
+        locs = self._hard_table.get(case)
+        return locs if locs is not None and len(locs) else None
+
     def _center(self, case: dict, forced: bool, rng: np.random.Generator) -> list[int]:
         if forced and case["fg"]:
             classes = sorted(case["fg"])
             locs = case["fg"][classes[int(rng.integers(len(classes)))]]
             return [int(v) for v in locs[int(rng.integers(len(locs)))]]
+        hard = None if forced else self.hard_locations(case["case"])
+        if hard is not None and rng.random() < self.hard:  # no draw without a table: the stream of f = 0
+            return [int(v) for v in hard[int(rng.integers(len(hard)))]]
         return [int(rng.integers(n)) for n in case["image"].shape[1:]]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

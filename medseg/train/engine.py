@@ -8,7 +8,9 @@ deep supervision plus the model's auxiliary loss (:mod:`medseg.train.losses`), b
 gradient clipping, optimizer step, per-iteration LR schedule (:mod:`medseg.train.optim`).
 Per epoch: scalars to TensorBoard and ``log.txt``; every ``train.val_interval`` epochs (and at
 the end) sliding-window validation (:mod:`medseg.train.validation`) with overlays and gate
-maps (:mod:`medseg.train.tensorboard`), ``best.pt`` on a new best mean foreground Dice; every
+maps (:mod:`medseg.train.tensorboard`), ``best.pt`` on a new best mean foreground Dice; with
+``data.hard_negatives`` every ``data.hard_negative_interval`` epochs the model's false positives on
+its training cases are mined for the patch sampler (:mod:`medseg.train.hard_negatives`); every
 ``train.checkpoint_interval`` epochs ``latest.pt``; at the end ``final.pt``.
 
 Faults: a non-finite loss stops the run with :class:`TrainingDiverged` (nothing is saved after
@@ -39,6 +41,7 @@ from medseg.train import data as tdata
 from medseg.train.checkpoint import capture_rng, save_checkpoint
 from medseg.train.checks import check_config
 from medseg.train.distributed import all_gather_objects, barrier, cleanup, init_distributed, mean_across, wrap_ddp
+from medseg.train.hard_negatives import MAX_PER_CASE, hard_negative_file, mine_false_positives, write_hard_negatives
 from medseg.train.optim import refresh_lr
 from medseg.train.setup import (Context, budget_state, build_context, check_run_dir, open_log, resume_from_latest,
                                 train_loader, write_run_files)
@@ -210,6 +213,26 @@ def _validate(ctx: Context, epoch: int) -> float:
     return score
 
 
+def _mine(ctx: Context, epoch: int) -> int:
+    """Mine the model's false positives on its training cases into this rank's table (the patch
+    dataset rereads it); returns the number of voxels kept, over all cases."""
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    table = mine_false_positives(ctx.model, ctx.train_cases, ctx.pre_dir, patch_size=ctx.patch, info=ctx.info,
+                                 blend=cfg.infer.blend, sw_batch_size=cfg.infer.sw_batch_size, amp_dtype=ctx.amp_dtype,
+                                 channels_last=cfg.train.channels_last, ignore_label=ctx.plans.get("ignore_label"),
+                                 seed=cfg.train.seed * 1_000_003 + epoch)
+    write_hard_negatives(hard_negative_file(ctx.run_dir, ctx.info.rank), table)
+    voxels = sum(len(v) for v in table.values())
+    log.info("hard negatives epoch %d: %d false-positive voxels kept in %d of %d training cases (at most %d per case) "
+             "in %.1f s; %.0f%% of the random patches of those cases are centred on one", epoch + 1, voxels,
+             sum(1 for v in table.values() if len(v)), len(table), MAX_PER_CASE, time.perf_counter() - t0,
+             100 * cfg.data.hard_negatives)
+    if ctx.writer is not None:
+        ctx.writer.add_scalar("train/hard_negative_voxels", voxels, epoch + 1)
+    return voxels
+
+
 def _state(ctx: Context) -> dict:
     rngs = all_gather_objects(capture_rng(), ctx.info)
     return {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
@@ -257,6 +280,8 @@ def _end_epoch(ctx: Context, epoch: int, rec: dict) -> None:
         if score > ctx.best:
             ctx.best = score
             _save(ctx, "best")
+    if ctx.cfg.data.hard_negatives > 0 and (epoch + 1) % ctx.cfg.data.hard_negative_interval == 0 and not last:
+        rec["hard_negative_voxels"] = _mine(ctx, epoch)
     if (epoch + 1) % ctx.cfg.train.checkpoint_interval == 0 or last:
         _save(ctx, "latest")
 
@@ -312,6 +337,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
             resume_from_latest(ctx)
         write_run_files(ctx)
         train_cases, ctx.val_cases = tdata.train_val_cases(ctx.pre_dir, cfg, tdata.list_cases(ctx.pre_dir))
+        ctx.train_cases = train_cases
+        if not resume:  # a table left by an earlier run in this folder is not this run's
+            hard_negative_file(run_dir, info.rank).unlink(missing_ok=True)
         loader = train_loader(ctx, train_cases)
         ctx.training_single = _training_single(ctx.pre_dir, train_cases, ctx.val_cases, int(ctx.plans["num_classes"]))
         ctx.ddp = wrap_ddp(ctx.model, info)

@@ -23,6 +23,7 @@ from medseg.train import data as tdata
 from medseg.train.checkpoint import load_checkpoint, restore_rng
 from medseg.train.checks import resolve_patch_size
 from medseg.train.distributed import DistInfo
+from medseg.train.hard_negatives import hard_negative_file
 from medseg.train.losses import build_loss
 from medseg.train.optim import build_optimizer, build_scheduler, refresh_lr
 
@@ -49,6 +50,7 @@ class Context:
     scaler: torch.amp.GradScaler
     loss_fn: torch.nn.Module
     amp_dtype: torch.dtype | None
+    train_cases: list[str] = field(default_factory=list)
     val_cases: list[str] = field(default_factory=list)
     training_single: dict[str, bool] | None = None  # per class: one structure in every training label (post-processing fallback)
     writer: SummaryWriter | None = None
@@ -208,6 +210,7 @@ def train_loader(ctx: Context, train_cases: list[str]) -> torch.utils.data.DataL
              len(train_cases), mode, len(ctx.val_cases), ctx.patch, cfg.train.batch_size, info.world_size,
              f"{workers} loader worker(s)" if workers else "batches loaded in the main process")
     patches = tdata.PatchDataset(cases, ctx.patch, cfg, rank=info.rank, z_halo=z_halo(ctx.model),
-                                 ignore_label=ctx.plans.get("ignore_label"))
+                                 ignore_label=ctx.plans.get("ignore_label"),
+                                 hard_file=hard_negative_file(ctx.run_dir, info.rank))
     return tdata.make_train_loader(patches, start_batch=ctx.step, end_batch=cfg.train.epochs * ctx.iters,
                                    num_workers=workers, pin_memory=info.device.type == "cuda")
