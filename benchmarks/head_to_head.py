@@ -41,9 +41,9 @@ post-processing its run chose at its end-of-budget validation (``postprocessing.
 points have none, as no validation had run by then.
 
 Each row records the commit it was measured on; ``--keep-others`` reruns some contenders (medseg after
-a recipe change) and keeps the other rows of the existing ``head_to_head.json`` with their commits.
+a recipe change) and keeps the other rows of the existing ``<--name>.json`` with their commits.
 
-Writes ``benchmarks/results/head_to_head.{md,json}`` (a temp folder with ``--quick``) after every
+Writes ``benchmarks/results/<--name>.{md,json}`` (default ``head_to_head``; a temp folder with ``--quick``) after every
 contender; work files (preprocessed data, runs, predictions) go to ``--work-dir``. The last stdout
 line is the JSON summary.
 
@@ -102,9 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a 2+1-case phantom dataset, tiny nets and patches, 0.1 min each (at most): checks the script")
     p.add_argument("--results", type=Path, default=None,
-                   help="folder for head_to_head.{md,json} (default benchmarks/results; a temp folder with --quick)")
+                   help="folder for <name>.{md,json} (default benchmarks/results; a temp folder with --quick)")
+    p.add_argument("--name", default="head_to_head",
+                   help="result file name: writes <results>/<name>.{md,json} (default head_to_head; "
+                        "head_to_head_fp32 is the table of a CPU without native bf16)")
     p.add_argument("--keep-others", action="store_true",
-                   help="keep the rows of the contenders not run this time from the existing head_to_head.json "
+                   help="keep the rows of the contenders not run this time from the existing <name>.json "
                         "(same dataset, budget and marks; each row keeps the commit it was measured on): rerun "
                         "medseg after a recipe change without rerunning stock MONAI and nnU-Net")
     p.add_argument("overrides", nargs="*", help="extra section.key=value config overrides for the medseg runs")
@@ -326,11 +329,11 @@ def markdown(rows: dict, args: argparse.Namespace) -> str:
 
 
 def kept_rows(results_dir: Path, args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
-    """``--keep-others``: the rows of ``head_to_head.json`` in ``results_dir`` whose contenders are not in
+    """``--keep-others``: the rows of ``<args.name>.json`` in ``results_dir`` whose contenders are not in
     ``names``, each with its ``measured`` commit and date (the file's, for rows written before rows
     carried their own). Raises SystemExit when the file is missing or was run on another dataset,
     budget or marks: rows of different setups are not comparable."""
-    path = results_dir / "head_to_head.json"
+    path = results_dir / f"{args.name}.json"
     if not path.is_file():
         raise SystemExit(f"--keep-others: {path} not found (run every contender once first)")
     old = json.loads(path.read_text())
@@ -377,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         rows[name]["measured"] = {"commit": meta.get("commit"), "date": meta.get("date")}
         print(f"{name}: {json.dumps(rows[name], default=float)}", file=sys.stderr, flush=True)
         table = merged(kept, rows)
-        write_results("head_to_head", f"Head to head: {args.minutes:g} CPU-minutes of training each", markdown(table, args),
+        title = (f"Head to head: {args.minutes:g} CPU-minutes of training each "
+                 f"(native bf16: {'yes' if meta.get('bf16_native') else 'no'})")
+        write_results(args.name, title, markdown(table, args),
                       {"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": table,
                        "overrides": args.overrides}, meta, command=cmd, **({"out_dir": results_dir} if results_dir else {}))
     table = merged(kept, rows)

@@ -41,10 +41,12 @@ def test_splice_replaces_only_between_markers():
 
 
 def test_result_files_in_readme_order(tmp_path):
-    for name in ("zeta", "head_to_head", "real_ct_study", "infer_speed", "alpha", "real_ct_study_lung_lesion", "train_speed"):
+    for name in ("zeta", "head_to_head", "real_ct_study", "infer_speed", "alpha", "real_ct_study_lung_lesion", "train_speed",
+                 "head_to_head_fp32"):
         (tmp_path / f"{name}.md").write_text(name)
     assert [p.stem for p in update_readme.result_files(tmp_path)] == [
-        "infer_speed", "train_speed", "real_ct_study", "real_ct_study_lung_lesion", "head_to_head", "alpha", "zeta"]
+        "infer_speed", "train_speed", "real_ct_study", "real_ct_study_lung_lesion", "head_to_head", "head_to_head_fp32",
+        "alpha", "zeta"]
 
 
 def test_model_zoo_goes_to_its_own_section(tmp_path):
@@ -131,6 +133,11 @@ def test_head_to_head_keep_others_keeps_the_rows_not_rerun_with_their_commit(tmp
     assert kept["nnunet"]["measured"]["commit"] == "0ld0ne"  # a row's own commit wins over the file's
     with pytest.raises(SystemExit, match="dataset / minutes / marks"):
         h2h.kept_rows(tmp_path, h2h.parse_args(["--minutes", "10"]), ["medseg_attention"])
+    named = h2h.parse_args(["--minutes", "15", "--keep-others", "--name", "head_to_head_fp32"])
+    with pytest.raises(SystemExit, match="head_to_head_fp32.json not found"):  # --name: its own file
+        h2h.kept_rows(tmp_path, named, ["medseg_attention"])
+    (tmp_path / "head_to_head_fp32.json").write_text(json.dumps({**old, "results": {"nnunet": {"steps": 9}}}))
+    assert h2h.kept_rows(tmp_path, named, ["medseg_attention"])["nnunet"]["steps"] == 9
     rows = h2h.merged(kept, {"medseg_unet": {"steps": 5}, "medseg_attention": {"steps": 4}})
     assert list(rows) == ["stock_monai", "medseg_unet", "medseg_attention", "nnunet"]  # the contenders' order
 
