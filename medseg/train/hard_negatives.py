@@ -23,7 +23,6 @@ when the file changes), and a resumed run reads the table its stopped run had mi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -90,12 +89,10 @@ def mine_false_positives(model: torch.nn.Module, cases: Sequence[str], pre_dir: 
 
 def write_hard_negatives(path: str | Path, table: dict[str, np.ndarray]) -> None:
     """Write ``table`` to ``path`` (``.npz``, one array per case) through a temporary name and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    from medseg.io import atomic_write
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **{k: np.asarray(v, dtype=np.int32).reshape(-1, 3) for k, v in table.items()})
-    os.replace(tmp, path)
 
 
 def read_hard_negatives(path: str | Path) -> dict[str, np.ndarray]:
