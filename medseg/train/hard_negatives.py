@@ -63,19 +63,15 @@ def mine_false_positives(model: torch.nn.Module, cases: Sequence[str], pre_dir: 
         ``{case: (N, 3) int32 voxel indices on the preprocessed grid}``, N in ``[0, max_per_case]``,
         sorted; the same dict on every rank.
     """
-    from medseg.data.pipeline import load_case
-    from medseg.infer.sliding import sliding_window_predict
+    from medseg.train.validation import predict_preprocessed
 
     table: dict[str, np.ndarray] = {}
     for index, name in enumerate(cases):
         if index % info.world_size != info.rank:
             continue
-        image, label, _ = load_case(Path(pre_dir), name)
-        logits = sliding_window_predict(
-            model, torch.from_numpy(np.ascontiguousarray(image)), roi_size=patch_size, overlap=overlap, blend=blend,
-            sw_batch_size=sw_batch_size, precision=amp_dtype, device=info.device, channels_last=channels_last)
-        pred = logits.max(0).indices.cpu().numpy()  # first maximum on ties, as the validation's argmax
-        ref = np.asarray(label[0])
+        _, ref, _, pred, _ = predict_preprocessed(
+            model, pre_dir, name, patch_size=patch_size, overlap=overlap, blend=blend, sw_batch_size=sw_batch_size,
+            amp_dtype=amp_dtype, device=info.device, channels_last=channels_last)
         wrong = (pred > 0) & (pred != ref)
         if ignore_label is not None:
             wrong &= ref != ignore_label

@@ -41,7 +41,7 @@ from medseg.infer.sliding import sliding_window_predict
 from medseg.runtime import progress_enabled
 from medseg.train.distributed import DistInfo, all_gather_objects
 
-__all__ = ["CaseView", "ValidationResult", "mean_foreground_dice", "validate"]
+__all__ = ["CaseView", "ValidationResult", "mean_foreground_dice", "predict_preprocessed", "validate"]
 
 
 @dataclass
@@ -72,6 +72,31 @@ def mean_foreground_dice(summary: dict) -> float:
     return 0.0 if v is None or math.isnan(v) else float(v)
 
 
+@torch.no_grad()
+def predict_preprocessed(model: torch.nn.Module, pre_dir: str | Path, name: str, *, patch_size: Sequence[int],
+                         overlap: float, blend: str, sw_batch_size: int, amp_dtype: torch.dtype | None,
+                         device: torch.device | str, channels_last: bool = False, return_attention: bool = False):
+    """Load preprocessed case ``name`` of ``pre_dir`` and predict it whole (validation and hard-negative mining).
+
+    The sliding window is the training patch ``(x, y, z)``; the argmax takes the first maximum on ties.
+
+    Returns:
+        ``(image (C, X, Y, Z), label (X, Y, Z), props, pred (X, Y, Z) uint8, gates)``; ``gates`` maps
+        each gate name to a ``(1, X, Y, Z)`` tensor when ``return_attention``, else is empty.
+    """
+    from medseg.data.pipeline import load_case
+
+    image, label, props = load_case(Path(pre_dir), name)
+    out = sliding_window_predict(
+        model, torch.from_numpy(np.ascontiguousarray(image)), roi_size=patch_size, overlap=overlap, blend=blend,
+        sw_batch_size=sw_batch_size, precision=amp_dtype, device=device, return_attention=return_attention,
+        channels_last=channels_last,
+    )
+    logits, gates = out if return_attention else (out, {})
+    pred = logits.max(0).indices.to(torch.uint8).cpu().numpy()  # first maximum on ties, as argmax; ~10x faster on CPU
+    return image, np.asarray(label[0]), props, pred, gates
+
+
 def _score(pred: np.ndarray, label: np.ndarray, classes: Sequence[int], spacing, ignore_label: int | None = None) -> dict:
     ignore = (label == ignore_label) if ignore_label is not None else None  # nnU-Net v2's ignore label: not scored
     return {str(c): compute_metrics(pred == c, label == c, spacing, metrics=("dice", "iou"), ignore=ignore) for c in classes}
@@ -94,22 +119,15 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
             (:func:`medseg.infer.postprocess.single_structure_classes`): the post-processing choice
             for classes no validation reference contains.
     """
-    from medseg.data.pipeline import load_case
-
     mine = list(cases)[info.rank::info.world_size]
     classes = list(range(1, num_classes))
     per_case, views, gate_loc = [], [], {}
     for i, name in enumerate(tqdm(mine, desc="validation", leave=False, disable=not (info.is_main and progress_enabled()) or None)):
-        image, label, props = load_case(Path(pre_dir), name)
         want_gates = info.is_main and i < draw
-        out = sliding_window_predict(
-            model, torch.from_numpy(np.ascontiguousarray(image)), roi_size=patch_size, overlap=cfg.infer.overlap,
-            blend=cfg.infer.blend, sw_batch_size=cfg.infer.sw_batch_size, precision=amp_dtype, device=info.device,
-            return_attention=want_gates, channels_last=cfg.train.channels_last,
-        )
-        logits, gates = out if want_gates else (out, {})
-        pred = logits.max(0).indices.to(torch.uint8).cpu().numpy()  # first maximum on ties, as argmax; ~10x faster on CPU
-        ref = np.asarray(label[0])
+        image, ref, props, pred, gates = predict_preprocessed(
+            model, pre_dir, name, patch_size=patch_size, overlap=cfg.infer.overlap, blend=cfg.infer.blend,
+            sw_batch_size=cfg.infer.sw_batch_size, amp_dtype=amp_dtype, device=info.device,
+            channels_last=cfg.train.channels_last, return_attention=want_gates)
         spacing = tuple(float(s) for s in props.get("spacing", [1.0, 1.0, 1.0]))
         per_case.append({"case": name, "prediction_file": None, "reference_file": f"cases/{name}_label.npy",
                          "metrics": _score(pred, ref, classes, spacing, ignore_label_of(labels)),
