@@ -11,7 +11,11 @@ cbam_unet3d,unet25d}.yaml``, MONAI's from ``benchmarks/stock_monai.py``.
 
 One subprocess per model and precision (peak RSS is its own); after ``--warmup`` steps,
 ``--steps`` steps are timed one by one (wall and CPU seconds) and the fastest counts (the one
-other work on the machine disturbed least; all are in the JSON). Prints a table, writes
+other work on the machine disturbed least; all are in the JSON). ``--layouts contiguous
+channels_last`` trains two copies of each net (same weights, same patches) in the one subprocess,
+their steps interleaved, and reports ``<model>_<precision>_channels_last_gain`` from the medians
+(``train.channels_last``; on a 2-core AMD EPYC, fp32, the real-CT study nets at their patches:
+1.05-1.11x). Prints a table, writes
 ``benchmarks/results/train_speed.{md,json}`` and, as its last line, a JSON object with
 ``<model>_<precision>_patches_per_s`` and ratios against MONAI.
 
@@ -23,6 +27,7 @@ other work on the machine disturbed least; all are in the JSON). Prints a table,
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -41,12 +46,16 @@ MODELS = {  # name -> our config stem, or None for a MONAI network
     "monai_attention": None,
 }
 PRECISIONS = ("fp32", "bf16")
+LAYOUTS = ("contiguous", "channels_last")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run (default: all)")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS), help="default: fp32 bf16")
+    p.add_argument("--layouts", nargs="+", default=["contiguous"], choices=list(LAYOUTS),
+                   help="memory formats of the net and its input: contiguous (NCDHW, the default of train.channels_last) "
+                        "and/or channels_last (channels_last_3d, train.channels_last=true); default: contiguous")
     p.add_argument("--patch", type=int, default=64, help="edge of the cubic training patch in voxels (default 64)")
     p.add_argument("--batch", type=int, default=2, help="patches per step (default 2)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model and precision (default 3)")
@@ -98,18 +107,32 @@ def make_patches(n: int, batch: int, patch: int, num_classes: int, seed: int):
 
 
 def child(args: argparse.Namespace) -> dict:
+    """``{"rows": [one row per layout]}`` of one model and precision. With several layouts, one copy
+    of the net per layout (the same initial weights) and their steps interleave (A B, B A, ...), so
+    that drifts of the machine's speed hit every layout alike; the layout ratio uses medians."""
+    import copy
+    import statistics
+
     import torch
 
     set_threads(args.threads)
     name, precision = args.child
     torch.manual_seed(args.seed)
-    model, loss_fn = build(name, args.channels, args.num_classes)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    base, loss_fn = build(name, args.channels, args.num_classes)
+    nets = {}
+    for layout in args.layouts:
+        model = copy.deepcopy(base)
+        if layout == "channels_last":  # as medseg.train.setup / engine do with train.channels_last
+            model = model.to(memory_format=torch.channels_last_3d)
+        model.train()
+        nets[layout] = (model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5))
     batches = make_patches(args.warmup + args.steps, args.batch, args.patch, args.num_classes, args.seed)
 
-    def step(image, label) -> float:
+    def step(layout: str, image, label) -> float:
+        model, opt = nets[layout]
         opt.zero_grad(set_to_none=True)
+        if layout == "channels_last":
+            image = image.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(image)
         loss = loss_fn(out, label)  # ours: a deep-supervision list, handled by the engine's loss
@@ -117,25 +140,46 @@ def child(args: argparse.Namespace) -> dict:
         opt.step()
         return float(loss)
 
-    for image, label in batches[: args.warmup]:
-        step(image, label)
-    walls, cpus, losses = [], [], []
-    for image, label in batches[args.warmup:]:
-        c0, t0 = time.process_time(), time.perf_counter()
-        losses.append(step(image, label))
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    best = min(walls)  # the step the other users of the machine disturbed least
-    return {"model": name, "precision": precision, "patches_per_s": args.batch / best, "s_per_step": best,
-            "s_per_step_all": walls, "cpu_s_per_patch": min(cpus) / args.batch,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "loss_last": losses[-1],
-            "peak_rss_gb": peak_rss_gb()}
+    walls = {k: [] for k in nets}
+    cpus = {k: [] for k in nets}
+    losses = {k: [] for k in nets}
+    for i, (image, label) in enumerate(batches):
+        for layout in (list(nets) if i % 2 == 0 else list(nets)[::-1]):
+            c0, t0 = time.process_time(), time.perf_counter()
+            loss = step(layout, image, label)
+            if i >= args.warmup:
+                walls[layout].append(time.perf_counter() - t0)
+                cpus[layout].append(time.process_time() - c0)
+                losses[layout].append(loss)
+    rows = []
+    for layout, (model, _) in nets.items():
+        best = min(walls[layout])  # the step the other users of the machine disturbed least
+        rows.append({"model": name, "precision": precision, "layout": layout, "patches_per_s": args.batch / best,
+                     "s_per_step": best, "s_per_step_median": statistics.median(walls[layout]),
+                     "s_per_step_all": walls[layout], "cpu_s_per_patch": min(cpus[layout]) / args.batch,
+                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "loss_last": losses[layout][-1],
+                     "peak_rss_gb": peak_rss_gb()})
+    return {"rows": rows}
 
 
 # --------------------------------------------------------------------------- parent
+def row_key(r: dict) -> str:
+    """``<model>_<precision>``, ``_channels_last`` appended for that layout."""
+    return f"{r['model']}_{r['precision']}" + ("_channels_last" if r.get("layout") == "channels_last" else "")
+
+
 def summarize(rows: list[dict]) -> dict:
-    out = {f"{r['model']}_{r['precision']}_patches_per_s": r["patches_per_s"] for r in rows}
-    by = {(r["model"], r["precision"]): r["patches_per_s"] for r in rows}
+    """Patches/s per row; ratios against MONAI and bf16 against fp32 (contiguous rows), and
+    ``<model>_<precision>_channels_last_gain`` (contiguous over channels_last seconds per step, same model
+    and precision: the medians of their interleaved steps)."""
+    out = {f"{row_key(r)}_patches_per_s": r["patches_per_s"] for r in rows}
+    for r in rows:
+        if r.get("layout") == "channels_last":
+            base = [b for b in rows if (b["model"], b["precision"]) == (r["model"], r["precision"])
+                    and b.get("layout", "contiguous") == "contiguous"]
+            if base:  # medians of the interleaved steps of the same child
+                out[f"{r['model']}_{r['precision']}_channels_last_gain"] = base[0]["s_per_step_median"] / r["s_per_step_median"]
+    by = {(r["model"], r["precision"]): r["patches_per_s"] for r in rows if r.get("layout", "contiguous") == "contiguous"}
     for (model, prec), v in by.items():
         for ref in ("monai_unet", "monai_attention"):
             if model in MODELS and MODELS[model] and (ref, prec) in by:
@@ -153,19 +197,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)))
         return 0
     rows = []
-    for name in args.models:
-        for prec in args.precisions:
-            print(f"{name} {prec} ...", file=sys.stderr, flush=True)
-            rows.append(run_child([__file__, "--child", name, prec, "--patch", args.patch, "--batch", args.batch,
-                                   "--steps", args.steps, "--warmup", args.warmup, "--channels", *args.channels,
-                                   "--num-classes", args.num_classes, "--threads", args.threads, "--seed", args.seed]))
+    for name, prec in itertools.product(args.models, args.precisions):
+        print(f"{name} {prec} {' + '.join(args.layouts)} ...", file=sys.stderr, flush=True)
+        rows += run_child([__file__, "--child", name, prec, "--layouts", *args.layouts, "--patch", args.patch,
+                           "--batch", args.batch, "--steps", args.steps, "--warmup", args.warmup,
+                           "--channels", *args.channels, "--num-classes", args.num_classes, "--threads", args.threads,
+                           "--seed", args.seed])["rows"]
     summary = summarize(rows)
-    md = md_table(["model", "precision", "params M", "patches/s", "s/step", "CPU s/patch", "peak RSS GB"],
-                  [[r["model"], r["precision"], r["params_m"], r["patches_per_s"], r["s_per_step"], r["cpu_s_per_patch"],
+    md = md_table(["model", "precision", "layout", "params M", "patches/s", "s/step", "CPU s/patch", "peak RSS GB"],
+                  [[r["model"], r["precision"], r["layout"], r["params_m"], r["patches_per_s"], r["s_per_step"], r["cpu_s_per_patch"],
                     r["peak_rss_gb"]] for r in rows])
     print(md)
     notes = (f"Patches {args.batch}x1x{args.patch}^3, {args.num_classes} classes, channels {tuple(args.channels)}, "
-             f"fastest of {args.steps} timed step(s) after {args.warmup} warm-up, {args.threads} threads, one subprocess per row. "
+             f"fastest of {args.steps} timed step(s) after {args.warmup} warm-up, {args.threads} threads, one subprocess per "
+             "model and precision" + (" (its layouts' steps interleaved; peak RSS theirs together; "
+                                      "channels_last gain = ratio of the median steps)" if len(args.layouts) > 1 else "") + ". "
              "Ours: engine loss (DiceCE + deep supervision); MONAI: DiceCELoss; SGD for all.")
     ratio_lines = "\n".join(f"- {k}: {v:.2f}" for k, v in summary.items() if "_vs_" in k or k.endswith("_gain"))
     results_dir = args.results or (Path(tempfile.gettempdir()) / "medseg_bench_quick" if args.quick else None)

@@ -182,7 +182,10 @@ class TrainConfig:
     decay_fraction: float = 0.2  # wsd: linear cooldown to 0 over this last share of the steps
     grad_clip: float = 12.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    channels_last: bool = False
+    # channels_last_3d memory format for the net in training: "auto" = on for 3D nets on the CPU (oneDNN's layout;
+    # benchmarks/train_speed.py --layouts: 1.05-1.23x patches/s in fp32 on 2 cores), off on CUDA (slower on the H200)
+    # and for 2D / 2.5D nets (medseg.runtime.resolve_channels_last); true | false force it
+    channels_last: Union[bool, str] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:i
     seed: int = 0
     val_interval: int = 5  # epochs between full validations

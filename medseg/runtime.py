@@ -130,12 +130,13 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_channels_last(value: bool | str | None, device: torch.device, model: torch.nn.Module | None) -> bool:
-    """Whether to run ``model`` in ``channels_last_3d`` memory format for inference.
+    """Whether to run ``model`` in ``channels_last_3d`` memory format (inference and ``train.channels_last``).
 
     ``True`` / ``False`` are obeyed; ``None`` / ``"auto"`` means yes on the CPU for a net whose
     convolutions are all 3D (oneDNN's convolutions work in channels-last, and
-    :class:`medseg.nn.layers.InstanceNorm3d` keeps that layout: ~1.9x faster in bf16, ~1.6x in
-    fp32 on 2 cores), no on CUDA (not measured there) and for 2D / 2.5D nets (no 3D layout).
+    :class:`medseg.nn.layers.InstanceNorm3d` keeps that layout: inference ~1.9x faster in bf16, ~1.6x
+    in fp32 on 2 cores; training 1.05-1.23x in fp32, ``benchmarks/train_speed.py --layouts``), no on
+    CUDA (training measured slower on an H200) and for 2D / 2.5D nets (no 3D layout).
     """
     if value is None or value == "auto":
         if device.type != "cpu" or model is None:

@@ -388,3 +388,35 @@ def test_real_ct_study_seeds_option():
 
     assert real_ct_study.parse_args([]).seeds is None
     assert real_ct_study.parse_args(["--seeds", "0", "1"]).seeds == [0, 1]
+
+
+def test_train_speed_layouts_summary():
+    import train_speed
+
+    rows = [{"model": "attention", "precision": "fp32", "layout": "contiguous", "patches_per_s": 2.0,
+             "s_per_step": 1.0, "s_per_step_median": 1.2},
+            {"model": "attention", "precision": "fp32", "layout": "channels_last", "patches_per_s": 2.5,
+             "s_per_step": 0.8, "s_per_step_median": 0.8},
+            {"model": "monai_attention", "precision": "fp32", "layout": "contiguous", "patches_per_s": 1.0,
+             "s_per_step": 2.0, "s_per_step_median": 2.0},
+            {"model": "monai_attention", "precision": "fp32", "layout": "channels_last", "patches_per_s": 4.0,
+             "s_per_step": 0.5, "s_per_step_median": 0.5}]
+    s = train_speed.summarize(rows)
+    assert s["attention_fp32_channels_last_gain"] == pytest.approx(1.5)  # the medians' ratio
+    assert s["attention_fp32_channels_last_patches_per_s"] == 2.5 and s["attention_fp32_patches_per_s"] == 2.0
+    assert s["attention_fp32_vs_monai_attention"] == pytest.approx(2.0)  # contiguous against contiguous
+
+
+def test_train_speed_quick_layouts_same_losses(tmp_path):
+    import subprocess
+
+    cmd = [sys.executable, str(BENCH / "train_speed.py"), "--quick", "--models", "unet", "--precisions", "fp32",
+           "--layouts", "contiguous", "channels_last", "--steps", "2", "--results", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["unet_fp32_channels_last_gain"] > 0
+    rows = json.loads((tmp_path / "train_speed.json").read_text())["rows"]
+    assert [r["layout"] for r in rows] == ["contiguous", "channels_last"]
+    # the layout changes the speed, not the arithmetic: same patches, same weights, the same losses
+    assert rows[1]["loss_last"] == pytest.approx(rows[0]["loss_last"], rel=1e-4)

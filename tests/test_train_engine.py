@@ -58,6 +58,9 @@ def test_one_iteration_writes_the_run_directory(variant, preprocessed_phantoms, 
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["data"]["patch_size"] == load_config(None, TINY + VARIANTS[variant]).data.patch_size
     assert resolved["data"]["preprocessed"] == str(preprocessed_phantoms.resolve())
+    # train.channels_last "auto" (the default) resolves on the CPU: channels_last_3d for 3D nets, not for 2.5D ones
+    assert load_config(None, TINY).train.channels_last == "auto"
+    assert resolved["train"]["channels_last"] is (variant != "unet25d")
 
     ckpt = torch.load(run / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "rng", "config", "plans"} <= set(ckpt)
@@ -76,6 +79,14 @@ def test_one_iteration_writes_the_run_directory(variant, preprocessed_phantoms, 
     assert dice == pytest.approx(np.mean([v["Dice"] for v in summary["mean"].values()]))
     assert result["best_metric"] == pytest.approx(dice)
     assert "epoch 1/1" in (run / "log.txt").read_text()
+
+
+def test_bad_channels_last_names_the_key(preprocessed_phantoms, tmp_path):
+    from medseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="channels_last"):
+        train(tiny_config(preprocessed_phantoms, "train.channels_last=sideways"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_short_run_learns(preprocessed_phantoms, tmp_path):

@@ -319,7 +319,7 @@ def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Seque
 
     from medseg.nn import build_model
     from medseg.nn.slice25d import z_halo
-    from medseg.runtime import resolve_device, resolve_precision
+    from medseg.runtime import resolve_channels_last, resolve_device, resolve_precision
     from medseg.train.losses import build_loss
     from medseg.train.optim import build_optimizer
 
@@ -333,7 +333,7 @@ def make_step_seconds(cfg, *, in_channels: int, num_classes: int, spacing: Seque
 
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             model = build_model(model_cfg or cfg.model, in_channels=in_channels, num_classes=num_classes, spacing=spacing).to(dev)
-        if cfg.train.channels_last:  # training's switch, read as training reads it (medseg.train.setup)
+        if resolve_channels_last(cfg.train.channels_last, dev, model):  # training's switch, resolved as medseg.train.setup does
             model = model.to(memory_format=torch.channels_last_3d)
         opt = build_optimizer(model, cfg.train)
         state["ctx"] = SimpleNamespace(

@@ -18,7 +18,8 @@ from medseg.data.budget import plan_train_patch
 from medseg.errors import ConfigError, InputError
 from medseg.io import atomic_write_text
 from medseg.nn.slice25d import z_halo
-from medseg.runtime import available_cores, get_logger, progress_enabled, resolve_precision, seed_everything
+from medseg.runtime import (available_cores, get_logger, progress_enabled, resolve_channels_last, resolve_precision,
+                            seed_everything)
 from medseg.train import data as tdata
 from medseg.train.checkpoint import load_checkpoint, restore_rng
 from medseg.train.checks import resolve_patch_size
@@ -111,6 +112,9 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
     patch = resolve_patch_size(cfg, plans, getattr(model, "patch_divisor", None))
     cfg.data.patch_size, cfg.data.preprocessed = patch, str(pre_dir)
     model = model.to(info.device)
+    # "auto" -> on for 3D nets on the CPU; the resolved value is what config.yaml records and training, validation and
+    # hard-negative mining read
+    cfg.train.channels_last = resolve_channels_last(cfg.train.channels_last, info.device, model)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = build_optimizer(model, cfg.train)
