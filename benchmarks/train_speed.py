@@ -14,8 +14,7 @@ One subprocess per model and precision (peak RSS is its own); after ``--warmup``
 other work on the machine disturbed least; all are in the JSON). ``--layouts contiguous
 channels_last`` trains two copies of each net (same weights, same patches) in the one subprocess,
 their steps interleaved, and reports ``<model>_<precision>_channels_last_gain`` from the medians
-(``train.channels_last``; on a 2-core AMD EPYC, fp32, the real-CT study nets at their patches:
-1.05-1.11x). Prints a table, writes
+(``train.channels_last``; on a 2-core AMD EPYC, fp32, 48^3: 1.09x gated, 1.12x plain). Prints a table, writes
 ``benchmarks/results/train_speed.{md,json}`` and, as its last line, a JSON object with
 ``<model>_<precision>_patches_per_s`` and ratios against MONAI.
 

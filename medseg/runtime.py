@@ -135,7 +135,7 @@ def resolve_channels_last(value: bool | str | None, device: torch.device, model:
     ``True`` / ``False`` are obeyed; ``None`` / ``"auto"`` means yes on the CPU for a net whose
     convolutions are all 3D (oneDNN's convolutions work in channels-last, and
     :class:`medseg.nn.layers.InstanceNorm3d` keeps that layout: inference ~1.9x faster in bf16, ~1.6x
-    in fp32 on 2 cores; training 1.05-1.23x in fp32, ``benchmarks/train_speed.py --layouts``), no on
+    in fp32 on 2 cores; training 1.05-1.12x in fp32, ``benchmarks/train_speed.py --layouts``), no on
     CUDA (training measured slower on an H200) and for 2D / 2.5D nets (no 3D layout).
     """
     if value is None or value == "auto":
