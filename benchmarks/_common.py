@@ -79,6 +79,12 @@ def machine(threads: int) -> dict[str, Any]:
             "torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()}
 
 
+def native_bf16_tag(meta: dict) -> str:
+    """``"(native bf16: yes)"`` or ``"(native bf16: no)"`` from a :func:`meta_now` dict (``machine.bf16_native``):
+    the suffix of the titles of results that depend on it, so that two machines' tables differ by heading."""
+    return f"(native bf16: {'yes' if (meta.get('machine') or {}).get('bf16_native') else 'no'})"
+
+
 def provenance_line(meta: dict) -> str:
     m = meta["machine"]
     load = meta.get("loadavg_start"), meta.get("loadavg_end")

@@ -66,7 +66,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REAL_CT, RESULTS, md_table, meta_now, repo_relative, run_child, set_threads, write_results  # noqa: E402
+from _common import (REAL_CT, RESULTS, md_table, meta_now, native_bf16_tag, repo_relative, run_child,  # noqa: E402
+                     set_threads, write_results)
 from nnunet_budget import NNUNET_MISSING  # noqa: E402,F401  (the skip message of the nnunet row)
 from real_ct_study import DATASETS, QUICK_OVERRIDES, VARIANTS, quick_dataset  # noqa: E402
 
@@ -380,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[name]["measured"] = {"commit": meta.get("commit"), "date": meta.get("date")}
         print(f"{name}: {json.dumps(rows[name], default=float)}", file=sys.stderr, flush=True)
         table = merged(kept, rows)
-        title = (f"Head to head: {args.minutes:g} CPU-minutes of training each "
-                 f"(native bf16: {'yes' if meta.get('bf16_native') else 'no'})")
+        title = f"Head to head: {args.minutes:g} CPU-minutes of training each {native_bf16_tag(meta)}"
         write_results(args.name, title, markdown(table, args),
                       {"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": table,
                        "overrides": args.overrides}, meta, command=cmd, **({"out_dir": results_dir} if results_dir else {}))

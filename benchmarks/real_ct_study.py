@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REAL_CT, ROOT, md_table, meta_now, set_threads, write_results  # noqa: E402
+from _common import REAL_CT, ROOT, md_table, meta_now, native_bf16_tag, set_threads, write_results  # noqa: E402
 
 DATASETS = {"organs": ROOT / "configs" / "real_organs.yaml", "lung_lesion": ROOT / "configs" / "real_lung_lesion.yaml"}
 VARIANTS = {"unet": "unet3d", "attention": "attention_unet3d", "cbam": "cbam_unet3d", "unet25d": "unet25d"}
@@ -330,7 +330,7 @@ def merge_main(args: argparse.Namespace, cmd: str) -> int:
     commits = ", ".join(dict.fromkeys(str(s["commit"]) for s in sources))
     meta = {**data.get("meta", {}), "commit": commits, "date": " / ".join(dict.fromkeys(str(s["date"]) for s in sources)),
             "loadavg_start": None, "merged": sources}
-    write_results(args.name, "Real CT: variants under the same training budget", body,
+    write_results(args.name, f"Real CT: variants under the same training budget {native_bf16_tag(meta)}", body,
                   {"results": results, "minutes": minutes, "sources": sources, "setup": setup}, meta, command=cmd,
                   **({"out_dir": args.results} if args.results else {}))
     print(body)
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{ds} / {label}: {json.dumps(row, default=float)}", file=sys.stderr, flush=True)
                 if len(seeds) > 1 and len(seed_rows) == len(seeds):
                     results[ds][mean_label(variant, len(seeds))] = mean_row(seed_rows)
-                write_results(args.name, "Real CT: variants under the same training budget",
+                write_results(args.name, f"Real CT: variants under the same training budget {native_bf16_tag(meta)}",
                               markdown(results, args.minutes, setup),
                               {"results": results, "minutes": args.minutes, "seeds": args.seeds, "overrides": overrides,
                                "setup": setup},

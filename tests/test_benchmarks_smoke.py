@@ -420,3 +420,13 @@ def test_train_speed_quick_layouts_same_losses(tmp_path):
     assert [r["layout"] for r in rows] == ["contiguous", "channels_last"]
     # the layout changes the speed, not the arithmetic: same patches, same weights, the same losses
     assert rows[1]["loss_last"] == pytest.approx(rows[0]["loss_last"], rel=1e-4)
+
+
+def test_native_bf16_tag_reads_the_machine_record():
+    assert _common.native_bf16_tag({"machine": {"bf16_native": True}}) == "(native bf16: yes)"
+    assert _common.native_bf16_tag({"machine": {"bf16_native": False}}) == "(native bf16: no)"
+    assert _common.native_bf16_tag({"bf16_native": True}) == "(native bf16: no)"  # only machine.bf16_native counts
+    meta = _common.meta_now(1)
+    from medseg.runtime import cpu_supports_bf16
+
+    assert _common.native_bf16_tag(meta) == f"(native bf16: {'yes' if cpu_supports_bf16() else 'no'})"
