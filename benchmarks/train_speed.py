@@ -53,8 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run (default: all)")
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS), help="default: fp32 bf16")
     p.add_argument("--layouts", nargs="+", default=["contiguous"], choices=list(LAYOUTS),
-                   help="memory formats of the net and its input: contiguous (NCDHW, the default of train.channels_last) "
-                        "and/or channels_last (channels_last_3d, train.channels_last=true); default: contiguous")
+                   help="memory formats of the net and its input: contiguous (NCDHW; train.channels_last=false, what "
+                        "auto gives on CUDA) and/or channels_last (channels_last_3d; train.channels_last=true, what auto "
+                        "gives 3D nets on the CPU); default: contiguous")
     p.add_argument("--patch", type=int, default=64, help="edge of the cubic training patch in voxels (default 64)")
     p.add_argument("--batch", type=int, default=2, help="patches per step (default 2)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model and precision (default 3)")
