@@ -14,7 +14,10 @@ One subprocess per model and precision (peak RSS is its own); after ``--warmup``
 other work on the machine disturbed least; all are in the JSON). ``--layouts contiguous
 channels_last`` trains two copies of each net (same weights, same patches) in the one subprocess,
 their steps interleaved, and reports ``<model>_<precision>_channels_last_gain`` from the medians
-(``train.channels_last``; on a 2-core AMD EPYC, fp32, 48^3: 1.09x gated, 1.12x plain). Prints a table, writes
+(``train.channels_last``; on a 2-core AMD EPYC, fp32, 48^3: 1.09x gated, 1.12x plain). The layout
+``channels_last_stock_norm`` is channels_last with PyTorch's group-norm backward in the instance
+norms instead of medseg's (``medseg.nn.layers.CHANNELS_LAST_NORM_BACKWARD``), and
+``<model>_<precision>_norm_backward_gain`` the ratio of its median step to channels_last's. Prints a table, writes
 ``benchmarks/results/train_speed.{md,json}`` and, as its last line, a JSON object with
 ``<model>_<precision>_patches_per_s`` and ratios against MONAI.
 
@@ -45,7 +48,7 @@ MODELS = {  # name -> our config stem, or None for a MONAI network
     "monai_attention": None,
 }
 PRECISIONS = ("fp32", "bf16")
-LAYOUTS = ("contiguous", "channels_last")
+LAYOUTS = ("contiguous", "channels_last", "channels_last_stock_norm")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layouts", nargs="+", default=["contiguous"], choices=list(LAYOUTS),
                    help="memory formats of the net and its input: contiguous (NCDHW; train.channels_last=false, what "
                         "auto gives on CUDA) and/or channels_last (channels_last_3d; train.channels_last=true, what auto "
-                        "gives 3D nets on the CPU); default: contiguous")
+                        "gives 3D nets on the CPU) and/or channels_last_stock_norm (channels_last with PyTorch's "
+                        "group-norm backward in the instance norms, medseg's before its own channels-last backward); "
+                        "default: contiguous")
     p.add_argument("--patch", type=int, default=64, help="edge of the cubic training patch in voxels (default 64)")
     p.add_argument("--batch", type=int, default=2, help="patches per step (default 2)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model and precision (default 3)")
@@ -122,16 +127,19 @@ def child(args: argparse.Namespace) -> dict:
     nets = {}
     for layout in args.layouts:
         model = copy.deepcopy(base)
-        if layout == "channels_last":  # as medseg.train.setup / engine do with train.channels_last
+        if layout.startswith("channels_last"):  # as medseg.train.setup / engine do with train.channels_last
             model = model.to(memory_format=torch.channels_last_3d)
         model.train()
         nets[layout] = (model, torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5))
     batches = make_patches(args.warmup + args.steps, args.batch, args.patch, args.num_classes, args.seed)
 
+    from medseg.nn import layers
+
     def step(layout: str, image, label) -> float:
         model, opt = nets[layout]
         opt.zero_grad(set_to_none=True)
-        if layout == "channels_last":
+        layers.CHANNELS_LAST_NORM_BACKWARD = layout != "channels_last_stock_norm"
+        if layout.startswith("channels_last"):
             image = image.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(image)
@@ -164,21 +172,29 @@ def child(args: argparse.Namespace) -> dict:
 
 # --------------------------------------------------------------------------- parent
 def row_key(r: dict) -> str:
-    """``<model>_<precision>``, ``_channels_last`` appended for that layout."""
-    return f"{r['model']}_{r['precision']}" + ("_channels_last" if r.get("layout") == "channels_last" else "")
+    """``<model>_<precision>``, ``_<layout>`` appended for a layout other than contiguous."""
+    layout = r.get("layout", "contiguous")
+    return f"{r['model']}_{r['precision']}" + ("" if layout == "contiguous" else f"_{layout}")
 
 
 def summarize(rows: list[dict]) -> dict:
     """Patches/s per row; ratios against MONAI and bf16 against fp32 (contiguous rows), and
     ``<model>_<precision>_channels_last_gain`` (contiguous over channels_last seconds per step, same model
-    and precision: the medians of their interleaved steps)."""
+    and precision: the medians of their interleaved steps) and ``<model>_<precision>_norm_backward_gain``
+    (channels_last_stock_norm over channels_last, the same way)."""
     out = {f"{row_key(r)}_patches_per_s": r["patches_per_s"] for r in rows}
+
+    def median_of(r: dict, layout: str) -> float | None:
+        base = [b for b in rows if (b["model"], b["precision"]) == (r["model"], r["precision"])
+                and b.get("layout", "contiguous") == layout]
+        return base[0]["s_per_step_median"] if base else None  # medians of the interleaved steps of one child
+
     for r in rows:
         if r.get("layout") == "channels_last":
-            base = [b for b in rows if (b["model"], b["precision"]) == (r["model"], r["precision"])
-                    and b.get("layout", "contiguous") == "contiguous"]
-            if base:  # medians of the interleaved steps of the same child
-                out[f"{r['model']}_{r['precision']}_channels_last_gain"] = base[0]["s_per_step_median"] / r["s_per_step_median"]
+            for layout, key in (("contiguous", "channels_last_gain"), ("channels_last_stock_norm", "norm_backward_gain")):
+                base = median_of(r, layout)
+                if base is not None:
+                    out[f"{r['model']}_{r['precision']}_{key}"] = base / r["s_per_step_median"]
     by = {(r["model"], r["precision"]): r["patches_per_s"] for r in rows if r.get("layout", "contiguous") == "contiguous"}
     for (model, prec), v in by.items():
         for ref in ("monai_unet", "monai_attention"):
@@ -211,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = (f"Patches {args.batch}x1x{args.patch}^3, {args.num_classes} classes, channels {tuple(args.channels)}, "
              f"fastest of {args.steps} timed step(s) after {args.warmup} warm-up, {args.threads} threads, one subprocess per "
              "model and precision" + (" (its layouts' steps interleaved; peak RSS theirs together; "
-                                      "channels_last gain = ratio of the median steps)" if len(args.layouts) > 1 else "") + ". "
+                                      "layout gains = ratios of the median steps)" if len(args.layouts) > 1 else "") + ". "
              "Ours: engine loss (DiceCE + deep supervision); MONAI: DiceCELoss; SGD for all.")
     ratio_lines = "\n".join(f"- {k}: {v:.2f}" for k, v in summary.items() if "_vs_" in k or k.endswith("_gain"))
     results_dir = args.results or (Path(tempfile.gettempdir()) / "medseg_bench_quick" if args.quick else None)

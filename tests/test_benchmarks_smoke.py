@@ -397,12 +397,17 @@ def test_train_speed_layouts_summary():
              "s_per_step": 1.0, "s_per_step_median": 1.2},
             {"model": "attention", "precision": "fp32", "layout": "channels_last", "patches_per_s": 2.5,
              "s_per_step": 0.8, "s_per_step_median": 0.8},
+            {"model": "attention", "precision": "fp32", "layout": "channels_last_stock_norm", "patches_per_s": 2.2,
+             "s_per_step": 0.9, "s_per_step_median": 0.88},
             {"model": "monai_attention", "precision": "fp32", "layout": "contiguous", "patches_per_s": 1.0,
              "s_per_step": 2.0, "s_per_step_median": 2.0},
             {"model": "monai_attention", "precision": "fp32", "layout": "channels_last", "patches_per_s": 4.0,
              "s_per_step": 0.5, "s_per_step_median": 0.5}]
     s = train_speed.summarize(rows)
     assert s["attention_fp32_channels_last_gain"] == pytest.approx(1.5)  # the medians' ratio
+    assert s["attention_fp32_norm_backward_gain"] == pytest.approx(1.1)  # stock-norm median over channels_last's
+    assert "monai_attention_fp32_norm_backward_gain" not in s  # no stock-norm row for it
+    assert s["attention_fp32_channels_last_stock_norm_patches_per_s"] == 2.2
     assert s["attention_fp32_channels_last_patches_per_s"] == 2.5 and s["attention_fp32_patches_per_s"] == 2.0
     assert s["attention_fp32_vs_monai_attention"] == pytest.approx(2.0)  # contiguous against contiguous
 
@@ -411,15 +416,17 @@ def test_train_speed_quick_layouts_same_losses(tmp_path):
     import subprocess
 
     cmd = [sys.executable, str(BENCH / "train_speed.py"), "--quick", "--models", "unet", "--precisions", "fp32",
-           "--layouts", "contiguous", "channels_last", "--steps", "2", "--results", str(tmp_path)]
+           "--layouts", "contiguous", "channels_last", "channels_last_stock_norm", "--steps", "2",
+           "--results", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["unet_fp32_channels_last_gain"] > 0
+    assert summary["unet_fp32_channels_last_gain"] > 0 and summary["unet_fp32_norm_backward_gain"] > 0
     rows = json.loads((tmp_path / "train_speed.json").read_text())["rows"]
-    assert [r["layout"] for r in rows] == ["contiguous", "channels_last"]
-    # the layout changes the speed, not the arithmetic: same patches, same weights, the same losses
+    assert [r["layout"] for r in rows] == ["contiguous", "channels_last", "channels_last_stock_norm"]
+    # the layout and the norm's backward change the speed, not the arithmetic: same patches, same weights, same losses
     assert rows[1]["loss_last"] == pytest.approx(rows[0]["loss_last"], rel=1e-4)
+    assert rows[2]["loss_last"] == pytest.approx(rows[1]["loss_last"], rel=1e-4)
 
 
 def test_native_bf16_tag_reads_the_machine_record():

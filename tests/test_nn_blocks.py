@@ -206,6 +206,54 @@ def test_cpu_instance_norm_matches_torch_instance_norm_values_and_gradients(chan
     torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_training_norm_takes_its_own_backward_and_matches_the_kernel(dims, monkeypatch):
+    from medseg.nn import layers
+
+    torch.manual_seed(1)
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    norm = (layers.InstanceNorm3d if dims == 3 else layers.InstanceNorm2d)(5, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    shape = (2, 5, 6, 7, 4)[: dims + 2]
+    x = (torch.randn(shape) * 4.0 - 3.0).contiguous(memory_format=fmt).requires_grad_()
+    grad = torch.randn(shape).contiguous(memory_format=fmt)
+
+    def run(own: bool):
+        monkeypatch.setattr(layers, "CHANNELS_LAST_NORM_BACKWARD", own)
+        x.grad = norm.weight.grad = norm.bias.grad = None
+        y = norm(x)
+        name = type(y.grad_fn).__name__
+        y.backward(grad)
+        return name, y.detach(), x.grad.clone(), norm.weight.grad.clone(), norm.bias.grad.clone()
+
+    own, stock = run(True), run(False)
+    assert own[0] == "_ChannelsLastInstanceNormBackward" and stock[0] == "NativeGroupNormBackward0"
+    for a, b in zip(own[1:], stock[1:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert own[2].is_contiguous(memory_format=fmt)  # the gradient keeps the layout: no copy for the conv below
+    # where it does not apply: no gradients, another dtype, a contiguous input -> PyTorch's kernel
+    monkeypatch.setattr(layers, "CHANNELS_LAST_NORM_BACKWARD", True)
+    with torch.no_grad():
+        assert norm(x).grad_fn is None
+    assert type(norm(x.detach().contiguous().requires_grad_()).grad_fn).__name__ == "NativeGroupNormBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = x.detach().to(torch.bfloat16).contiguous(memory_format=fmt).requires_grad_()
+        assert type(norm(xb).grad_fn).__name__ != "_ChannelsLastInstanceNormBackward"
+
+
+def test_channels_last_instance_norm_backward_passes_gradcheck():
+    from medseg.nn.layers import _ChannelsLastInstanceNorm
+
+    torch.manual_seed(2)
+    x = (torch.randn(2, 3, 4, 3, 5, dtype=torch.float64) * 2 + 1).contiguous(
+        memory_format=torch.channels_last_3d).requires_grad_()
+    w = torch.rand(3, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: _ChannelsLastInstanceNorm.apply(x, w, b, 1e-5), (x, w, b))
+
+
 def test_cpu_instance_norm_keeps_torch_errors_and_is_what_unet_stages_use():
     from medseg.nn.layers import InstanceNorm3d, conv_stage
 
