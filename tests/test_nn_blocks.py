@@ -206,19 +206,20 @@ def test_cpu_instance_norm_matches_torch_instance_norm_values_and_gradients(chan
     torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_channels_last_training_norm_takes_its_own_backward_and_matches_the_kernel(dims, monkeypatch):
+def _own_and_kernel_norm(dims: int, dtype: torch.dtype, seed: int, monkeypatch):
+    """A channels-last instance norm's forward + backward with medseg's backward and with PyTorch's kernel:
+    ``(norm, x, fmt, own, stock)``, each of ``own`` / ``stock`` = (grad_fn name, y, x.grad, weight.grad, bias.grad)."""
     from medseg.nn import layers
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
     norm = (layers.InstanceNorm3d if dims == 3 else layers.InstanceNorm2d)(5, affine=True)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)
         norm.bias.uniform_(-1.0, 1.0)
     shape = (2, 5, 6, 7, 4)[: dims + 2]
-    x = (torch.randn(shape) * 4.0 - 3.0).contiguous(memory_format=fmt).requires_grad_()
-    grad = torch.randn(shape).contiguous(memory_format=fmt)
+    x = (torch.randn(shape) * 4.0 - 3.0).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    grad = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
 
     def run(own: bool):
         monkeypatch.setattr(layers, "CHANNELS_LAST_NORM_BACKWARD", own)
@@ -230,9 +231,17 @@ def test_channels_last_training_norm_takes_its_own_backward_and_matches_the_kern
 
     own, stock = run(True), run(False)
     assert own[0] == "_ChannelsLastInstanceNormBackward" and stock[0] == "NativeGroupNormBackward0"
+    assert own[2].dtype == dtype and own[2].is_contiguous(memory_format=fmt)  # layout kept: no copy for the conv below
+    return norm, x, fmt, own, stock
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_training_norm_takes_its_own_backward_and_matches_the_kernel(dims, monkeypatch):
+    from medseg.nn import layers
+
+    norm, x, fmt, own, stock = _own_and_kernel_norm(dims, torch.float32, 1, monkeypatch)
     for a, b in zip(own[1:], stock[1:]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert own[2].is_contiguous(memory_format=fmt)  # the gradient keeps the layout: no copy for the conv below
     # where it does not apply: no gradients, a contiguous input, float64 -> PyTorch's kernel
     monkeypatch.setattr(layers, "CHANNELS_LAST_NORM_BACKWARD", True)
     with torch.no_grad():
@@ -240,35 +249,12 @@ def test_channels_last_training_norm_takes_its_own_backward_and_matches_the_kern
     assert type(norm(x.detach().contiguous().requires_grad_()).grad_fn).__name__ == "NativeGroupNormBackward0"
     assert type(norm.double()(x.detach().double().contiguous(memory_format=fmt).requires_grad_()).grad_fn).__name__ \
         == "NativeGroupNormBackward0"
-    norm.float()
 
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_channels_last_bf16_training_norm_matches_the_kernel(dims, monkeypatch):
     """bf16 activations (CPU autocast) take the own backward too, computed in fp32, gradient returned in bf16."""
-    from medseg.nn import layers
-
-    torch.manual_seed(3)
-    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
-    norm = (layers.InstanceNorm3d if dims == 3 else layers.InstanceNorm2d)(4, affine=True)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 2.0)
-        norm.bias.uniform_(-1.0, 1.0)
-    shape = (2, 4, 8, 6, 5)[: dims + 2]
-    x = (torch.randn(shape) * 3.0 + 1.0).to(torch.bfloat16).contiguous(memory_format=fmt).requires_grad_()
-    grad = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=fmt)
-
-    def run(own: bool):
-        monkeypatch.setattr(layers, "CHANNELS_LAST_NORM_BACKWARD", own)
-        x.grad = norm.weight.grad = norm.bias.grad = None
-        y = norm(x)
-        name = type(y.grad_fn).__name__
-        y.backward(grad)
-        return name, y.detach().float(), x.grad, norm.weight.grad.clone(), norm.bias.grad.clone()
-
-    own, stock = run(True), run(False)
-    assert own[0] == "_ChannelsLastInstanceNormBackward" and stock[0] == "NativeGroupNormBackward0"
-    assert own[2].dtype == torch.bfloat16 and own[2].is_contiguous(memory_format=fmt)
+    _, _, _, own, stock = _own_and_kernel_norm(dims, torch.bfloat16, 3, monkeypatch)
     torch.testing.assert_close(own[1], stock[1], atol=0, rtol=0)  # the same forward kernel
     torch.testing.assert_close(own[2].float(), stock[2].float(), atol=2e-2, rtol=2e-2)  # bf16 rounding
     torch.testing.assert_close(own[3], stock[3], atol=1e-3, rtol=1e-3)
