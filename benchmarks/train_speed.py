@@ -16,7 +16,7 @@ channels_last`` trains two copies of each net (same weights, same patches) in th
 their steps interleaved, and reports ``<model>_<precision>_channels_last_gain`` from the medians
 (``train.channels_last``; on a 2-core AMD EPYC, fp32, 48^3: 1.09x gated, 1.12x plain). The layout
 ``channels_last_stock_norm`` is channels_last with PyTorch's group-norm backward in the instance
-norms instead of medseg's (``medseg.nn.layers.CHANNELS_LAST_NORM_BACKWARD``), and
+(or ``--norm group``) norms instead of medseg's (``medseg.nn.layers.CHANNELS_LAST_NORM_BACKWARD``), and
 ``<model>_<precision>_norm_backward_gain`` the ratio of its median step to channels_last's. Prints a table, writes
 ``benchmarks/results/train_speed.{md,json}`` and, as its last line, a JSON object with
 ``<model>_<precision>_patches_per_s`` and ratios against MONAI.
@@ -59,13 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="memory formats of the net and its input: contiguous (NCDHW; train.channels_last=false, what "
                         "auto gives on CUDA) and/or channels_last (channels_last_3d; train.channels_last=true, what auto "
                         "gives 3D nets on the CPU) and/or channels_last_stock_norm (channels_last with PyTorch's "
-                        "group-norm backward in the instance norms, medseg's before its own channels-last backward); "
+                        "group-norm backward in the instance / group norms, medseg's before its own channels-last backward); "
                         "default: contiguous")
     p.add_argument("--patch", type=int, default=64, help="edge of the cubic training patch in voxels (default 64)")
     p.add_argument("--batch", type=int, default=2, help="patches per step (default 2)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per model and precision (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--channels", type=int, nargs="+", default=list(WIDTHS), help="widths of every net (default 16 32 64 128 256)")
+    p.add_argument("--norm", choices=("instance", "group", "batch"), default=None,
+                   help="model.norm of medseg's nets (default: the config's, instance); MONAI's nets keep theirs")
     p.add_argument("--num-classes", type=int, default=6, help="classes, background included (default 6)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patches and the weights (default 0)")
@@ -76,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- child
-def build(name: str, channels: list[int], num_classes: int):
-    """``(model, loss)`` for one entry of :data:`MODELS`."""
+def build(name: str, channels: list[int], num_classes: int, norm: str | None = None):
+    """``(model, loss)`` for one entry of :data:`MODELS` (``norm``: medseg's ``model.norm``, None the config's)."""
     import torch
 
     if MODELS[name] is None:
@@ -90,7 +92,7 @@ def build(name: str, channels: list[int], num_classes: int):
     from medseg.nn import build_model
     from medseg.train.losses import build_loss
 
-    cfg = load_config(ROOT / "configs" / f"{MODELS[name]}.yaml", [f"model.channels={channels}"])
+    cfg = load_config(ROOT / "configs" / f"{MODELS[name]}.yaml", [f"model.channels={channels}", *([f"model.norm={norm}"] if norm else [])])
     model = build_model(cfg.model, num_classes=num_classes, spacing=(1.5, 1.5, 1.5))
     return model, build_loss(cfg.train).to(torch.device("cpu"))
 
@@ -123,7 +125,7 @@ def child(args: argparse.Namespace) -> dict:
     set_threads(args.threads)
     name, precision = args.child
     torch.manual_seed(args.seed)
-    base, loss_fn = build(name, args.channels, args.num_classes)
+    base, loss_fn = build(name, args.channels, args.num_classes, args.norm)
     nets = {}
     for layout in args.layouts:
         model = copy.deepcopy(base)
@@ -218,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_child([__file__, "--child", name, prec, "--layouts", *args.layouts, "--patch", args.patch,
                            "--batch", args.batch, "--steps", args.steps, "--warmup", args.warmup,
                            "--channels", *args.channels, "--num-classes", args.num_classes, "--threads", args.threads,
-                           "--seed", args.seed])["rows"]
+                           "--seed", args.seed, *(["--norm", args.norm] if args.norm else [])])["rows"]
     summary = summarize(rows)
     md = md_table(["model", "precision", "layout", "params M", "patches/s", "s/step", "CPU s/patch", "peak RSS GB"],
                   [[r["model"], r["precision"], r["layout"], r["params_m"], r["patches_per_s"], r["s_per_step"], r["cpu_s_per_patch"],
                     r["peak_rss_gb"]] for r in rows])
     print(md)
     notes = (f"Patches {args.batch}x1x{args.patch}^3, {args.num_classes} classes, channels {tuple(args.channels)}, "
+             + (f"medseg's nets with model.norm={args.norm}, " if args.norm else "") +
              f"fastest of {args.steps} timed step(s) after {args.warmup} warm-up, {args.threads} threads, one subprocess per "
              "model and precision" + (" (its layouts' steps interleaved; peak RSS theirs together; "
                                       "layout gains = ratios of the median steps)" if len(args.layouts) > 1 else "") + ". "

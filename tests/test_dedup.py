@@ -25,7 +25,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_make_norm_is_monai_get_norm_layer_of_norm_spec(monkeypatch):
     from medseg.nn import layers
 
-    assert type(layers.make_norm("group", 24, 3)) is torch.nn.GroupNorm and layers.make_norm("group", 24, 3).num_groups == 8
+    assert type(layers.make_norm("group", 24, 3)) is layers.GroupNorm and layers.make_norm("group", 24, 3).num_groups == 8
     assert type(layers.make_norm("instance", 6, 2)) is layers.InstanceNorm2d
     assert layers.make_norm("instance", 6, 3).affine and type(layers.make_norm("batch", 6, 3)) is torch.nn.BatchNorm3d
     with pytest.raises(ValueError, match="spatial_dims"):

@@ -206,18 +206,23 @@ def test_cpu_instance_norm_matches_torch_instance_norm_values_and_gradients(chan
     torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=1e-3, rtol=1e-4)
 
 
-def _own_and_kernel_norm(dims: int, dtype: torch.dtype, seed: int, monkeypatch):
-    """A channels-last instance norm's forward + backward with medseg's backward and with PyTorch's kernel:
-    ``(norm, x, fmt, own, stock)``, each of ``own`` / ``stock`` = (grad_fn name, y, x.grad, weight.grad, bias.grad)."""
+def _own_and_kernel_norm(dims: int, dtype: torch.dtype, seed: int, monkeypatch, groups: int | None = None):
+    """A channels-last instance norm's (``groups`` None) or group norm's forward + backward with medseg's backward
+    and with PyTorch's kernel: ``(norm, x, fmt, own, stock)``, each of ``own`` / ``stock`` = (grad_fn name, y,
+    x.grad, weight.grad, bias.grad)."""
     from medseg.nn import layers
 
     torch.manual_seed(seed)
     fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
-    norm = (layers.InstanceNorm3d if dims == 3 else layers.InstanceNorm2d)(5, affine=True)
+    channels = 5 if groups is None else 2 * groups
+    if groups is None:
+        norm = (layers.InstanceNorm3d if dims == 3 else layers.InstanceNorm2d)(channels, affine=True)
+    else:
+        norm = layers.GroupNorm(groups, channels)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)
         norm.bias.uniform_(-1.0, 1.0)
-    shape = (2, 5, 6, 7, 4)[: dims + 2]
+    shape = (2, channels, 6, 7, 4)[: dims + 2]
     x = (torch.randn(shape) * 4.0 - 3.0).to(dtype).contiguous(memory_format=fmt).requires_grad_()
     grad = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
 
@@ -230,7 +235,7 @@ def _own_and_kernel_norm(dims: int, dtype: torch.dtype, seed: int, monkeypatch):
         return name, y.detach(), x.grad.clone(), norm.weight.grad.clone(), norm.bias.grad.clone()
 
     own, stock = run(True), run(False)
-    assert own[0] == "_ChannelsLastInstanceNormBackward" and stock[0] == "NativeGroupNormBackward0"
+    assert own[0] == "_ChannelsLastGroupNormBackward" and stock[0] == "NativeGroupNormBackward0"
     assert own[2].dtype == dtype and own[2].is_contiguous(memory_format=fmt)  # layout kept: no copy for the conv below
     return norm, x, fmt, own, stock
 
@@ -261,15 +266,25 @@ def test_channels_last_bf16_training_norm_matches_the_kernel(dims, monkeypatch):
     torch.testing.assert_close(own[4], stock[4], atol=1e-3, rtol=1e-3)
 
 
-def test_channels_last_instance_norm_backward_passes_gradcheck():
-    from medseg.nn.layers import _ChannelsLastInstanceNorm
+@pytest.mark.parametrize("groups", [2, 3, 6])
+def test_channels_last_group_norm_backward_matches_the_kernel(groups, monkeypatch):
+    """``norm: group`` (medseg.nn.layers.GroupNorm) takes the same backward, summing each group's channels."""
+    _, _, _, own, stock = _own_and_kernel_norm(3, torch.float32, 4, monkeypatch, groups=groups)
+    for a, b in zip(own[1:], stock[1:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels,groups", [(3, 3), (6, 3), (4, 1)])  # instance norm, 2 channels per group, one group
+def test_channels_last_norm_backward_passes_gradcheck(channels, groups):
+    from medseg.nn.layers import _ChannelsLastGroupNorm
 
     torch.manual_seed(2)
-    x = (torch.randn(2, 3, 4, 3, 5, dtype=torch.float64) * 2 + 1).contiguous(
+    c = channels
+    x = (torch.randn(2, c, 4, 3, 5, dtype=torch.float64) * 2 + 1).contiguous(
         memory_format=torch.channels_last_3d).requires_grad_()
-    w = torch.rand(3, dtype=torch.float64).add_(0.5).requires_grad_()
-    b = torch.randn(3, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, w, b: _ChannelsLastInstanceNorm.apply(x, w, b, 1e-5), (x, w, b))
+    w = torch.rand(c, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: _ChannelsLastGroupNorm.apply(x, w, b, groups, 1e-5), (x, w, b))
 
 
 def test_cpu_instance_norm_keeps_torch_errors_and_is_what_unet_stages_use():

@@ -20,6 +20,7 @@ from torch import nn
 __all__ = [
     "NORMS",
     "ACTS",
+    "GroupNorm",
     "InstanceNorm2d",
     "InstanceNorm3d",
     "check_positive_int",
@@ -71,30 +72,49 @@ def to_tuple(value: int | Sequence[int], n: int, name: str = "value") -> tuple[i
 
 # --------------------------------------------------------------------------- norms / activations
 CHANNELS_LAST_NORM_BACKWARD = True
-"""Train channels-last fp32 / bf16 instance norms through :class:`_ChannelsLastInstanceNorm` (False: PyTorch's
-group-norm backward; ``benchmarks/train_speed.py --layouts channels_last channels_last_stock_norm`` times both)."""
+"""Train channels-last fp32 / bf16 instance and group norms through :class:`_ChannelsLastGroupNorm` (False:
+PyTorch's group-norm backward; ``benchmarks/train_speed.py --layouts channels_last channels_last_stock_norm``
+times both)."""
 
 
-class _ChannelsLastInstanceNorm(torch.autograd.Function):
-    """Instance norm of a channels-last fp32 / bf16 CPU tensor with a backward written for that layout.
+def _takes_channels_last_backward(x: torch.Tensor, affine: bool, weight: torch.Tensor | None) -> bool:
+    """Whether a CPU norm of ``x`` in training goes through :class:`_ChannelsLastGroupNorm`: gradients on, an
+    affine fp32 norm, fp32 / bf16 activations in channels-last memory (not also contiguous)."""
+    if not (CHANNELS_LAST_NORM_BACKWARD and affine and weight is not None and torch.is_grad_enabled()
+            and x.device.type == "cpu" and x.dim() in (4, 5) and x.dtype in (torch.float32, torch.bfloat16)
+            and weight.dtype == torch.float32):
+        return False
+    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
 
-    Forward is PyTorch's group-norm kernel (one group per channel; fast in channels-last). Its
-    backward is not: on a 2-core AVX2 EPYC it took 20 ms for a ``(2, 16, 48, 48, 48)``
-    channels_last_3d tensor against 6 ms contiguous (5 ms / 0.4 ms at ``(2, 32, 24, 24, 24)``),
-    ~12% of a training step of the lesion recipe. Here the backward runs on the ``(B, S, C)`` view
-    of the same memory (``S`` voxels, channels innermost): two per-channel sums over ``S`` and one
-    fused pass, the standard batch/instance-norm gradient
-    ``dx = w * rstd * (g - mean_S(g) - xhat * mean_S(g * xhat))``. bf16 inputs (autocast) are
-    computed in fp32 and the gradient returned in bf16; the kernel's bf16 channels-last backward
-    took 66 ms at ``(2, 16, 48, 48, 48)`` against 1.4 ms contiguous on the same CPU.
 
-    Shapes: ``x (B, C, *S)`` channels-last, ``weight``, ``bias`` ``(C,)`` -> ``(B, C, *S)`` in the layout of ``x``.
+class _ChannelsLastGroupNorm(torch.autograd.Function):
+    """Group norm (instance norm: one group per channel) of a channels-last fp32 / bf16 CPU tensor with a
+    backward written for that layout.
+
+    Forward is PyTorch's group-norm kernel (fast in channels-last). Its backward is not: on a 2-core
+    AVX2 EPYC it took 20 ms for a ``(2, 16, 48, 48, 48)`` channels_last_3d tensor against 6 ms
+    contiguous (5 ms / 0.4 ms at ``(2, 32, 24, 24, 24)``), ~12% of a training step of the lesion
+    recipe. Here the backward runs on the ``(B, S, C)`` view of the same memory (``S`` voxels, channels
+    innermost): two per-channel sums over ``S``, summed again over each group's channels, and two fused
+    passes for the standard normalization gradient (Wu & He, 2018, group norm; ``N`` = voxels x channels
+    of a group, ``gy`` the gradient of ``y``)::
+
+        xhat = (x - mean) * rstd;   dxhat = weight * gy
+        dx = rstd * (dxhat - sum_N(dxhat) / N - xhat * sum_N(dxhat * xhat) / N)
+
+    bf16 inputs (autocast) are computed in fp32 and the gradient returned in bf16; the kernel's bf16
+    channels-last backward took 66 ms at ``(2, 16, 48, 48, 48)`` against 1.4 ms contiguous on the same CPU.
+
+    Shapes: ``x (B, C, *S)`` channels-last, ``weight``, ``bias`` ``(C,)``, ``groups`` dividing ``C`` ->
+    ``(B, C, *S)`` in the layout of ``x``.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
         b, c = x.shape[:2]
-        y, mean, rstd = torch.native_group_norm(x, weight, bias, b, c, x[0, 0].numel(), c, eps)
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, b, c, x[0, 0].numel(), groups, eps)
+        ctx.groups = groups
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
@@ -102,24 +122,33 @@ class _ChannelsLastInstanceNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, mean, rstd = ctx.saved_tensors
         b, c = x.shape[:2]
+        groups = ctx.groups
+        per = c // groups  # channels per group
+
+        def per_channel(t: torch.Tensor) -> torch.Tensor:  # (B, G) or (B, 1, C) group values -> (B, 1, C)
+            return t.float().view(b, groups, 1).expand(b, groups, per).reshape(b, 1, c)
+
+        def group_sum(t: torch.Tensor) -> torch.Tensor:  # (B, 1, C) per channel -> (B, 1, C) its group's sum
+            return per_channel(t.view(b, groups, per).sum(-1))
+
         perm = (0, *range(2, x.dim()), 1)
         v = x.permute(perm).reshape(b, -1, c).float()  # a view: channels-last memory is (B, *S, C); bf16 -> fp32
         g = grad.permute(perm).reshape(b, -1, c).float()  # a copy only if not channels-last (or bf16)
-        n = v.shape[1]
-        mean, rstd = mean.float().view(b, 1, c), rstd.float().view(b, 1, c)
-        sum_g = g.sum(dim=1, keepdim=True)
+        n = v.shape[1] * per
+        mean, rstd = per_channel(mean), per_channel(rstd)
+        sum_g = g.sum(dim=1, keepdim=True)  # (B, 1, C)
         sum_g_xhat = ((g * v).sum(dim=1, keepdim=True) - mean * sum_g) * rstd  # sum_S(g * xhat), (B, 1, C)
         grad_w = (sum_g_xhat.sum(dim=(0, 1)) if ctx.needs_input_grad[1] else None)
         grad_b = (sum_g.sum(dim=(0, 1)) if ctx.needs_input_grad[2] else None)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            a = weight * rstd  # dx = a * g + c1 * x + c0
-            c1 = -a * rstd * sum_g_xhat / n
-            c0 = -a * sum_g / n - c1 * mean
-            dx = g * a
-            dx.addcmul_(v, c1).add_(c0)
+            w = weight.float().view(1, 1, c)
+            a = w * rstd  # dx = a * g + c1 * x + c0
+            c1 = -rstd * rstd * group_sum(w * sum_g_xhat) / n
+            c0 = -rstd * group_sum(w * sum_g) / n - c1 * mean
+            dx = torch.addcmul(c0, v, c1).addcmul_(g, a)
             grad_x = dx.view(b, *x.shape[2:], c).permute(0, x.dim() - 1, *range(1, x.dim() - 1)).to(x.dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class _InstanceNormOnCPU:
@@ -132,7 +161,7 @@ class _InstanceNormOnCPU:
     (16..256) U-Net forward on 2x1x128x96x128 windows went from 2.6 s to 1.4 s on 2 cores
     (``benchmarks/infer_speed.py``). Same parameters and state-dict keys as ``nn.InstanceNorm*d``;
     CUDA tensors, running statistics and one-voxel inputs take the stock path. Training in
-    channels-last fp32 or bf16 (gradients on, affine) goes through :class:`_ChannelsLastInstanceNorm`,
+    channels-last fp32 or bf16 (gradients on, affine) goes through :class:`_ChannelsLastGroupNorm`,
     whose backward avoids the group-norm kernel's slow channels-last backward.
 
     Shapes: ``(B, C, *S) -> (B, C, *S)``, memory format kept.
@@ -142,11 +171,8 @@ class _InstanceNormOnCPU:
         if (input.device.type != "cpu" or self.track_running_stats or input.dim() != self._get_no_batch_dim() + 1
                 or input[0, 0].numel() <= 1):
             return super().forward(input)
-        fmt = torch.channels_last_3d if input.dim() == 5 else torch.channels_last
-        if (CHANNELS_LAST_NORM_BACKWARD and torch.is_grad_enabled() and self.affine
-                and input.dtype in (torch.float32, torch.bfloat16) and self.weight.dtype == torch.float32
-                and input.is_contiguous(memory_format=fmt) and not input.is_contiguous()):
-            return _ChannelsLastInstanceNorm.apply(input, self.weight, self.bias, self.eps)
+        if _takes_channels_last_backward(input, self.affine, self.weight):
+            return _ChannelsLastGroupNorm.apply(input, self.weight, self.bias, self.num_features, self.eps)
         return F.group_norm(input, self.num_features, self.weight, self.bias, self.eps)
 
 
@@ -158,9 +184,25 @@ class InstanceNorm3d(_InstanceNormOnCPU, nn.InstanceNorm3d):
     __doc__ = _InstanceNormOnCPU.__doc__
 
 
+class GroupNorm(nn.GroupNorm):
+    """Group normalization (Wu & He, 2018), ``nn.GroupNorm`` whose CPU training in channels-last fp32 / bf16
+    (gradients on, affine) goes through :class:`_ChannelsLastGroupNorm`, as :class:`InstanceNorm3d` does: PyTorch's
+    group-norm backward is several times slower in that layout than contiguous. Same parameters and state-dict keys.
+
+    Shapes: ``(B, C, *S) -> (B, C, *S)``, memory format kept.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _takes_channels_last_backward(input, self.affine, self.weight):
+            return _ChannelsLastGroupNorm.apply(input, self.weight, self.bias, self.num_groups, self.eps)
+        return super().forward(input)
+
+
 _INSTANCE = {1: nn.InstanceNorm1d, 2: InstanceNorm2d, 3: InstanceNorm3d}
 if "MEDSEG_INSTANCE" not in Norm.components:
     Norm.add_factory_callable("medseg_instance", lambda dim: _INSTANCE[dim], "instance norm on the group-norm kernel (CPU)")
+if "MEDSEG_GROUP" not in Norm.components:
+    Norm.add_factory_callable("medseg_group", lambda dim: GroupNorm, "group norm with a channels-last CPU training backward")
 
 
 def norm_spec(name: str, channels: int | None = None) -> tuple:
@@ -172,7 +214,7 @@ def norm_spec(name: str, channels: int | None = None) -> tuple:
         return ("batch", {})
     if key == "group":
         groups = math.gcd(8, channels) if channels else 8
-        return ("group", {"num_groups": groups})
+        return ("medseg_group", {"num_groups": groups})
     raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {name!r}")
 
 
