@@ -279,11 +279,10 @@ def test_channels_last_norm_backward_passes_gradcheck(channels, groups):
     from medseg.nn.layers import _ChannelsLastGroupNorm
 
     torch.manual_seed(2)
-    c = channels
-    x = (torch.randn(2, c, 4, 3, 5, dtype=torch.float64) * 2 + 1).contiguous(
+    x = (torch.randn(2, channels, 4, 3, 5, dtype=torch.float64) * 2 + 1).contiguous(
         memory_format=torch.channels_last_3d).requires_grad_()
-    w = torch.rand(c, dtype=torch.float64).add_(0.5).requires_grad_()
-    b = torch.randn(c, dtype=torch.float64).requires_grad_()
+    w = torch.rand(channels, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(channels, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w, b: _ChannelsLastGroupNorm.apply(x, w, b, groups, 1e-5), (x, w, b))
 
 

@@ -124,16 +124,17 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         b, c = x.shape[:2]
         groups = ctx.groups
         per = c // groups  # channels per group
+        dt = torch.promote_types(x.dtype, torch.float32)  # bf16 computed in fp32; fp32 / float64 (gradcheck) as they are
 
-        def per_channel(t: torch.Tensor) -> torch.Tensor:  # (B, G) or (B, 1, C) group values -> (B, 1, C)
-            return t.float().view(b, groups, 1).expand(b, groups, per).reshape(b, 1, c)
+        def per_channel(t: torch.Tensor) -> torch.Tensor:  # (B, G) group values -> (B, 1, C)
+            return t.to(dt).view(b, groups, 1).expand(b, groups, per).reshape(b, 1, c)
 
         def group_sum(t: torch.Tensor) -> torch.Tensor:  # (B, 1, C) per channel -> (B, 1, C) its group's sum
             return per_channel(t.view(b, groups, per).sum(-1))
 
         perm = (0, *range(2, x.dim()), 1)
-        v = x.permute(perm).reshape(b, -1, c).float()  # a view: channels-last memory is (B, *S, C); bf16 -> fp32
-        g = grad.permute(perm).reshape(b, -1, c).float()  # a copy only if not channels-last (or bf16)
+        v = x.permute(perm).reshape(b, -1, c).to(dt)  # a view: channels-last memory is (B, *S, C); bf16 -> fp32
+        g = grad.permute(perm).reshape(b, -1, c).to(dt)  # a copy only if not channels-last (or bf16)
         n = v.shape[1] * per
         mean, rstd = per_channel(mean), per_channel(rstd)
         sum_g = g.sum(dim=1, keepdim=True)  # (B, 1, C)
@@ -142,7 +143,7 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         grad_b = (sum_g.sum(dim=(0, 1)) if ctx.needs_input_grad[2] else None)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = weight.float().view(1, 1, c)
+            w = weight.to(dt).view(1, 1, c)
             a = w * rstd  # dx = a * g + c1 * x + c0
             c1 = -rstd * rstd * group_sum(w * sum_g_xhat) / n
             c0 = -rstd * group_sum(w * sum_g) / n - c1 * mean
