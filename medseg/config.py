@@ -159,6 +159,13 @@ class AugmentConfig:
     # probability per patch, each labelled class present gets its own offset from label_shift_range (normalized units)
     p_label_shift: float = 0.0
     label_shift_range: list[float] = field(default_factory=lambda: [-0.5, 0.5])
+    # object-level copy-paste (TumorCP; medseg.data.transforms.RandCopyPasted): with this probability per patch, one
+    # connected component of copy_paste_classes from the training cases, scaled by a factor of copy_paste_scale, is
+    # pasted where the tissue looks like the component's surroundings (90% of the voxels within copy_paste_context_tol units)
+    p_copy_paste: float = 0.0
+    copy_paste_classes: list[int] = field(default_factory=list)
+    copy_paste_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    copy_paste_context_tol: float = 0.5
 
     def flip_axes(self) -> list[int]:
         """``mirror_axes`` as a list; an unresolved ``"auto"`` (training resolves it from the data,

@@ -12,8 +12,11 @@ A training sample is cut in two steps (see :mod:`medseg.train.data`):
 The set and the default probabilities follow nnU-Net's default augmentation (Isensee et al.,
 "nnU-Net", Nature Methods 2021, supplementary note 4): rotation, scaling, Gaussian noise,
 Gaussian blur, multiplicative brightness, contrast, simulated low resolution, gamma, mirroring;
-plus, off by default, an axial slab (:class:`RandAxialSlabd`: partial-coverage scans) and a
-per-structure intensity shift (:class:`RandLabelIntensityShiftd`: contrast phases).
+plus, off by default, an axial slab (:class:`RandAxialSlabd`: partial-coverage scans), a
+per-structure intensity shift (:class:`RandLabelIntensityShiftd`: contrast phases) and an
+object-level copy-paste of small structures (:class:`RandCopyPasted` with an :class:`ObjectBank`
+of the training cases' lesions: few training lesions), which acts on the region before the
+spatial transform.
 Every probability and range lives in ``config.train.augment`` (:class:`medseg.config.AugmentConfig`).
 
 Arrays are channel-first ``(C, X, Y, Z)`` (image float32, label ``(1, X, Y, Z)``).
@@ -43,7 +46,7 @@ from monai.transforms import (
 
 from medseg.config import AugmentConfig
 
-__all__ = ["RandAxialSlabd", "RandLabelIntensityShiftd", "RandRotateScaled", "as_plain_tensor", "build_train_transforms", "crop_extent", "crop_patch"]
+__all__ = ["ObjectBank", "inside_body", "RandAxialSlabd", "RandCopyPasted", "RandLabelIntensityShiftd", "RandRotateScaled", "as_plain_tensor", "build_train_transforms", "crop_extent", "crop_patch"]
 
 KEYS = ("image", "label")
 
@@ -234,19 +237,199 @@ class RandLabelIntensityShiftd(RandomizableTransform, MapTransform):
         return d
 
 
-def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig, *, ignore_label: int | None = None) -> Compose:
+class ObjectBank:
+    """The objects :class:`RandCopyPasted` pastes: connected components of some classes, cut from training cases.
+
+    Each object is ``(image (C, a, b, c) float32, mask (a, b, c) bool, class, context)``: the
+    component's bounding box (image values; ``mask`` marks the component's voxels) and
+    ``context``, the median intensity of channel 0 over the background voxels of a ``margin``-voxel
+    shell around it (what the object sits in: lung parenchyma for a lung nodule, liver for a
+    liver tumour). Components smaller than ``min_voxels`` are left out (label noise).
+    26-connectivity (``scipy.ndimage.label`` with a full 3x3x3 structure).
+
+    Args:
+        cases: indexable of case dicts ``{"image": (C, X, Y, Z), "label": (1, X, Y, Z)}``
+            (:class:`medseg.train.data.LoadCased` items); only ``classes`` voxels are read twice.
+        classes: the label values whose components are banked.
+    """
+
+    def __init__(self, cases, classes: Sequence[int], *, margin: int = 2, min_voxels: int = 8):
+        from scipy import ndimage
+
+        self.objects: list[tuple[np.ndarray, np.ndarray, int, float]] = []
+        structure = np.ones((3, 3, 3), dtype=bool)
+        for i in range(len(cases)):
+            case = cases[i]
+            label = np.asarray(case["label"][0])
+            image = case["image"]
+            for cls in sorted(int(c) for c in classes):
+                comps, n = ndimage.label(label == cls, structure=structure)
+                if n == 0:
+                    continue
+                for k, box in enumerate(ndimage.find_objects(comps), start=1):
+                    if box is None:
+                        continue
+                    grown = tuple(slice(max(0, b.start - margin), min(dim, b.stop + margin))
+                                  for b, dim in zip(box, label.shape))
+                    mask = comps[grown] == k
+                    if int(mask.sum()) < min_voxels:
+                        continue
+                    img = np.ascontiguousarray(np.asarray(image[(slice(None),) + grown], dtype=np.float32))
+                    shell = ndimage.binary_dilation(mask, structure=structure, iterations=margin) & ~mask
+                    shell &= label[grown] == 0
+                    context = float(np.median(img[0][shell])) if shell.any() else float(np.median(img[0][mask]))
+                    self.objects.append((img, mask, cls, context))
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+
+def inside_body(image: np.ndarray, tol: float = 0.5) -> np.ndarray:
+    """``(X, Y, Z)`` bool: False for the air around the body, True elsewhere.
+
+    The air around the body is, in each axial (z) slice of ``image`` (``(X, Y, Z)``, one channel),
+    the voxels within ``tol`` of the volume's minimum intensity that are connected (4-connectivity)
+    to the slice's edge. Air inside the body -- lungs, airways, bowel gas -- is enclosed by the body
+    wall in an axial slice and stays True. The classic first step of threshold lung segmentation
+    (e.g. Hu, Hoffman & Reinhardt, IEEE TMI 2001). With medseg's CT normalization (clipped at the
+    foreground's 0.5 percentile) lung parenchyma and outside air share the minimum, and only this
+    tells them apart.
+    """
+    from scipy import ndimage
+
+    low = np.asarray(image) <= float(np.min(image)) + tol
+    outside = np.zeros(low.shape, dtype=bool)
+    for z in range(low.shape[2]):
+        comps, n = ndimage.label(low[:, :, z])
+        if n == 0:
+            continue
+        edge = np.unique(np.concatenate([comps[0], comps[-1], comps[:, 0], comps[:, -1]]))
+        edge = edge[edge > 0]
+        if len(edge):
+            outside[:, :, z] = np.isin(comps, edge)
+    return ~outside
+
+
+class RandCopyPasted(RandomizableTransform, MapTransform):
+    """Paste a random banked object (a training lesion) into the region, resized and flipped, where
+    the region looks like what the object was cut from.
+
+    Object-level copy-paste after TumorCP (Yang et al., "TumorCP: A Simple but Effective
+    Object-Level Data Augmentation for Tumor Segmentation", MICCAI 2021) and Ghiasi et al.,
+    "Simple Copy-Paste is a Strong Data Augmentation Method for Instance Segmentation", CVPR 2021:
+    with few training lesions, the net sees each one in one place, at one size, next to the same
+    neighbours; pasted copies show it the lesion elsewhere in the same tissue and at other sizes.
+
+    With probability ``prob`` per region: an object of ``bank`` is drawn, scaled by a factor from
+    ``scale_range`` (isotropic in voxels; image trilinear, the mask resampled as a fraction, which
+    becomes the blending weight: partial-volume edges), flipped along each axis with probability
+    1/2, and placed with its centre at a random voxel of the central ``inner`` box of the region
+    (the part the patch is cut from) where (a) the footprint (the resized object's voxels) is
+    background in the label and (b) at least 90% of its voxels (``CONTEXT_FRACTION``) differ in
+    channel 0 from the object's ``context`` by at most ``context_tol`` (normalized intensity units:
+    with medseg's CT normalization one unit is the foreground's standard deviation): a lung nodule
+    goes into lung, not across the chest wall or into the mediastinum. With an ``inside`` key
+    (``(1, X, Y, Z)`` bool, :func:`inside_body` of the case, cut with the region; removed from the
+    output) those voxels must also be inside the body: the clipped lung and the air around the
+    body have the same intensity. Up to ``tries`` centres are
+    drawn; when none qualifies nothing is pasted. The footprint's label becomes the object's class
+    where the weight is >= 0.5; the image becomes ``w * object + (1 - w) * image``.
+
+    Keys ``image`` ``(C, X, Y, Z)`` and ``label`` ``(1, X, Y, Z)`` (the region, before the
+    spatial transform); returns the same shapes and dtypes.
+    """
+
+    CONTEXT_FRACTION = 0.9
+
+    def __init__(self, bank: ObjectBank, inner: Sequence[int], prob: float = 0.0,
+                 scale_range: Sequence[float] = (0.5, 1.5), context_tol: float = 0.5, tries: int = 20):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, KEYS)
+        self.bank, self.inner = bank, [int(v) for v in inner]
+        self.scale_range = tuple(sorted(float(v) for v in scale_range))
+        self.context_tol, self.tries = float(context_tol), int(tries)
+        self.pasted: tuple[int, list[int]] | None = None  # (object index, footprint origin) of the last call
+
+    def _resized(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img, mask, _, _ = self.bank.objects[index]
+        s = float(self.R.uniform(*self.scale_range))
+        flips = [d + 1 for d in range(3) if self.R.rand() < 0.5]
+        size = [max(1, int(round(n * s))) for n in mask.shape]
+        x = torch.from_numpy(img)[None]
+        w = torch.from_numpy(mask.astype(np.float32))[None, None]
+        if size != list(mask.shape):
+            x = torch.nn.functional.interpolate(x, size=size, mode="trilinear", align_corners=False)
+            w = torch.nn.functional.interpolate(w, size=size, mode="trilinear", align_corners=False)
+        x, w = x[0], w[0, 0].clamp_(0.0, 1.0)
+        if flips:
+            x, w = x.flip([d for d in flips]), w.flip([d - 1 for d in flips])
+        return x, w
+
+    def __call__(self, data):
+        d = dict(data)
+        inside = d.pop("inside", None)
+        self.pasted = None
+        self.randomize(None)
+        if not self._do_transform or len(self.bank) == 0:
+            return d
+        index = int(self.R.randint(len(self.bank)))
+        obj, weight = self._resized(index)
+        cls, context = self.bank.objects[index][2], self.bank.objects[index][3]
+        image, label = torch.as_tensor(d["image"]), torch.as_tensor(d["label"])
+        shape, size = list(image.shape[1:]), list(weight.shape)
+        if any(s > n for s, n in zip(size, shape)):
+            return d
+        foot = weight >= 0.5
+        if not bool(foot.any()):
+            return d
+        # centres inside the inner box such that the object's box stays inside the region
+        lo_c = [max((n - i) // 2, s // 2) for n, i, s in zip(shape, self.inner, size)]
+        hi_c = [min((n - i) // 2 + i - 1, n - (s - s // 2)) for n, i, s in zip(shape, self.inner, size)]
+        if any(h < l for l, h in zip(lo_c, hi_c)):
+            return d
+        for _ in range(self.tries):
+            centre = [int(self.R.randint(l, h + 1)) for l, h in zip(lo_c, hi_c)]
+            origin = [c - s // 2 for c, s in zip(centre, size)]
+            box = tuple(slice(o, o + s) for o, s in zip(origin, size))
+            if bool((label[(0,) + box][foot] != 0).any()):
+                continue
+            near = (image[(0,) + box][foot] - context).abs() <= self.context_tol
+            if inside is not None:
+                near &= torch.as_tensor(inside)[(0,) + box][foot].bool()
+            if float(near.float().mean()) < self.CONTEXT_FRACTION:
+                continue
+            w = weight.to(image.dtype)
+            image = image.clone()
+            image[(slice(None),) + box] = w * obj.to(image.dtype) + (1.0 - w) * image[(slice(None),) + box]
+            label = label.clone()
+            label[(0,) + box] = torch.where(foot, torch.as_tensor(cls, dtype=label.dtype), label[(0,) + box])
+            d["image"], d["label"] = image, label
+            self.pasted = (index, origin)
+            return d
+        return d
+
+
+def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig, *, ignore_label: int | None = None,
+                           bank: ObjectBank | None = None) -> Compose:
     """The training chain: region ``(C, *crop_extent)`` dict -> patch ``(C, *patch_size)`` dict.
 
     Keys ``image`` (float) and ``label`` (float labels, nearest-resampled). Intensity transforms
     touch the image only; mirroring flips both along each of ``mirror_axes`` with ``p_mirror``
     (training resolves ``"auto"`` from the data first; a chain built from an unresolved ``"auto"``
     flips all three axes). ``ignore_label``: the dataset's ignore label (kept out of the
-    per-structure intensity shift), ``None`` when it has none.
+    per-structure intensity shift), ``None`` when it has none. ``bank``: the objects of
+    ``aug.copy_paste_classes`` (:class:`ObjectBank`); with ``aug.p_copy_paste > 0`` and a non-empty
+    bank, :class:`RandCopyPasted` comes first (on the region, pasting inside its central
+    ``patch_size`` box).
     """
     lo_b, hi_b = sorted(aug.brightness_range)
     lo_c, hi_c = sorted(aug.contrast_range)
     sig = tuple(sorted(aug.blur_sigma))
+    paste = []
+    if aug.p_copy_paste > 0 and bank is not None and len(bank):
+        paste = [RandCopyPasted(bank, patch_size, aug.p_copy_paste, aug.copy_paste_scale, aug.copy_paste_context_tol)]
     chain = [
+        *paste,
         RandRotateScaled(patch_size, p_rotate=aug.p_rotate, rotate_deg=aug.rotate_deg,
                          p_scale=aug.p_scale, scale_range=aug.scale_range),
         *([RandLabelIntensityShiftd(aug.p_label_shift, aug.label_shift_range, ignore_label)] if aug.p_label_shift > 0 else []),

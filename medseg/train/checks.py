@@ -62,7 +62,7 @@ def check_config(cfg: Config) -> None:
         _require(len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size",
                  "expected three positive integers [x, y, z]", d.patch_size)
     for key in ("p_rotate", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma", "p_mirror", "p_slab",
-                "p_label_shift"):
+                "p_label_shift", "p_copy_paste"):
         _require(0.0 <= getattr(a, key) <= 1.0, f"train.augment.{key}", "must be a probability in [0, 1]", getattr(a, key))
     for key in ("scale_range", "blur_sigma", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range"):
         _pair(getattr(a, key), f"train.augment.{key}")
@@ -70,6 +70,12 @@ def check_config(cfg: Config) -> None:
              "train.augment.mirror_axes", "expected auto or a list of axes 0, 1, 2", a.mirror_axes)
     _pair(a.label_shift_range, "train.augment.label_shift_range", positive=False)
     _require(a.noise_std >= 0, "train.augment.noise_std", "must be >= 0", a.noise_std)
+    _pair(a.copy_paste_scale, "train.augment.copy_paste_scale")
+    _require(a.copy_paste_context_tol >= 0, "train.augment.copy_paste_context_tol", "must be >= 0", a.copy_paste_context_tol)
+    _require(isinstance(a.copy_paste_classes, list) and all(isinstance(c, int) and c > 0 for c in a.copy_paste_classes),
+             "train.augment.copy_paste_classes", "expected a list of label values > 0", a.copy_paste_classes)
+    _require(a.p_copy_paste == 0 or bool(a.copy_paste_classes), "train.augment.copy_paste_classes",
+             "p_copy_paste > 0 needs the classes to paste", a.copy_paste_classes)
     _require(isinstance(a.slab_min_slices, int) and a.slab_min_slices >= 1, "train.augment.slab_min_slices",
              "must be an integer >= 1", a.slab_min_slices)
 

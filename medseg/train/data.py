@@ -17,6 +17,10 @@
   the trainer has mined its model's false positives on the training cases, a random patch of a
   case that has some is centred on one of them with probability ``f`` (the table is read from
   ``hard_file`` and reread when that file changes, so loader workers see each new mining).
+- **Copy-paste** (``train.augment.p_copy_paste > 0``): the connected components of
+  ``copy_paste_classes`` in the training cases are banked once (:class:`medseg.data.transforms.ObjectBank`)
+  with each case's :func:`medseg.data.transforms.inside_body` mask, and
+  :class:`medseg.data.transforms.RandCopyPasted` pastes one into a patch's region with that probability.
 - **z halo** (2.5D models, ``z_halo = H > 0``, :mod:`medseg.nn.slice25d`): each patch is cut and
   augmented with ``patch_z + 2H`` slices, so that the slices of the patch proper have their real
   neighbours; the loss keeps the central ``patch_z`` slices (:class:`medseg.train.losses.SegmentationLoss`).
@@ -34,7 +38,7 @@ from monai.data import CacheDataset, Dataset, get_track_meta, set_track_meta
 from monai.transforms import Compose, MapTransform
 
 from medseg.config import Config
-from medseg.data.transforms import as_plain_tensor, build_train_transforms, crop_extent, crop_patch
+from medseg.data.transforms import ObjectBank, as_plain_tensor, build_train_transforms, crop_extent, crop_patch, inside_body
 from medseg.errors import ConfigError, InputError
 from medseg.runtime import get_logger
 from medseg.train.signals import ignore_in_worker
@@ -203,7 +207,16 @@ class PatchDataset(torch.utils.data.Dataset):
         self.batch_size, self.fg = int(cfg.train.batch_size), float(cfg.data.fg_oversample)
         self.seed, self.rank = int(cfg.train.seed), int(rank)
         self.extent = crop_extent(self.patch, cfg.train.augment)
-        self.transforms = build_train_transforms(self.patch, cfg.train.augment, ignore_label=ignore_label)
+        aug = cfg.train.augment
+        self.bank, self.inside = None, None
+        if aug.p_copy_paste > 0:
+            self.bank = ObjectBank(cases, aug.copy_paste_classes)
+            if len(self.bank):
+                self.inside = [inside_body(np.asarray(cases[i]["image"][0]))[None]
+                               for i in range(len(cases))]
+            log.info("copy-paste: %d object(s) of class(es) %s banked from %d training case(s), pasted into %.0f%% of "
+                     "the patches", len(self.bank), aug.copy_paste_classes, len(cases), 100 * aug.p_copy_paste)
+        self.transforms = build_train_transforms(self.patch, aug, ignore_label=ignore_label, bank=self.bank)
         self.n_random = round(self.batch_size * (1.0 - self.fg))
         self.hard = float(cfg.data.hard_negatives)
         self.hard_file = Path(hard_file) if hard_file is not None and self.hard > 0 else None
@@ -246,15 +259,19 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, int(index)])
-        case = self.cases[int(rng.integers(len(self.cases)))]
+        k = int(rng.integers(len(self.cases)))
+        case = self.cases[k]
         center = self._center(case, self.force_foreground(int(index), rng), rng)
         image, label = crop_patch([case["image"], case["label"]], center, self.extent)
+        region = {"image": torch.from_numpy(image.astype(np.float32, copy=False)),
+                  "label": torch.from_numpy(label.astype(np.float32))}
+        if self.inside is not None:
+            region["inside"] = torch.from_numpy(crop_patch([self.inside[k]], center, self.extent)[0])
         self.transforms.set_random_state(seed=int(rng.integers(2**31)))
         track = get_track_meta()
         set_track_meta(False)  # plain tensors: MONAI's metadata bookkeeping doubles the cost of a patch
         try:
-            d = self.transforms({"image": torch.from_numpy(image.astype(np.float32, copy=False)),
-                                 "label": torch.from_numpy(label.astype(np.float32))})
+            d = self.transforms(region)
         finally:
             set_track_meta(track)
         return {"image": as_plain_tensor(d["image"]).float(),
