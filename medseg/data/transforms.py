@@ -46,7 +46,8 @@ from monai.transforms import (
 
 from medseg.config import AugmentConfig
 
-__all__ = ["ObjectBank", "inside_body", "RandAxialSlabd", "RandCopyPasted", "RandLabelIntensityShiftd", "RandRotateScaled", "as_plain_tensor", "build_train_transforms", "crop_extent", "crop_patch"]
+__all__ = ["ObjectBank", "RandAxialSlabd", "RandCopyPasted", "RandLabelIntensityShiftd", "RandRotateScaled", "as_plain_tensor",
+           "build_train_transforms", "crop_extent", "crop_patch", "inside_body"]
 
 KEYS = ("image", "label")
 
@@ -249,7 +250,8 @@ class ObjectBank:
 
     Args:
         cases: indexable of case dicts ``{"image": (C, X, Y, Z), "label": (1, X, Y, Z)}``
-            (:class:`medseg.train.data.LoadCased` items); only ``classes`` voxels are read twice.
+            (:class:`medseg.train.data.LoadCased` items); the label is read whole, the image only
+            inside each component's box (memory-mapped cases are fine).
         classes: the label values whose components are banked.
     """
 
@@ -331,12 +333,12 @@ class RandCopyPasted(RandomizableTransform, MapTransform):
     goes into lung, not across the chest wall or into the mediastinum. With an ``inside`` key
     (``(1, X, Y, Z)`` bool, :func:`inside_body` of the case, cut with the region; removed from the
     output) those voxels must also be inside the body: the clipped lung and the air around the
-    body have the same intensity. Up to ``tries`` centres are
-    drawn; when none qualifies nothing is pasted. The footprint's label becomes the object's class
+    body have the same intensity. Up to ``tries`` centres are drawn; when none qualifies nothing
+    is pasted. The footprint's label becomes the object's class
     where the weight is >= 0.5; the image becomes ``w * object + (1 - w) * image``.
 
-    Keys ``image`` ``(C, X, Y, Z)`` and ``label`` ``(1, X, Y, Z)`` (the region, before the
-    spatial transform); returns the same shapes and dtypes.
+    Keys ``image`` ``(C, X, Y, Z)``, ``label`` ``(1, X, Y, Z)`` (the region, before the spatial
+    transform) and optionally ``inside``; returns ``image`` and ``label`` in the same shapes and dtypes.
     """
 
     CONTEXT_FRACTION = 0.9
