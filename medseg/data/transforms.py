@@ -242,7 +242,8 @@ class ObjectBank:
     """The objects :class:`RandCopyPasted` pastes: connected components of some classes, cut from training cases.
 
     Each object is ``(image (C, a, b, c) float32, mask (a, b, c) bool, class, context)``: the
-    component's bounding box (image values; ``mask`` marks the component's voxels) and
+    component's bounding box grown by ``margin`` voxels (clipped at the volume's edge; image
+    values, ``mask`` marks the component's voxels) and
     ``context``, the median intensity of channel 0 over the background voxels of a ``margin``-voxel
     shell around it (what the object sits in: lung parenchyma for a lung nodule, liver for a
     liver tumour). Components smaller than ``min_voxels`` are left out (label noise).
