@@ -41,12 +41,12 @@ def test_splice_replaces_only_between_markers():
 
 
 def test_result_files_in_readme_order(tmp_path):
-    for name in ("zeta", "head_to_head", "real_ct_study", "infer_speed", "alpha", "real_ct_study_lung_lesion", "train_speed",
-                 "head_to_head_fp32"):
+    for name in ("zeta", "head_to_head", "real_ct_study_lung_lesion_fp32", "real_ct_study", "infer_speed", "alpha",
+                 "real_ct_study_fp32", "real_ct_study_lung_lesion", "train_speed", "head_to_head_fp32"):
         (tmp_path / f"{name}.md").write_text(name)
     assert [p.stem for p in update_readme.result_files(tmp_path)] == [
-        "infer_speed", "train_speed", "real_ct_study", "real_ct_study_lung_lesion", "head_to_head", "head_to_head_fp32",
-        "alpha", "zeta"]
+        "infer_speed", "train_speed", "real_ct_study", "real_ct_study_lung_lesion", "real_ct_study_fp32",
+        "real_ct_study_lung_lesion_fp32", "head_to_head", "head_to_head_fp32", "alpha", "zeta"]
 
 
 def test_model_zoo_goes_to_its_own_section(tmp_path):
