@@ -437,3 +437,53 @@ def test_native_bf16_tag_reads_the_machine_record():
     from medseg.runtime import cpu_supports_bf16
 
     assert _common.native_bf16_tag(meta) == f"(native bf16: {'yes' if cpu_supports_bf16() else 'no'})"
+
+
+def test_unlabelled_ct_volumes_counts_classes_in_cm3_with_the_image_spacing(tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+    import unlabelled_ct_volumes as U
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "spleen": 2, "heart": 5}}))
+    names = U.label_names(tmp_path / "dataset.json")
+    assert names == {1: "liver", 2: "spleen", 5: "heart"}
+    lab = np.zeros((4, 5, 6), np.uint8)  # (z, y, x)
+    lab[0, 0, :6], lab[1, 1, :4] = 1, 1  # 10 liver voxels
+    lab[3, 4, 3:] = 5  # 3 heart voxels
+    img = sitk.GetImageFromArray(lab)
+    img.SetSpacing((0.5, 0.8, 2.0))  # x, y, z: 0.8 mm^3 = 0.0008 cm^3 per voxel
+    img.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, -1))  # not RAS: volumes must not care
+    sitk.WriteImage(img, str(tmp_path / "mask.nii.gz"))
+    vol = U.class_volumes(tmp_path / "mask.nii.gz", names)
+    assert vol["liver"] == pytest.approx(0.008) and vol["heart"] == pytest.approx(0.0024) and vol["spleen"] == 0.0
+
+
+def test_unlabelled_ct_volumes_overlay_rows_per_run_and_colours(tmp_path):
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import SimpleITK as sitk
+    import unlabelled_ct_volumes as U
+
+    assert U.default_slices(48) == [2, 9, 15, 22]  # the lower half, where a chest CT's heart sits
+    ct = np.full((6, 8, 10), 40, np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(ct), str(tmp_path / "ct.nii.gz"))
+    masks = {}
+    for run, cls in (("a", 1), ("b", 5)):
+        lab = np.zeros(ct.shape, np.uint8)
+        lab[2, 3, 4] = cls
+        masks[run] = tmp_path / f"{run}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(lab), str(masks[run]))
+    names = {1: "liver", 5: "heart"}
+    assert U.overlay(tmp_path / "ct.nii.gz", masks, names, [2, 4], tmp_path / "o.png") == [2, 4]
+    png = plt.imread(tmp_path / "o.png")[..., :3]
+    assert png.shape == (2 * 8, 2 * 10, 3)  # one row per run, one column per slice
+    grey = png[0, 0]
+    assert list(grey) == pytest.approx([0.5, 0.5, 0.5], abs=0.01)  # 40 HU: the window's middle, grey
+    red, yellow = png[3, 4], png[8 + 3, 4]
+    assert red[0] > 0.7 and red[1] < 0.4 and red[2] < 0.4  # run a: liver
+    assert yellow[0] > 0.7 and yellow[1] > 0.7 and yellow[2] < 0.4  # run b: heart
+    assert png[3, 10 + 4] == pytest.approx(grey, abs=0.01)  # slice 4 holds no label
+    bad = tmp_path / "bad.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 8, 10), np.uint8)), str(bad))
+    with pytest.raises(ValueError, match="not the CT's"):
+        U.overlay(tmp_path / "ct.nii.gz", {"bad": bad}, names, [0], tmp_path / "p.png")
