@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "prediction is reused")
     p.add_argument("--overlay", type=Path, default=None, help="also write a PNG of axial slices with each run's labels")
     p.add_argument("--slices", type=int, nargs="+", default=None,
-                   help="axial slice indices (array z) of the overlay (default: 4 spread over the lower half)")
+                   help="slice indices (the file's third voxel axis) of the overlay (default: 4 spread over the lower half)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--results", type=Path, default=None, help="folder for <name>.md/.json (default: a temp folder)")
     p.add_argument("--name", default="unlabelled_ct_volumes", help="result file name (default unlabelled_ct_volumes)")
@@ -60,19 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def label_names(dataset_json: Path) -> dict[int, str]:
-    """Foreground classes of an nnU-Net v2 ``dataset.json`` (``labels: {name: value}``) -> ``{value: name}``."""
-    labels = json.loads(Path(dataset_json).read_text())["labels"]
-    return {int(v): k for k, v in labels.items() if int(v) != 0}
+    """Foreground classes ``{value: name}`` of a ``dataset.json`` (:func:`medseg.data.datasets.load_dataset_json`)."""
+    from medseg.data.datasets import load_dataset_json
+
+    return load_dataset_json(dataset_json).label_names
 
 
 def class_volumes(label_path: Path, names: dict[int, str]) -> dict[str, float]:
-    """Volume in cm^3 of each class of ``names`` in a label image (voxel count x the product of its spacing)."""
-    import SimpleITK as sitk
+    """Volume in cm^3 of each class of ``names`` in a label image (voxel count x the voxel volume of its affine)."""
+    from medseg.io import read_volume
 
-    img = sitk.ReadImage(str(label_path))
-    arr = sitk.GetArrayViewFromImage(img)
-    voxel_cm3 = float(np.prod(img.GetSpacing())) / 1000.0
-    counts = np.bincount(np.asarray(arr, dtype=np.int64).ravel(), minlength=max(names) + 1)
+    vol = read_volume(label_path)
+    voxel_cm3 = abs(float(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
+    counts = np.bincount(vol.array.astype(np.int64, copy=False).ravel(), minlength=max(names) + 1)
     return {name: float(counts[k]) * voxel_cm3 for k, name in names.items()}
 
 
@@ -90,22 +90,23 @@ def overlay(image_path: Path, labels: dict[str, Path], names: dict[int, str], sl
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import SimpleITK as sitk
 
-    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(image_path))).astype(np.float32)  # (z, y, x)
+    from medseg.io import read_volume
+
+    ct = read_volume(image_path, dtype=np.float32).array  # (I, J, K): file voxel order, K the slice axis
     grey = np.clip((ct + 160.0) / 400.0, 0.0, 1.0)  # window 40 HU +- 200
-    slices = slices or default_slices(ct.shape[0])
+    slices = slices or default_slices(ct.shape[2])
     rows = []
     for mask_path in labels.values():
-        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path)))
+        lab = read_volume(mask_path).array
         if lab.shape != ct.shape:
             raise ValueError(f"{mask_path}: mask shape {lab.shape} is not the CT's {ct.shape}")
         tiles = []
         for z in slices:
-            rgb = np.repeat(grey[z][..., None], 3, axis=-1)
+            rgb = np.repeat(grey[..., z].T[..., None], 3, axis=-1)  # rows J, columns I
             for k, name in names.items():
                 if name in COLOURS:
-                    m = lab[z] == k
+                    m = lab[..., z].T == k
                     rgb[m] = 0.55 * rgb[m] + 0.45 * np.asarray(COLOURS[name], dtype=np.float32) / 255.0
             tiles.append(rgb)
         rows.append(np.concatenate(tiles, axis=1))
