@@ -52,11 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "prediction is reused")
     p.add_argument("--overlay", type=Path, default=None, help="also write a PNG of axial slices with each run's labels")
     p.add_argument("--slices", type=int, nargs="+", default=None,
-                   help="slice indices (the file's third voxel axis) of the overlay (default: 4 spread over the lower half)")
+                   help="slice indices (the file's third voxel axis) of the --overlay PNG (needs --overlay; default: 4 spread over the lower half)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--results", type=Path, default=None, help="folder for <name>.md/.json (default: a temp folder)")
     p.add_argument("--name", default="unlabelled_ct_volumes", help="result file name (default unlabelled_ct_volumes)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.slices and args.overlay is None:
+        p.error("--slices chooses the slices of the --overlay PNG: give --overlay too")
+    return args
 
 
 def label_names(dataset_json: Path) -> dict[int, str]:
@@ -96,6 +99,9 @@ def overlay(image_path: Path, labels: dict[str, Path], names: dict[int, str], sl
     ct = read_volume(image_path, dtype=np.float32).array  # (I, J, K): file voxel order, K the slice axis
     grey = np.clip((ct + 160.0) / 400.0, 0.0, 1.0)  # window 40 HU +- 200
     slices = slices or default_slices(ct.shape[2])
+    bad = [z for z in slices if not 0 <= z < ct.shape[2]]
+    if bad:
+        raise ValueError(f"{image_path}: overlay slices {bad} outside 0..{ct.shape[2] - 1} (the file's third voxel axis)")
     rows = []
     for mask_path in labels.values():
         lab = read_volume(mask_path).array

@@ -153,6 +153,10 @@ class AugmentConfig:
     # axes of the RAS grid to flip: a list, or "auto" = [1, 2] when a class sits on one side of the body in
     # every training case (liver / spleen: a left-right flip swaps them), else [0, 1, 2] (medseg.data.plan.auto_mirror_axes)
     mirror_axes: Union[str, list[int]] = "auto"
+    # thick slices (medseg.data.transforms.RandThickSliced): with this probability per patch, the image is averaged over
+    # runs of f slices along z and interpolated back, f uniform in thick_slice_factor (x the target z spacing: 5 mm scans)
+    p_thick_slices: float = 0.0
+    thick_slice_factor: list[float] = field(default_factory=lambda: [1.0, 2.0])
     p_slab: float = 0.0  # keep a random axial slab of the patch, the rest as padding (partial-coverage scans)
     slab_min_slices: int = 8
     # per-structure intensity shift (contrast phases; medseg.data.transforms.RandLabelIntensityShiftd): with this

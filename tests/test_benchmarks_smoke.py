@@ -487,3 +487,10 @@ def test_unlabelled_ct_volumes_overlay_rows_per_run_and_colours(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 8, 10), np.uint8)), str(bad))
     with pytest.raises(ValueError, match="not the CT's"):
         U.overlay(tmp_path / "ct.nii.gz", {"bad": bad}, names, [0], tmp_path / "p.png")
+    with pytest.raises(ValueError, match=r"slices \[6\] outside 0..5"):
+        U.overlay(tmp_path / "ct.nii.gz", masks, names, [2, 6], tmp_path / "q.png")  # 6 slices along the third axis
+    assert not (tmp_path / "q.png").exists()
+    with pytest.raises(SystemExit) as exc:
+        U.parse_args(["--runs", str(tmp_path), "--slices", "2"])  # --slices only chooses the overlay's slices
+    assert exc.value.code == 2
+    assert U.parse_args(["--runs", str(tmp_path), "--slices", "2", "--overlay", "o.png"]).slices == [2]

@@ -395,6 +395,57 @@ def test_slab_settings_are_checked(override, key):
 
 
 
+def test_thick_slices_average_along_z_only_and_leave_the_label_sharp():
+    from medseg.data.transforms import RandThickSliced
+
+    xy = torch.randn(2, 5, 6, 1).expand(2, 5, 6, 20).contiguous()  # varies in x and y only
+    t = RandThickSliced(prob=1.0, factor_range=(2.0, 2.0))
+    assert torch.allclose(t({"image": xy})["image"], xy, atol=1e-5)  # nothing to average along z: x / y untouched
+    step = torch.zeros(1, 3, 3, 20)
+    step[..., 11:] = 1.0  # an edge between slices 10 and 11, off the 2-slice grid
+    label = (step > 0).float()
+    out = t({"image": step, "label": label})
+    z = out["image"][0, 1, 1]
+    assert torch.equal(out["label"], label) and out["image"].shape == step.shape and out["image"].dtype == step.dtype
+    assert torch.allclose(out["image"], z.expand_as(out["image"]))  # the same profile in every (x, y)
+    assert (z[1:] >= z[:-1] - 1e-6).all() and z[0] == 0 and z[-1] == 1  # still a monotone edge ...
+    assert ((z > 0.05) & (z < 0.95)).sum() >= 2  # ... but smeared over slices (partial volume)
+    assert abs(float(z.sum()) - 9.0) < 1.0  # the intensity is moved, not lost
+    spike = torch.zeros(1, 2, 2, 20)
+    spike[..., 9] = 1.0  # a structure one slice tall
+    zs = t({"image": spike})["image"][0, 0, 0]
+    assert zs.max() < 0.75 and (zs > 0.1).sum() >= 2  # a thin structure fades and spreads, as in a 2x thicker slice
+    assert torch.equal(step, (torch.arange(20) >= 11).float().expand(1, 3, 3, 20))  # input not modified
+    assert torch.equal(RandThickSliced(prob=0.0)({"image": step})["image"], step)
+    assert torch.equal(RandThickSliced(prob=1.0, factor_range=(1.0, 1.0))({"image": step})["image"], step)
+    factors = set()
+    for seed in range(20):
+        r = RandThickSliced(prob=1.0, factor_range=(1.2, 3.0))
+        r.set_random_state(seed=seed)
+        r.randomize()
+        assert 1.2 <= r._factor <= 3.0
+        factors.add(round(r._factor, 2))
+    assert len(factors) > 10
+    with pytest.raises(ValueError, match=">= 1"):
+        RandThickSliced(prob=1.0, factor_range=(0.5, 2.0))
+
+
+def test_thick_slices_are_in_the_chain_only_when_asked_and_checked():
+    from medseg.data.transforms import RandThickSliced
+    from medseg.train.checks import check_config
+
+    def has(aug):
+        return any(isinstance(t, RandThickSliced) for t in build_train_transforms([8, 8, 8], aug).transforms)
+
+    assert not has(AugmentConfig())
+    assert has(AugmentConfig(p_thick_slices=0.2, thick_slice_factor=[1.0, 1.7]))
+    for override, key in (("train.augment.p_thick_slices=1.5", "p_thick_slices"),
+                          ("train.augment.thick_slice_factor=[0.5,2.0]", "thick_slice_factor"),
+                          ("train.augment.thick_slice_factor=[2.0]", "thick_slice_factor")):
+        with pytest.raises(ConfigError, match=key):
+            check_config(load_config(None, [override]))
+
+
 def test_label_intensity_shift_moves_each_structure_by_its_own_offset_within_the_range():
     from medseg.data.transforms import RandLabelIntensityShiftd
 

@@ -46,7 +46,8 @@ from monai.transforms import (
 
 from medseg.config import AugmentConfig
 
-__all__ = ["ObjectBank", "RandAxialSlabd", "RandCopyPasted", "RandLabelIntensityShiftd", "RandRotateScaled", "as_plain_tensor",
+__all__ = ["ObjectBank", "RandAxialSlabd", "RandCopyPasted", "RandLabelIntensityShiftd", "RandRotateScaled", "RandThickSliced",
+           "as_plain_tensor",
            "build_train_transforms", "crop_extent", "crop_patch", "inside_body"]
 
 KEYS = ("image", "label")
@@ -186,6 +187,54 @@ class RandAxialSlabd(RandomizableTransform, MapTransform):
         image[..., ~keep] = self.fill
         label[..., ~keep] = 0
         d["image"], d["label"] = image, label
+        return d
+
+
+class RandThickSliced(RandomizableTransform, MapTransform):
+    """Make a patch look as if it came from a CT with thicker slices (z only; the label stays sharp).
+
+    With probability ``prob``, a factor ``f`` is drawn uniformly from ``factor_range`` (>= 1) and the
+    image is averaged over runs of ``f`` slices along z (``area`` interpolation to ``round(Z / f)``
+    slices: the partial-volume average a slice ``f`` times thicker records), then linearly
+    interpolated back to ``Z`` slices, as preprocessing resamples a thick-slice CT to the target
+    spacing. x and y are untouched. With a 3 mm target spacing, ``f`` in ``[1, 2]`` covers scans of
+    3-6 mm slices.
+
+    Why: clinical CTs are often reconstructed at 5 mm while research sets are thin-slice; a
+    structure a few slices tall (a lung nodule) then looks smeared along z at the target spacing,
+    unlike anything a thin-slice training set shows. nnU-Net's low-resolution simulation (MONAI's
+    ``RandSimulateLowResolutiond``, ``train.augment.p_lowres``) zooms all three axes together; this
+    is the one-axis form of TorchIO's ``RandomAnisotropy`` (Perez-Garcia et al., "TorchIO", Computer
+    Methods and Programs in Biomedicine 2021), written here to avoid a dependency.
+
+    Keys ``image`` ``(C, X, Y, Z)`` (float) and ``label`` (untouched); returns the same shape and dtype.
+    """
+
+    def __init__(self, prob: float = 0.0, factor_range: Sequence[float] = (1.0, 2.0)):
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, ("image",))
+        lo, hi = sorted(float(v) for v in factor_range)
+        if lo < 1.0:
+            raise ValueError(f"thick-slice factors must be >= 1 (slices thicker than the target spacing), got {factor_range}")
+        self.factor_range = (lo, hi)
+        self._factor = 1.0
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self._factor = float(self.R.uniform(*self.factor_range))
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize()
+        image = torch.as_tensor(d["image"])
+        depth = int(image.shape[-1])
+        thick = max(1, int(round(depth / self._factor)))
+        if not self._do_transform or thick >= depth:
+            return d
+        x = image.float().unsqueeze(0)  # (1, C, X, Y, Z)
+        down = torch.nn.functional.interpolate(x, size=(*x.shape[2:4], thick), mode="area")
+        up = torch.nn.functional.interpolate(down, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
+        d["image"] = up[0].to(image.dtype)
         return d
 
 
@@ -442,6 +491,7 @@ def build_train_transforms(patch_size: Sequence[int], aug: AugmentConfig, *, ign
         RandScaleIntensityFixedMeand("image", factors=(lo_c - 1.0, hi_c - 1.0), preserve_range=True,
                                      prob=aug.p_contrast),
         RandSimulateLowResolutiond("image", zoom_range=tuple(sorted(aug.lowres_zoom)), prob=aug.p_lowres),
+        *([RandThickSliced(aug.p_thick_slices, aug.thick_slice_factor)] if aug.p_thick_slices > 0 else []),
         RandAdjustContrastd("image", gamma=tuple(sorted(aug.gamma_range)), retain_stats=True, prob=aug.p_gamma),
     ]
     chain += [RandFlipd(KEYS, prob=aug.p_mirror, spatial_axis=ax) for ax in aug.flip_axes()]

@@ -62,13 +62,16 @@ def check_config(cfg: Config) -> None:
         _require(len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size",
                  "expected three positive integers [x, y, z]", d.patch_size)
     for key in ("p_rotate", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma", "p_mirror", "p_slab",
-                "p_label_shift", "p_copy_paste"):
+                "p_label_shift", "p_copy_paste", "p_thick_slices"):
         _require(0.0 <= getattr(a, key) <= 1.0, f"train.augment.{key}", "must be a probability in [0, 1]", getattr(a, key))
     for key in ("scale_range", "blur_sigma", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range"):
         _pair(getattr(a, key), f"train.augment.{key}")
     _require(a.mirror_axes == "auto" or (isinstance(a.mirror_axes, list) and all(ax in (0, 1, 2) for ax in a.mirror_axes)),
              "train.augment.mirror_axes", "expected auto or a list of axes 0, 1, 2", a.mirror_axes)
     _pair(a.label_shift_range, "train.augment.label_shift_range", positive=False)
+    _pair(a.thick_slice_factor, "train.augment.thick_slice_factor")
+    _require(min(a.thick_slice_factor) >= 1.0, "train.augment.thick_slice_factor",
+             "factors are slice thickness over the target spacing: >= 1", a.thick_slice_factor)
     _require(a.noise_std >= 0, "train.augment.noise_std", "must be >= 0", a.noise_std)
     _pair(a.copy_paste_scale, "train.augment.copy_paste_scale")
     _require(a.copy_paste_context_tol >= 0, "train.augment.copy_paste_context_tol", "must be >= 0", a.copy_paste_context_tol)
