@@ -122,15 +122,15 @@ def overlay(image_path: Path, labels: dict[str, Path], names: dict[int, str], sl
 
 
 def predict(run_dir: Path, image: Path, out_dir: Path) -> Path:
-    """The run's mask of ``image`` in ``out_dir`` (segmented unless one is there already)."""
+    """The run's mask of ``image`` in ``out_dir`` (segmented unless that mask is there already: the
+    path is ``medseg infer``'s own, :func:`medseg.infer.runner.plan_jobs`; writes are atomic)."""
     from medseg.infer.predictor import Predictor
-    from medseg.infer.runner import run_inference
+    from medseg.infer.runner import plan_jobs, run_inference
 
-    found = sorted(out_dir.glob("*.nii.gz")) if out_dir.is_dir() else []
-    if found:
-        return found[0]
-    predictor = Predictor.from_run(run_dir, checkpoint="final")
-    return run_inference(predictor, image, out_dir)[0]
+    (job,) = plan_jobs([image], out_dir, image)
+    if not job.mask.is_file():
+        run_inference(Predictor.from_run(run_dir, checkpoint="final"), image, out_dir)
+    return job.mask
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -494,3 +494,18 @@ def test_unlabelled_ct_volumes_overlay_rows_per_run_and_colours(tmp_path):
         U.parse_args(["--runs", str(tmp_path), "--slices", "2"])  # --slices only chooses the overlay's slices
     assert exc.value.code == 2
     assert U.parse_args(["--runs", str(tmp_path), "--slices", "2", "--overlay", "o.png"]).slices == [2]
+
+
+def test_unlabelled_ct_volumes_reuses_only_the_images_own_mask(tmp_path):
+    import unlabelled_ct_volumes as U
+    from medseg.errors import MedsegError
+
+    image = tmp_path / "chest.nrrd"
+    image.write_bytes(b"")  # never read: the mask is there, or the run fails to load first
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "other_ct.nii.gz").write_bytes(b"")  # another image's mask in the same folder is not this one's
+    with pytest.raises(MedsegError, match="no_run: run directory not found"):
+        U.predict(tmp_path / "no_run", image, out)  # so it segments: the missing run fails
+    (out / "chest.nii.gz").write_bytes(b"")
+    assert U.predict(tmp_path / "no_run", image, out) == (out / "chest.nii.gz").resolve()  # medseg infer's own name
