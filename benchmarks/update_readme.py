@@ -1,7 +1,8 @@
 """Splice the benchmark tables (``benchmarks/results/*.md``) into README.md.
 
 Everything between the lines ``<!-- perf:start -->`` and ``<!-- perf:end -->`` of README.md is
-replaced by the result files, in the order of :data:`ORDER` (``infer_speed``, ``train_speed``, then the real-CT
+replaced by the result files, in the order of :data:`ORDER` (``infer_speed``, ``train_speed``, ``augment_cost_organs``,
+``augment_cost_lung_lesion``, then the real-CT
 tables of one machine after the other: ``real_ct_study``, ``real_ct_study_lung_lesion`` (bf16 CPU),
 ``real_ct_study_fp32``, ``real_ct_study_lung_lesion_fp32`` (fp32 CPU), then ``head_to_head``, ``head_to_head_fp32``),
 then any other ``*.md`` alphabetically, except ``model_zoo.md`` (``benchmarks/model_cost.py``), which goes
@@ -21,8 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
-ORDER = ("infer_speed", "train_speed", "real_ct_study", "real_ct_study_lung_lesion", "real_ct_study_fp32",
-         "real_ct_study_lung_lesion_fp32", "head_to_head", "head_to_head_fp32")
+ORDER = ("infer_speed", "train_speed", "augment_cost_organs", "augment_cost_lung_lesion", "real_ct_study",
+         "real_ct_study_lung_lesion", "real_ct_study_fp32", "real_ct_study_lung_lesion_fp32", "head_to_head",
+         "head_to_head_fp32")
 ZOO, ZOO_START, ZOO_END = "model_zoo", "<!-- zoo:start -->", "<!-- zoo:end -->"
 
 

@@ -509,3 +509,43 @@ def test_unlabelled_ct_volumes_reuses_only_the_images_own_mask(tmp_path):
         U.predict(tmp_path / "no_run", image, out)  # so it segments: the missing run fails
     (out / "chest.nii.gz").write_bytes(b"")
     assert U.predict(tmp_path / "no_run", image, out) == (out / "chest.nii.gz").resolve()  # medseg infer's own name
+
+
+def test_augment_cost_summary_arithmetic_and_skips():
+    import augment_cost
+    from medseg.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "real_organs.yaml")
+    variants, skipped = augment_cost.variants_of(cfg, ["copy_paste", "label_shift", "thick_slices"])
+    assert set(variants) == {"recipe", "crop only", "label_shift off", "label_shift always", "thick_slices off",
+                             "thick_slices always"}
+    assert "copy_paste_classes" in skipped["copy_paste"]  # the organ recipe pastes nothing
+    assert variants["label_shift always"].train.augment.p_label_shift == 1.0
+    assert variants["label_shift off"].train.augment.p_label_shift == 0.0
+    assert variants["label_shift off"].train.augment.p_scale == cfg.train.augment.p_scale  # only its own key changes
+    assert all(getattr(variants["crop only"].train.augment, k) == 0.0 for k in augment_cost.AUGMENTS.values())
+    assert cfg.train.augment.p_label_shift == 0.3  # the recipe itself is not touched
+
+    ms = {"recipe": 60.0, "crop only": 4.0, "label_shift off": 50.0, "label_shift always": 80.0,
+          "thick_slices off": 60.0, "thick_slices always": 70.0}
+    s = augment_cost.summarise(ms, cfg, skipped, 0.5, ["copy_paste", "label_shift", "thick_slices"])
+    ls = s["augments"]["label_shift"]
+    assert ls["ms_per_application"] == pytest.approx(30.0)
+    assert ls["ms_per_batch_at_p"] == pytest.approx(0.3 * 30.0 * 2)  # p x per-application x batch 2
+    assert ls["share_of_step"] == pytest.approx(0.018 / 0.5)
+    assert s["augments"]["thick_slices"]["ms_per_batch_at_p"] == 0.0  # off in the recipe: costs nothing there
+    assert s["recipe_s_per_batch"] == pytest.approx(0.12)
+    assert s["data_share_of_step"] == pytest.approx(0.12 / 0.62)
+    assert s["augments"]["copy_paste"] == {"p": 0.0, "skipped": skipped["copy_paste"]}
+    assert augment_cost.summarise(ms, cfg, skipped, None, ["label_shift"])["data_share_of_step"] is None
+
+
+def test_augment_cost_quick_runs_and_cuts_the_same_patches(tmp_path):
+    import augment_cost
+
+    assert augment_cost.main(["--quick", "--no-step", "--only", "label_shift", "--results", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "augment_cost_organs.json").read_text())
+    assert set(data["variant_ms_per_patch"]) == {"recipe", "crop only", "label_shift off", "label_shift always"}
+    assert all(v > 0 for v in data["variant_ms_per_patch"].values())
+    assert data["step_s"] is None and data["patches"] == 2
+    assert "Reproduce: `python benchmarks/augment_cost.py --quick" in (tmp_path / "augment_cost_organs.md").read_text()
