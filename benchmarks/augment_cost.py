@@ -20,14 +20,15 @@ augmentation settings:
   size, what ``X`` adds to a step of the recipe. Copy-paste needs ``copy_paste_classes`` (its row says
   n/a without them).
 
-The variants run interleaved, ``--repeats`` times (the median of each counts: other work on the
-machine disturbs all alike). The net's step is timed by ``make_step_seconds`` (training's own step,
-forward, loss, backward, optimizer, at the recipe's precision and memory format, on random input of
-the plan's patch). Prints a table, writes ``benchmarks/results/augment_cost_<dataset>.{md,json}`` and,
+The variants run interleaved, ``--repeats`` times, and the fastest repeat of each counts (the one
+other work on the machine disturbed least, as in ``train_speed.py``; all are in the JSON). The net's
+step is timed by ``make_step_seconds`` (training's own step, forward, loss, backward, optimizer, at the
+recipe's precision and memory format, on random input of the plan's patch; the median of ``--steps``).
+Differences of a few ms per application are within the noise of a shared 2-core VM. Prints a table, writes ``benchmarks/results/augment_cost_<dataset>.{md,json}`` and,
 as its last line, a JSON object (``recipe_ms_per_patch``, ``crop_ms_per_patch``, ``step_s``,
 ``data_share_of_step`` and ``<X>_ms_per_application`` per augmentation).
 
-    python benchmarks/augment_cost.py                            # organs, 24 patches x 3 repeats (~5 min on 2 cores)
+    python benchmarks/augment_cost.py                            # organs, 32 patches x 5 repeats (~6 min on 2 cores)
     python benchmarks/augment_cost.py --dataset lung_lesion
     python benchmarks/augment_cost.py --quick                    # phantoms, 64^3, narrow net: checks the script
     python benchmarks/augment_cost.py train.augment.p_thick_slices=0.3
@@ -38,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preprocessed", type=Path, default=None,
                    help="a folder preprocessed with the same config (e.g. the study's <work-dir>/<dataset>/preprocessed); "
                         "default: preprocess into a temp folder")
-    p.add_argument("--patches", type=int, default=24, help="training patches cut per variant and repeat (default 24)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median counts (default 3)")
+    p.add_argument("--patches", type=int, default=32, help="training patches cut per variant and repeat (default 32)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the fastest counts (default 5)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps of the net; the median counts (default 10)")
     p.add_argument("--only", nargs="+", choices=list(AUGMENTS), default=None,
                    help="augmentations to time one by one (default: all of them)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -81,10 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=None,
                    help="folder for augment_cost_<dataset>.{md,json} (default benchmarks/results; a temp folder with --quick)")
     args = p.parse_args(argv)
-    if args.patches < 1 or args.repeats < 1:
-        p.error("--patches and --repeats must be >= 1")
+    if min(args.patches, args.repeats, args.steps) < 1:
+        p.error("--patches, --repeats and --steps must be >= 1")
     if args.quick:
-        args.patches, args.repeats = 2, 1
+        args.patches, args.repeats, args.steps = 2, 1, 1
     return args
 
 
@@ -152,7 +153,7 @@ def markdown(s: dict, *, dataset: str, variant: str, patch, patches: int, repeat
         rows.append([name, r["p"], float(r["ms_per_application"]), float(r["ms_per_batch_at_p"]), share])
     step = "not timed" if s["step_s"] is None else f"{s['step_s']:.3f} s"
     share = "n/a" if s["data_share_of_step"] is None else f"{100 * s['data_share_of_step']:.0f}%"
-    head = (f"{dataset} ({variant} net), patch {'x'.join(map(str, patch))}, batch {s['batch_size']}; median of {repeats} "
+    head = (f"{dataset} ({variant} net), patch {'x'.join(map(str, patch))}, batch {s['batch_size']}; fastest of {repeats} "
             f"interleaved repeat(s) of {patches} patches per variant, loaded in the main process as on a 2-core CPU. "
             f"Recipe: {s['recipe_ms_per_patch']:.1f} ms per patch (crop only {s['crop_ms_per_patch']:.1f} ms), "
             f"{1000 * s['recipe_s_per_batch']:.0f} ms per batch; the net's step (forward, loss, backward, optimizer): "
@@ -199,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                 seconds[name].append(time_patches(ds, 0, args.patches))
             print(f"repeat {r + 1}/{args.repeats}: recipe {1000 * seconds['recipe'][-1] / args.patches:.1f} ms per patch",
                   file=sys.stderr)
-        ms = {name: 1000.0 * statistics.median(v) / args.patches for name, v in seconds.items()}
+        ms = {name: 1000.0 * min(v) / args.patches for name, v in seconds.items()}
         step_s = None
         if not args.no_step:
             step_s = make_step_seconds(cfg, in_channels=len(plans.get("channel_names", {})) or 1,
-                                       num_classes=int(plans["num_classes"]), spacing=plans.get("target_spacing"))(patch)
+                                       num_classes=int(plans["num_classes"]), spacing=plans.get("target_spacing"), steps=args.steps)(patch)
         s = summarise(ms, cfg, skipped, step_s, args.only)
 
     body = markdown(s, dataset=args.dataset, variant=args.variant, patch=patch, patches=args.patches, repeats=args.repeats)
