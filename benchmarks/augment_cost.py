@@ -133,7 +133,7 @@ def summarise(ms: dict[str, float], cfg, skipped: dict, step_s: float | None, on
             rows[name] = {"p": p, "skipped": skipped[name]}
             continue
         per_app = ms[f"{name} always"] - ms[f"{name} off"]
-        per_batch = p * per_app * bs
+        per_batch = p * per_app * bs if p > 0 else 0.0  # off in the recipe: no cost (and no -0 from noise)
         rows[name] = {"p": p, "ms_per_application": per_app, "ms_per_batch_at_p": per_batch,
                       "share_of_step": None if step_s is None else per_batch / 1000.0 / step_s}
     recipe_batch_s = ms["recipe"] * bs / 1000.0

@@ -534,6 +534,9 @@ def test_augment_cost_summary_arithmetic_and_skips():
     assert ls["ms_per_batch_at_p"] == pytest.approx(0.3 * 30.0 * 2)  # p x per-application x batch 2
     assert ls["share_of_step"] == pytest.approx(0.018 / 0.5)
     assert s["augments"]["thick_slices"]["ms_per_batch_at_p"] == 0.0  # off in the recipe: costs nothing there
+    ms_neg = {**ms, "thick_slices always": 59.0}  # a noise-sized negative difference
+    neg = augment_cost.summarise(ms_neg, cfg, skipped, 0.5, ["thick_slices"])["augments"]["thick_slices"]
+    assert neg["ms_per_application"] == pytest.approx(-1.0) and str(neg["ms_per_batch_at_p"]) == "0.0"
     assert s["recipe_s_per_batch"] == pytest.approx(0.12)
     assert s["data_share_of_step"] == pytest.approx(0.12 / 0.62)
     assert s["augments"]["copy_paste"] == {"p": 0.0, "skipped": skipped["copy_paste"]}
