@@ -171,6 +171,11 @@ class AugmentConfig:
     copy_paste_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
     copy_paste_context_tol: float = 0.5
 
+    @classmethod
+    def probability_keys(cls) -> list[str]:
+        """The per-patch probabilities (every ``p_*`` field), in declaration order."""
+        return [f.name for f in dataclasses.fields(cls) if f.name.startswith("p_")]
+
     def flip_axes(self) -> list[int]:
         """``mirror_axes`` as a list; an unresolved ``"auto"`` (training resolves it from the data,
         :func:`medseg.train.data.resolve_mirror_axes`) counts as all three axes."""

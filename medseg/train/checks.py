@@ -61,8 +61,7 @@ def check_config(cfg: Config) -> None:
     if d.patch_size is not None:
         _require(len(d.patch_size) == 3 and min(d.patch_size) >= 1, "data.patch_size",
                  "expected three positive integers [x, y, z]", d.patch_size)
-    for key in ("p_rotate", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_lowres", "p_gamma", "p_mirror", "p_slab",
-                "p_label_shift", "p_copy_paste", "p_thick_slices"):
+    for key in a.probability_keys():
         _require(0.0 <= getattr(a, key) <= 1.0, f"train.augment.{key}", "must be a probability in [0, 1]", getattr(a, key))
     for key in ("scale_range", "blur_sigma", "brightness_range", "contrast_range", "lowres_zoom", "gamma_range"):
         _pair(getattr(a, key), f"train.augment.{key}")
