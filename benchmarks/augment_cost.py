@@ -9,9 +9,9 @@ For a real-CT study dataset (``--dataset``: ``organs`` -> ``configs/real_organs.
 -> ``configs/real_lung_lesion.yaml``, with the attention settings of ``--variant`` as
 ``benchmarks/real_ct_study.py`` puts them on, and ``overrides``), the training cases are preprocessed
 into a temp folder (or ``--preprocessed``: a folder the study wrote), cached in RAM as training caches
-them, and the same ``--patches`` training items (:class:`medseg.train.data.PatchDataset`: item ``i``
-is a fixed case and centre, so every variant crops the same regions) are cut by each variant of the
-augmentation settings:
+them, and the same ``--patches`` training items (:class:`medseg.train.data.PatchDataset`, a 2.5D net's z
+halo included as training cuts them: item ``i`` is a fixed case and centre, so every variant crops the
+same regions) are cut by each variant of the augmentation settings:
 
 - ``recipe``: the config's augmentation as it is;
 - ``crop only``: every ``p_*`` at 0 (the crop of the region the rotation / scaling needs, nothing else);
@@ -48,11 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, md_table, meta_now, repo_relative, set_threads, write_results  # noqa: E402
 from real_ct_study import DATASETS, VARIANTS, prepare, quick_dataset, study_config  # noqa: E402
 
-# row name -> the probability key of train.augment (in the order of the chain, medseg.data.transforms.build_train_transforms)
-AUGMENTS = {"copy_paste": "p_copy_paste", "rotate": "p_rotate", "scale": "p_scale", "label_shift": "p_label_shift",
-            "noise": "p_noise", "blur": "p_blur", "brightness": "p_brightness", "contrast": "p_contrast",
-            "lowres": "p_lowres", "thick_slices": "p_thick_slices", "gamma": "p_gamma", "mirror": "p_mirror",
-            "slab": "p_slab"}
+from medseg.config import AugmentConfig  # noqa: E402
+
+# row name -> the probability key of train.augment: every p_* of medseg.config.AugmentConfig, in its order
+AUGMENTS = {key[2:]: key for key in AugmentConfig.probability_keys()}
 QUICK_OVERRIDES = ["data.patch_size=[64,64,64]", "model.channels=[4,8,16,32,64]"]
 
 
@@ -166,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_threads(args.threads)
     from medseg.data.budget import make_step_seconds
+    from medseg.nn import build_model
+    from medseg.nn.slice25d import z_halo
     from medseg.train import data as tdata
     from medseg.train.checks import resolve_patch_size
 
@@ -188,11 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         tdata.resolve_mirror_axes(cfg, pre, plans)
         train, _ = tdata.train_val_cases(pre, cfg, tdata.list_cases(pre))
         cases = tdata.case_dataset(pre, train, "ram")
-        from medseg.nn.factory import patch_geometry
-
-        patch = resolve_patch_size(cfg, plans, patch_geometry(cfg.model)["divisor"])
+        in_channels, num_classes = len(plans.get("channel_names", {})) or 1, int(plans["num_classes"])
+        # the net as training builds it (medseg.train.setup.build_context): its patch divisor and a 2.5D net's z halo,
+        # the extra slices training cuts at each z end of a patch
+        model = build_model(cfg.model, in_channels=in_channels, num_classes=num_classes, spacing=plans.get("target_spacing"))
+        patch = resolve_patch_size(cfg, plans, getattr(model, "patch_divisor", None))
         variants, skipped = variants_of(cfg, args.only)
-        datasets = {name: tdata.PatchDataset(cases, patch, c, ignore_label=plans.get("ignore_label"))
+        halo = z_halo(model)
+        del model
+        datasets = {name: tdata.PatchDataset(cases, patch, c, z_halo=halo, ignore_label=plans.get("ignore_label"))
                     for name, c in variants.items()}
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         for r in range(args.repeats):
@@ -203,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         ms = {name: 1000.0 * min(v) / args.patches for name, v in seconds.items()}
         step_s = None
         if not args.no_step:
-            step_s = make_step_seconds(cfg, in_channels=len(plans.get("channel_names", {})) or 1,
-                                       num_classes=int(plans["num_classes"]), spacing=plans.get("target_spacing"), steps=args.steps)(patch)
+            step_s = make_step_seconds(cfg, in_channels=in_channels, num_classes=num_classes,
+                                       spacing=plans.get("target_spacing"), steps=args.steps)(patch)
         s = summarise(ms, cfg, skipped, step_s, args.only)
 
     body = markdown(s, dataset=args.dataset, variant=args.variant, patch=patch, patches=args.patches, repeats=args.repeats)
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.results or (Path(tempfile.mkdtemp(prefix="augment_cost_results_")) if args.quick else None)
     name = f"augment_cost_{args.dataset}"
     kw = {"out_dir": out_dir} if out_dir is not None else {}
-    data = {**s, "dataset": args.dataset, "variant": args.variant, "patch": list(patch), "patches": args.patches,
+    data = {**s, "dataset": args.dataset, "variant": args.variant, "patch": list(patch), "z_halo": halo, "patches": args.patches,
             "repeats": args.repeats, "overrides": list(args.overrides), "seconds": seconds}
     md, _ = write_results(name, f"Augmentation cost per training patch ({args.dataset})", body, data,
                           meta_now(args.threads), command="python benchmarks/augment_cost.py " + " ".join(

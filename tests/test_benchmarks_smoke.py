@@ -552,3 +552,13 @@ def test_augment_cost_quick_runs_and_cuts_the_same_patches(tmp_path):
     assert all(v > 0 for v in data["variant_ms_per_patch"].values())
     assert data["step_s"] is None and data["patches"] == 2
     assert "Reproduce: `python benchmarks/augment_cost.py --quick" in (tmp_path / "augment_cost_organs.md").read_text()
+    assert data["z_halo"] == 0  # a 3-D net cuts the patch itself
+
+
+def test_augment_cost_cuts_a_25d_nets_z_halo_as_training(tmp_path):
+    import augment_cost
+
+    assert augment_cost.main(["--quick", "--no-step", "--variant", "unet25d", "--only", "rotate",
+                              "--results", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "augment_cost_organs.json").read_text())
+    assert data["z_halo"] >= 1  # k stacked slices: (k - 1) / 2 more at each z end, as PatchDataset cuts them in training
