@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medseg.config import AugmentConfig, load_config
-from medseg.data.transforms import build_train_transforms, crop_extent, crop_patch
+from medseg.data.transforms import RandRotateScaled, build_train_transforms, crop_extent, crop_patch, grid_sample_split
 from medseg.errors import ConfigError, InputError
 from medseg.train import data as tdata
 
@@ -60,6 +60,97 @@ def test_no_augmentation_is_an_exact_centre_crop():
     image = torch.arange(10 * 10 * 10, dtype=torch.float32).reshape(1, 10, 10, 10)
     d = build_train_transforms([4, 4, 4], aug)({"image": image, "label": image.clone()})
     torch.testing.assert_close(torch.as_tensor(d["image"]), image[:, 3:7, 3:7, 3:7])
+
+
+def test_grid_sample_split_gives_grid_samples_values_on_every_thread_count():
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 33, 20, 25, generator=rng)
+    grid = torch.rand(1, 31, 17, 19, 3, generator=rng) * 2.4 - 1.2  # some samples outside: zeros
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):  # 31 output rows: uneven slabs for 2 and 3 threads
+            torch.set_num_threads(threads)
+            for mode in ("bilinear", "nearest"):
+                ref = torch.nn.functional.grid_sample(x[None], grid, mode=mode, padding_mode="zeros",
+                                                      align_corners=False)[0]
+                out = grid_sample_split(x, grid, mode)
+                assert out.shape == (2, 31, 17, 19) and torch.equal(out, ref), (threads, mode)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _region(extent, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(1, *extent)).astype(np.float32)
+    label = rng.integers(0, 4, size=(1, *extent)).astype(np.float32)
+    return image, label
+
+
+def test_rotate_scale_resamples_as_monai_affine():
+    from monai.transforms import Affine
+
+    patch = [20, 18, 12]
+    image, label = _region([34, 30, 26])
+    t = RandRotateScaled(patch, p_rotate=1.0, rotate_deg=15, p_scale=1.0, scale_range=(0.7, 1.4))
+    for seed in range(3):
+        t.set_random_state(seed)
+        out = t({"image": torch.from_numpy(image), "label": torch.from_numpy(label)})
+        assert t._angles is not None and t._scale is not None
+        for key, arr, mode in (("image", image, "bilinear"), ("label", label, "nearest")):
+            ref = Affine(rotate_params=t._angles, scale_params=[t._scale] * 3, spatial_size=patch, mode=mode,
+                         padding_mode="zeros", image_only=True)(torch.from_numpy(arr))
+            assert torch.equal(out[key], torch.as_tensor(ref)), (seed, key)
+
+
+def test_drawn_box_gives_the_patch_of_the_full_region_and_is_much_smaller():
+    patch = [24, 20, 16]
+    aug = AugmentConfig(p_rotate=0.5, rotate_deg=15, p_scale=0.5, scale_range=(0.7, 1.4))
+    extent = crop_extent(patch, aug)
+    rng = np.random.default_rng(1)
+    volume = rng.normal(size=(1, 50, 44, 36)).astype(np.float32)
+    labels = rng.integers(0, 5, size=(1, 50, 44, 36)).astype(np.float32)
+    t = RandRotateScaled(patch, p_rotate=0.5, rotate_deg=15, p_scale=0.5, scale_range=(0.7, 1.4))
+    fractions, plain, mismatched = [], 0, 0
+    for seed in range(40):
+        centre = [int(rng.integers(0, n)) for n in volume.shape[1:]]  # near the edges too: padding inside the box
+        full = crop_patch([volume, labels], centre, extent)
+        t.set_random_state(seed)
+        want = t({"image": torch.from_numpy(full[0]), "label": torch.from_numpy(full[1])})
+        t.set_random_state(seed)
+        offset, box = t.draw(extent)
+        assert all(b <= e and (e - b) % 2 == 0 or b == p for b, e, p in zip(box, extent, patch))
+        fractions.append(np.prod(box) / np.prod(extent))
+        plain += int(box == patch)
+        moved = [c - e // 2 + o + b // 2 for c, e, o, b in zip(centre, extent, offset, box)]
+        cut = crop_patch([volume, labels], moved, box)
+        got = t({"image": torch.from_numpy(cut[0]), "label": torch.from_numpy(cut[1])})
+        assert got["image"].shape == want["image"].shape == (1, *patch)
+        torch.testing.assert_close(got["image"], want["image"], atol=1e-4, rtol=0)  # float rounding of the grid
+        mismatched += int((got["label"] != want["label"]).sum())
+        if box == patch:  # no rotation or scaling: the very centre crop
+            assert torch.equal(got["image"], want["image"]) and torch.equal(got["label"], want["label"])
+    assert 10 <= plain <= 25  # (1 - 0.5) * (1 - 0.5) of the patches neither rotate nor scale
+    assert mismatched <= 40 * np.prod(patch) * 1e-4  # a label voxel at an exact half voxel may round the other way
+    assert np.mean(fractions) < 0.5
+
+
+def test_patch_dataset_cuts_the_drawn_box_and_gives_the_full_region_patches(preprocessed_phantoms):
+    over = ("train.augment.p_rotate=0.5", "train.augment.p_scale=0.5", "train.augment.p_label_shift=0.3")
+    patches, cases = _patches(preprocessed_phantoms, 0, *over)
+    full, _ = _patches(preprocessed_phantoms, 0, *over)
+    assert isinstance(patches.spatial, RandRotateScaled)
+    full.spatial = None  # the whole crop_extent region, as before the drawn box
+    sizes = []
+    real_crop = tdata.crop_patch
+    try:
+        tdata.crop_patch = lambda arrays, center, size, fill=None: sizes.append(list(size)) or real_crop(arrays, center, size, fill)
+        for i in range(12):
+            a, b = patches[i], full[i]
+            torch.testing.assert_close(a["image"], b["image"], atol=1e-4, rtol=0)
+            assert (a["label"] != b["label"]).float().mean() < 1e-3
+    finally:
+        tdata.crop_patch = real_crop
+    assert [16, 16, 16] in sizes[0::2] and all(s == full.extent for s in sizes[1::2])
 
 
 # --------------------------------------------------------------------------- sampling

@@ -4,7 +4,11 @@ A training sample is cut in two steps (see :mod:`medseg.train.data`):
 
 1. a region of :func:`crop_extent` voxels is cut around a chosen centre (:func:`crop_patch`,
    padded where it leaves the volume) -- larger than the patch when rotation / scaling is on,
-   so that the rotated patch never samples outside the region;
+   so that the rotated patch never samples outside the region; or rather only the part of it
+   that the patch's rotation / scaling, drawn ahead (:meth:`RandRotateScaled.draw`), reads: the
+   patch itself for the patches that neither rotate nor scale (for the organ recipe's 96^3
+   patches the full region is ~210^3 voxels: cutting and converting it was ~12 ms of a patch's
+   ~54 ms on 2 cores; copy-paste, which pastes near the patch's edge, keeps the full region);
 2. :func:`build_train_transforms` turns it into a ``patch_size`` patch: a joint random
    rotation + scaling (:class:`RandRotateScaled`, one resampling, image trilinear / label
    nearest) or a centre crop, then MONAI's intensity transforms and mirroring.
@@ -48,7 +52,7 @@ from medseg.config import AugmentConfig
 
 __all__ = ["ObjectBank", "RandAxialSlabd", "RandCopyPasted", "RandLabelIntensityShiftd", "RandRotateScaled", "RandThickSliced",
            "as_plain_tensor",
-           "build_train_transforms", "crop_extent", "crop_patch", "inside_body"]
+           "build_train_transforms", "crop_extent", "crop_patch", "grid_sample_split", "inside_body"]
 
 KEYS = ("image", "label")
 
@@ -100,15 +104,46 @@ def crop_patch(arrays: Sequence[np.ndarray], center: Sequence[int], size: Sequen
     return out
 
 
+def grid_sample_split(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
+    """``torch.nn.functional.grid_sample`` of one channel-first volume, zeros outside, ``align_corners=False``,
+    spread over the intra-op threads.
+
+    PyTorch's CPU 3-D grid sampler runs its batch items in parallel, one thread each, and nothing
+    inside an item: one volume takes one core. Here the output is cut into ``torch.get_num_threads()``
+    slabs along its first axis, each a batch item sampling the same input (a stride-0 view, no
+    copy): the same values (each output voxel is computed as it is unsplit), ~2x faster on 2 cores.
+
+    Shapes: ``x (C, *S_in)``, ``grid (1, *S_out, 3)`` (grid_sample's order: last axis first, normalized
+    to ``[-1, 1]``) -> ``(C, *S_out)`` in ``x``'s dtype (float).
+    """
+    n_out = int(grid.shape[1])
+    parts = max(1, min(torch.get_num_threads(), n_out))
+    if x.device.type != "cpu" or parts == 1:
+        return torch.nn.functional.grid_sample(x[None], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+    rows = -(-n_out // parts)
+    g = grid[0]
+    if rows * parts != n_out:  # pad the last slab with copies of the last row (cut off below)
+        g = torch.cat([g, g[-1:].expand(rows * parts - n_out, *g.shape[1:])])
+    g = g.reshape(parts, rows, *g.shape[1:])
+    out = torch.nn.functional.grid_sample(x[None].expand(parts, *x.shape), g, mode=mode, padding_mode="zeros",
+                                          align_corners=False)  # (parts, C, rows, ...)
+    return out.transpose(0, 1).reshape(x.shape[0], parts * rows, *out.shape[3:])[:, :n_out]
+
+
 class RandRotateScaled(RandomizableTransform, MapTransform):
     """Random rotation and isotropic scaling of image and label in ONE resampling, output ``spatial_size``.
 
     As nnU-Net's spatial transform: rotation (probability ``p_rotate``, uniform angle in
     ``[-deg, deg]`` about each axis) and scaling (probability ``p_scale``, one factor from
     ``scale_range`` applied to the sampling grid, so > 1 zooms out) are drawn independently;
-    when either fires, MONAI's :class:`~monai.transforms.Affine` resamples the centre of the
-    region (image: trilinear, label: nearest, zeros outside); otherwise the centre is cropped
-    without interpolation.
+    when either fires, the centre of the region is resampled on MONAI's :class:`~monai.transforms.Affine`
+    grid (about the region's centre; image trilinear, label nearest, zeros outside; the grid is built
+    once for both keys and sampled by :func:`grid_sample_split`: MONAI's ``Affine`` values, on every
+    core); otherwise the centre is cropped without interpolation.
+
+    :meth:`draw` lets the caller cut less: it draws the next call's rotation / scaling ahead and
+    returns the part of a full :func:`crop_extent` region that they read (the patch itself when
+    neither fires); the next call, given that part, returns what it would from the full region.
 
     Input ``{"image": (C, *region), "label": (1, *region)}`` -> the same keys, ``(C, *spatial_size)``.
     """
@@ -122,6 +157,7 @@ class RandRotateScaled(RandomizableTransform, MapTransform):
         self.p_scale, self.scale_range = float(p_scale), (float(min(scale_range)), float(max(scale_range)))
         self._angles: list[float] | None = None
         self._scale: float | None = None
+        self._drawn = False  # draw() already drew the next call's parameters
 
     def randomize(self, data=None) -> None:
         rotate = self.R.rand() < self.p_rotate
@@ -129,21 +165,59 @@ class RandRotateScaled(RandomizableTransform, MapTransform):
         self._angles = [float(self.R.uniform(-self.rotate_rad, self.rotate_rad)) for _ in range(3)] if rotate else None
         self._scale = float(self.R.uniform(*self.scale_range)) if scale else None
 
-    def __call__(self, data: dict) -> dict:
+    def _affine(self) -> Affine:
+        s = self._scale or 1.0
+        return Affine(rotate_params=self._angles, scale_params=[s, s, s], spatial_size=self.spatial_size,
+                      padding_mode="zeros", image_only=True)
+
+    def draw(self, extent: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Draw the next call's rotation / scaling now; return ``(offset, size)``, the box of a full region of
+        ``extent`` voxels that they read, ``offset`` from the region's first voxel (per axis).
+
+        No rotation or scaling: the patch itself (where the centre crop takes it). Otherwise the smallest box
+        centred as the region (``size`` of the parity of ``extent``, so the rotation centre stays on the same
+        voxel) holding every sample of the grid and its trilinear neighbours plus one voxel: the sample of
+        output voxel ``q`` (centred) is ``A q`` (centred), so it lies within ``|A| (P - 1) / 2`` of the centre
+        along each axis. Capped at ``extent``.
+        """
         self.randomize()
+        self._drawn = True
+        ext = [int(e) for e in extent]
+        if self._angles is None and self._scale is None:
+            size = list(self.spatial_size)
+        else:
+            _, a = self._affine().affine_grid(spatial_size=self.spatial_size, lazy=True)
+            a = np.abs(np.asarray(torch.as_tensor(a, dtype=torch.float64)[:3, :3]))
+            reach = a @ ((np.asarray(self.spatial_size, dtype=float) - 1.0) / 2.0)
+            size = []
+            for r, e in zip(reach, ext):
+                n = int(math.ceil(2.0 * r)) + 4
+                size.append(min(e, n + (n - e) % 2))
+        return [e // 2 - s // 2 for e, s in zip(ext, size)], size
+
+    def __call__(self, data: dict) -> dict:
+        if not self._drawn:
+            self.randomize()
+        self._drawn = False
         d = dict(data)
         if self._angles is None and self._scale is None:
             crop = CenterSpatialCrop(self.spatial_size)
             for key in self.key_iterator(d):
                 d[key] = crop(d[key])
             return d
-        s = self._scale or 1.0
+        affine, grids = self._affine(), {}
         for key, mode in zip(KEYS, ("bilinear", "nearest")):
             if key not in d:
                 continue
-            affine = Affine(rotate_params=self._angles, scale_params=[s, s, s], spatial_size=self.spatial_size,
-                            mode=mode, padding_mode="zeros", image_only=True)
-            d[key] = affine(d[key])
+            x = torch.as_tensor(d[key]).float()
+            shape = tuple(x.shape[1:])
+            if shape not in grids:  # MONAI Resample's conversion of the grid to grid_sample's
+                grid, _ = affine.affine_grid(spatial_size=self.spatial_size)
+                g = torch.as_tensor(grid)[[2, 1, 0]].permute(1, 2, 3, 0).unsqueeze(0).contiguous()
+                for i, dim in enumerate(reversed(shape)):
+                    g[0, ..., i] *= 2.0 / max(2, dim)
+                grids[shape] = g
+            d[key] = grid_sample_split(x, grids[shape], mode)
         return d
 
 
@@ -275,7 +349,8 @@ class RandLabelIntensityShiftd(RandomizableTransform, MapTransform):
         if not self._do_transform:
             return d
         values = torch.as_tensor(d["label"])[0].round().long().clamp_(min=0)
-        classes = [c for c in torch.unique(values).tolist() if c not in (0, self.ignore_label)]
+        present = torch.bincount(values.flatten()).nonzero().flatten()  # ~20x faster than torch.unique on the CPU
+        classes = [c for c in present.tolist() if c not in (0, self.ignore_label)]
         if not classes:
             return d
         offsets = self.R.uniform(*self.shift_range, size=len(classes))

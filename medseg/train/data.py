@@ -38,7 +38,8 @@ from monai.data import CacheDataset, Dataset, get_track_meta, set_track_meta
 from monai.transforms import Compose, MapTransform
 
 from medseg.config import Config
-from medseg.data.transforms import ObjectBank, as_plain_tensor, build_train_transforms, crop_extent, crop_patch, inside_body
+from medseg.data.transforms import (ObjectBank, RandRotateScaled, as_plain_tensor, build_train_transforms, crop_extent,
+                                    crop_patch, inside_body)
 from medseg.errors import ConfigError, InputError
 from medseg.runtime import get_logger
 from medseg.train.signals import ignore_in_worker
@@ -217,6 +218,10 @@ class PatchDataset(torch.utils.data.Dataset):
             log.info("copy-paste: %d object(s) of class(es) %s banked from %d training case(s), pasted into %.0f%% of "
                      "the patches", len(self.bank), aug.copy_paste_classes, len(cases), 100 * aug.p_copy_paste)
         self.transforms = build_train_transforms(self.patch, aug, ignore_label=ignore_label, bank=self.bank)
+        # the chain's spatial transform, when it comes first: it draws ahead and the region is cut to what it
+        # reads (the patch when it neither rotates nor scales); copy-paste before it works on the whole region
+        first = self.transforms.transforms[0]
+        self.spatial = first if isinstance(first, RandRotateScaled) else None
         self.n_random = round(self.batch_size * (1.0 - self.fg))
         self.hard = float(cfg.data.hard_negatives)
         self.hard_file = Path(hard_file) if hard_file is not None and self.hard > 0 else None
@@ -262,12 +267,16 @@ class PatchDataset(torch.utils.data.Dataset):
         k = int(rng.integers(len(self.cases)))
         case = self.cases[k]
         center = self._center(case, self.force_foreground(int(index), rng), rng)
-        image, label = crop_patch([case["image"], case["label"]], center, self.extent)
+        self.transforms.set_random_state(seed=int(rng.integers(2**31)))
+        box = self.extent
+        if self.spatial is not None:  # cut only what this patch's rotation / scaling reads of the region
+            offset, box = self.spatial.draw(self.extent)
+            center = [c - e // 2 + o + b // 2 for c, e, o, b in zip(center, self.extent, offset, box)]
+        image, label = crop_patch([case["image"], case["label"]], center, box)
         region = {"image": torch.from_numpy(image.astype(np.float32, copy=False)),
                   "label": torch.from_numpy(label.astype(np.float32))}
         if self.inside is not None:
-            region["inside"] = torch.from_numpy(crop_patch([self.inside[k]], center, self.extent)[0])
-        self.transforms.set_random_state(seed=int(rng.integers(2**31)))
+            region["inside"] = torch.from_numpy(crop_patch([self.inside[k]], center, box)[0])
         track = get_track_meta()
         set_track_meta(False)  # plain tensors: MONAI's metadata bookkeeping doubles the cost of a patch
         try:
