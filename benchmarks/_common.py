@@ -23,6 +23,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
 WIDTHS = (16, 32, 64, 128, 256)
 
+# The medseg a benchmark measures is the one of its own checkout: an editable install (`pip install -e .`)
+# maps `import medseg` to the folder it was installed from, so a script run from another clone or a
+# `git worktree` would otherwise time and score that folder's code under this checkout's commit.
+if str(ROOT) not in sys.path:
+    sys.path.insert(1 if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "benchmarks" else 0, str(ROOT))
+
 
 # --------------------------------------------------------------------------- process set-up
 def set_threads(n: int) -> None:

@@ -562,3 +562,21 @@ def test_augment_cost_cuts_a_25d_nets_z_halo_as_training(tmp_path):
                               "--results", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "augment_cost_organs.json").read_text())
     assert data["z_halo"] >= 1  # k stacked slices: (k - 1) / 2 more at each z end, as PatchDataset cuts them in training
+
+
+def test_a_benchmark_imports_the_medseg_of_its_own_checkout(tmp_path):
+    """Run from another clone or a git worktree, a benchmark must measure that checkout's medseg, not the
+    folder an editable install points `import medseg` at (the results name this checkout's commit)."""
+    import shutil
+    import subprocess
+
+    clone = tmp_path / "clone"
+    (clone / "benchmarks").mkdir(parents=True)
+    shutil.copy(BENCH / "_common.py", clone / "benchmarks" / "_common.py")
+    (clone / "medseg").mkdir()
+    (clone / "medseg" / "__init__.py").write_text("CHECKOUT = 'clone'\n")
+    script = clone / "benchmarks" / "probe.py"
+    script.write_text("import sys\nfrom pathlib import Path\nsys.path.insert(0, str(Path(__file__).resolve().parent))\n"
+                      "import _common  # noqa: E402\nimport medseg  # noqa: E402\nprint(medseg.__file__)\n")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).resolve() == (clone / "medseg" / "__init__.py").resolve()
