@@ -14,7 +14,8 @@ halo included as training cuts them: item ``i`` is a fixed case and centre, so e
 same regions) are cut by each variant of the augmentation settings:
 
 - ``recipe``: the config's augmentation as it is;
-- ``crop only``: every ``p_*`` at 0 (the crop of the region the rotation / scaling needs, nothing else);
+- ``crop only``: every ``p_*`` at 0 (the crop of the patch, nothing else; the larger box a rotated or scaled
+  patch reads is cut only for the patches that rotate or scale, so its cost is in their rows);
 - per augmentation ``X`` (``train.augment.p_X``): the recipe with ``p_X = 0`` and with ``p_X = 1``.
   ``(X always - X off) / patches`` is the cost of one application; ``p_X`` times it, times the batch
   size, what ``X`` adds to a step of the recipe. Copy-paste needs ``copy_paste_classes`` (its row says
