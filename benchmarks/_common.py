@@ -27,7 +27,7 @@ WIDTHS = (16, 32, 64, 128, 256)
 # maps `import medseg` to the folder it was installed from, so a script run from another clone or a
 # `git worktree` would otherwise time and score that folder's code under this checkout's commit.
 if str(ROOT) not in sys.path:
-    sys.path.insert(1 if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "benchmarks" else 0, str(ROOT))
+    sys.path.insert(1, str(ROOT))  # after the script's own folder (sys.path[0]), before site-packages
 
 
 # --------------------------------------------------------------------------- process set-up

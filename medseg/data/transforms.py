@@ -170,30 +170,29 @@ class RandRotateScaled(RandomizableTransform, MapTransform):
         return Affine(rotate_params=self._angles, scale_params=[s, s, s], spatial_size=self.spatial_size,
                       padding_mode="zeros", image_only=True)
 
-    def draw(self, extent: Sequence[int]) -> tuple[list[int], list[int]]:
-        """Draw the next call's rotation / scaling now; return ``(offset, size)``, the box of a full region of
-        ``extent`` voxels that they read, ``offset`` from the region's first voxel (per axis).
+    def draw(self, extent: Sequence[int]) -> list[int]:
+        """Draw the next call's rotation / scaling now; return the size of the box of a full region of
+        ``extent`` voxels that they read. The box is centred as the region (:func:`crop_patch` it at the
+        region's centre): ``extent // 2 - size // 2`` voxels in from the region's first voxel.
 
         No rotation or scaling: the patch itself (where the centre crop takes it). Otherwise the smallest box
-        centred as the region (``size`` of the parity of ``extent``, so the rotation centre stays on the same
-        voxel) holding every sample of the grid and its trilinear neighbours plus one voxel: the sample of
-        output voxel ``q`` (centred) is ``A q`` (centred), so it lies within ``|A| (P - 1) / 2`` of the centre
-        along each axis. Capped at ``extent``.
+        of the parity of ``extent`` (so the rotation centre stays on the same voxel) holding every sample of
+        the grid and its trilinear neighbours plus one voxel: the sample of output voxel ``q`` (centred) is
+        ``A q`` (centred), so it lies within ``|A| (P - 1) / 2`` of the centre along each axis. Capped at
+        ``extent``.
         """
         self.randomize()
         self._drawn = True
-        ext = [int(e) for e in extent]
         if self._angles is None and self._scale is None:
-            size = list(self.spatial_size)
-        else:
-            _, a = self._affine().affine_grid(spatial_size=self.spatial_size, lazy=True)
-            a = np.abs(np.asarray(torch.as_tensor(a, dtype=torch.float64)[:3, :3]))
-            reach = a @ ((np.asarray(self.spatial_size, dtype=float) - 1.0) / 2.0)
-            size = []
-            for r, e in zip(reach, ext):
-                n = int(math.ceil(2.0 * r)) + 4
-                size.append(min(e, n + (n - e) % 2))
-        return [e // 2 - s // 2 for e, s in zip(ext, size)], size
+            return list(self.spatial_size)
+        _, a = self._affine().affine_grid(spatial_size=self.spatial_size, lazy=True)
+        a = np.abs(np.asarray(torch.as_tensor(a, dtype=torch.float64)[:3, :3]))
+        reach = a @ ((np.asarray(self.spatial_size, dtype=float) - 1.0) / 2.0)
+        size = []
+        for r, e in zip(reach, (int(e) for e in extent)):
+            n = int(math.ceil(2.0 * r)) + 4
+            size.append(min(e, n + (n - e) % 2))
+        return size
 
     def __call__(self, data: dict) -> dict:
         if not self._drawn:

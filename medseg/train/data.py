@@ -268,10 +268,8 @@ class PatchDataset(torch.utils.data.Dataset):
         case = self.cases[k]
         center = self._center(case, self.force_foreground(int(index), rng), rng)
         self.transforms.set_random_state(seed=int(rng.integers(2**31)))
-        box = self.extent
-        if self.spatial is not None:  # cut only what this patch's rotation / scaling reads of the region
-            offset, box = self.spatial.draw(self.extent)
-            center = [c - e // 2 + o + b // 2 for c, e, o, b in zip(center, self.extent, offset, box)]
+        # cut only what this patch's rotation / scaling reads of the region (a box at the same centre)
+        box = self.extent if self.spatial is None else self.spatial.draw(self.extent)
         image, label = crop_patch([case["image"], case["label"]], center, box)
         region = {"image": torch.from_numpy(image.astype(np.float32, copy=False)),
                   "label": torch.from_numpy(label.astype(np.float32))}
