@@ -77,6 +77,22 @@ QUICK_STOCK = {"spacing": 3.0, "roi": 32, "channels": (4, 8, 16, 32, 64)}
 QUICK_NNUNET = {"iters": 2, "val_iters": 1}
 
 
+def workers_for(value: str | int, threads: int, cores: int | None = None) -> int:
+    """``--workers``: an integer >= 0 as given; ``auto``: what medseg's ``data.num_workers=auto`` resolves to on
+    this machine's CPU with ``threads`` torch threads (:func:`medseg.train.data.resolve_num_workers`)."""
+    from medseg.train.data import resolve_num_workers
+
+    if str(value) == "auto":
+        return resolve_num_workers("auto", "cpu", cores=cores or os.cpu_count() or 1, threads=threads)
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise SystemExit(f"--workers: expected auto or an integer >= 0, got {value!r}")
+    return n
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="organs", choices=list(DATASETS),
@@ -96,9 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "medseg_head_to_head",
                    help="preprocessed data, runs, checkpoints and predictions (default /tmp/medseg_head_to_head)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of every contender (default 2)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="data-loading / augmentation worker processes, the same for every contender (default 1; medseg's "
-                        "own default, data.num_workers=auto, gives 0 on a 2-core CPU: pass --workers 0 there to match it)")
+    p.add_argument("--workers", default="auto",
+                   help="data-loading / augmentation worker processes, the same for every contender: an integer, or auto "
+                        "(the default): what medseg's own default (data.num_workers=auto) picks on this machine for "
+                        "--threads torch threads on the CPU (0 on a 2-core CPU: the batch loaded between steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of medseg (train.seed) and the stock recipe; nnU-Net does not seed (default 0)")
     p.add_argument("--quick", action="store_true",
                    help="a 2+1-case phantom dataset, tiny nets and patches, 0.1 min each (at most): checks the script")
@@ -116,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.workers = workers_for(args.workers, args.threads)
     if args.quick:
         args.minutes, args.workers = min(args.minutes, 0.1), 0
     marks = args.marks or [args.minutes / 3, 2 * args.minutes / 3]

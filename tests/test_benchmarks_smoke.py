@@ -98,6 +98,22 @@ def test_head_to_head_marks_default_to_thirds_of_the_budget():
     assert h2h.parse_args(["--quick", "--marks", "0.05", "0.2"]).marks == [0.05, 0.1]  # none past the budget
 
 
+def test_head_to_head_workers_auto_is_medsegs_own_rule():
+    h2h = _head_to_head()
+    from medseg.train.data import resolve_num_workers
+
+    # auto: what data.num_workers=auto gives medseg on this CPU with the same threads, for every contender
+    assert h2h.workers_for("auto", 2, cores=2) == 0
+    assert h2h.workers_for("auto", 2, cores=8) == 2
+    assert h2h.workers_for("auto", 4, cores=4) == 1
+    assert h2h.parse_args([]).workers == resolve_num_workers("auto", "cpu", cores=os.cpu_count(), threads=2)
+    assert h2h.parse_args(["--workers", "3"]).workers == 3
+    assert h2h.parse_args(["--quick", "--workers", "3"]).workers == 0
+    for bad in ("-1", "two"):
+        with pytest.raises(SystemExit, match="--workers"):
+            h2h.parse_args(["--workers", bad])
+
+
 def test_head_to_head_markdown_lists_scores_curve_and_skips():
     h2h = _head_to_head()
     args = h2h.parse_args(["--minutes", "15"])
