@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "head_to_head_fp32 is the table of a CPU without native bf16)")
     p.add_argument("--keep-others", action="store_true",
                    help="keep the rows of the contenders not run this time from the existing <name>.json "
-                        "(same dataset, budget and marks; each row keeps the commit it was measured on): rerun "
+                        "(same dataset, budget, marks, threads and workers; each row keeps the commit it was measured on): rerun "
                         "medseg after a recipe change without rerunning stock MONAI and nnU-Net")
     p.add_argument("overrides", nargs="*", help="extra section.key=value config overrides for the medseg runs")
     # child mode (internal): run one contender, print its JSON row
@@ -351,7 +351,8 @@ def kept_rows(results_dir: Path, args: argparse.Namespace, names: list[str]) -> 
     """``--keep-others``: the rows of ``<args.name>.json`` in ``results_dir`` whose contenders are not in
     ``names``, each with its ``measured`` commit and date (the file's, for rows written before rows
     carried their own). Raises SystemExit when the file is missing or was run on another dataset,
-    budget or marks: rows of different setups are not comparable."""
+    budget, marks, threads or workers (the last two where the file records them): rows of different setups
+    are not comparable."""
     path = results_dir / f"{args.name}.json"
     if not path.is_file():
         raise SystemExit(f"--keep-others: {path} not found (run every contender once first)")
@@ -359,6 +360,9 @@ def kept_rows(results_dir: Path, args: argparse.Namespace, names: list[str]) -> 
     setup, want = (old.get("dataset"), old.get("minutes"), old.get("marks")), (args.dataset, args.minutes, args.marks)
     if setup != want:
         raise SystemExit(f"--keep-others: {path} holds dataset / minutes / marks {setup}, this run {want}")
+    for key in ("threads", "workers"):  # recorded since 2026-12-06; older files are not checked for them
+        if key in old and old[key] != getattr(args, key):
+            raise SystemExit(f"--keep-others: {path} was run with --{key} {old[key]}, this run {getattr(args, key)}")
     meta = old.get("meta", {})
     return {name: {**row, "measured": row.get("measured") or {"commit": meta.get("commit"), "date": meta.get("date")}}
             for name, row in old.get("results", {}).items() if name not in names}
@@ -401,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         table = merged(kept, rows)
         title = f"Head to head: {args.minutes:g} CPU-minutes of training each {native_bf16_tag(meta)}"
         write_results(args.name, title, markdown(table, args),
-                      {"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": table,
-                       "overrides": args.overrides}, meta, command=cmd, **({"out_dir": results_dir} if results_dir else {}))
+                      {"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "threads": args.threads,
+                       "workers": args.workers, "results": table, "overrides": args.overrides}, meta, command=cmd, **({"out_dir": results_dir} if results_dir else {}))
     table = merged(kept, rows)
     print(markdown(table, args))
     print(json.dumps({"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": table}, default=float))

@@ -154,6 +154,14 @@ def test_head_to_head_keep_others_keeps_the_rows_not_rerun_with_their_commit(tmp
         h2h.kept_rows(tmp_path, named, ["medseg_attention"])
     (tmp_path / "head_to_head_fp32.json").write_text(json.dumps({**old, "results": {"nnunet": {"steps": 9}}}))
     assert h2h.kept_rows(tmp_path, named, ["medseg_attention"])["nnunet"]["steps"] == 9
+    recorded = {**old, "threads": 2, "workers": 0}  # files written since 2026-12-06 record both
+    (tmp_path / "head_to_head.json").write_text(json.dumps(recorded))
+    same = h2h.parse_args(["--minutes", "15", "--keep-others", "--workers", "0"])
+    assert list(h2h.kept_rows(tmp_path, same, ["medseg_attention"])) == ["stock_monai", "nnunet"]
+    with pytest.raises(SystemExit, match="--workers 0, this run 1"):
+        h2h.kept_rows(tmp_path, h2h.parse_args(["--minutes", "15", "--workers", "1"]), ["medseg_attention"])
+    with pytest.raises(SystemExit, match="--threads 2, this run 4"):
+        h2h.kept_rows(tmp_path, h2h.parse_args(["--minutes", "15", "--workers", "0", "--threads", "4"]), ["nnunet"])
     rows = h2h.merged(kept, {"medseg_unet": {"steps": 5}, "medseg_attention": {"steps": 4}})
     assert list(rows) == ["stock_monai", "medseg_unet", "medseg_attention", "nnunet"]  # the contenders' order
 
