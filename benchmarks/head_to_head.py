@@ -388,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{data_dir} not found")
     names = [f"medseg_{v}" if c == "medseg" else c for c in args.contenders for v in (args.variants if c == "medseg" else [c])]
     kept = kept_rows(results_dir or RESULTS, args, names) if args.keep_others else {}
+    setup = {"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "threads": args.threads,
+             "workers": args.workers}  # what --keep-others checks (kept_rows)
     rows: dict[str, dict] = {}
     for name in names:
         print(f"{name}: training {args.minutes:g} min ...", file=sys.stderr, flush=True)
@@ -404,12 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {json.dumps(rows[name], default=float)}", file=sys.stderr, flush=True)
         table = merged(kept, rows)
         title = f"Head to head: {args.minutes:g} CPU-minutes of training each {native_bf16_tag(meta)}"
-        write_results(args.name, title, markdown(table, args),
-                      {"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "threads": args.threads,
-                       "workers": args.workers, "results": table, "overrides": args.overrides}, meta, command=cmd, **({"out_dir": results_dir} if results_dir else {}))
+        write_results(args.name, title, markdown(table, args), {**setup, "results": table, "overrides": args.overrides},
+                      meta, command=cmd, **({"out_dir": results_dir} if results_dir else {}))
     table = merged(kept, rows)
     print(markdown(table, args))
-    print(json.dumps({"dataset": args.dataset, "minutes": args.minutes, "marks": args.marks, "results": table}, default=float))
+    print(json.dumps({**setup, "results": table}, default=float))
     return 0
 
 
