@@ -170,6 +170,11 @@ class AugmentConfig:
     copy_paste_classes: list[int] = field(default_factory=list)
     copy_paste_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
     copy_paste_context_tol: float = 0.5
+    # synthetic objects (ObjectBank.add_synthetic; Hu et al. CVPR 2023): this many per copy_paste_class are added to the
+    # bank, ellipsoids with lobulated edges and the real objects' intensity statistics, diameters in this range (mm;
+    # lung nodules are 3-30 mm)
+    copy_paste_synthetic: int = 0
+    copy_paste_synthetic_diameter_mm: list[float] = field(default_factory=lambda: [5.0, 30.0])
 
     @classmethod
     def probability_keys(cls) -> list[str]:

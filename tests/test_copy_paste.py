@@ -111,6 +111,8 @@ def test_paste_is_seeded_and_a_chain_without_it_draws_as_before():
     (["train.augment.copy_paste_scale=[0.5]"], "copy_paste_scale"),
     (["train.augment.copy_paste_context_tol=-1"], "copy_paste_context_tol"),
     (["train.augment.copy_paste_classes=[0]"], "copy_paste_classes"),
+    (["train.augment.copy_paste_synthetic=-1"], "copy_paste_synthetic"),
+    (["train.augment.copy_paste_synthetic_diameter_mm=[0,10]"], "copy_paste_synthetic_diameter_mm"),
 ])
 def test_copy_paste_settings_are_checked(overrides, key):
     from medseg.train.checks import check_config
@@ -166,3 +168,95 @@ def test_paste_stays_inside_the_body_when_given_the_mask():
             pasted += 1
             assert int(new.sum()) == 64 and np.nonzero(new)[1].min() >= 16
     assert pasted >= 8
+
+
+def _textured_case():
+    """_case() with a textured lesion: values 0.2 .. 0.8 (mean 0.5, std ~0.17) in its 4^3 cube."""
+    case = _case()
+    rng = np.random.default_rng(0)
+    case["image"][0, 4:8, 4:8, 4:8] = rng.uniform(0.2, 0.8, size=(4, 4, 4)).astype(np.float32)
+    return case
+
+
+def test_synthetic_objects_take_the_real_objects_statistics_in_the_asked_sizes():
+    case = _textured_case()
+    bank = ObjectBank([case], [1, 2])
+    real = {o[2]: o for o in bank.objects}
+    spacing = [1.5, 1.5, 3.0]  # anisotropic: sizes are physical
+    assert bank.add_synthetic(40, spacing, [6.0, 24.0], seed=0) == 80 and len(bank) == 82
+    for cls in (1, 2):
+        syn = [o for o in bank.objects[2:] if o[2] == cls]
+        assert len(syn) == 40 and all(o[3] == real[cls][3] for o in syn)  # the real object's surroundings
+        from scipy import ndimage
+
+        big = [(img, mask, ndimage.binary_erosion(mask, iterations=2)) for img, mask, _, _ in syn]
+        big = [(img, mask, core) for img, mask, core in big if core.sum() >= 8]
+        assert len(big) >= 10
+        core_values = np.concatenate([img[0][core] for img, _, core in big])
+        rim_values = np.concatenate([img[0][mask & ~ndimage.binary_erosion(mask)] for img, mask, _ in big])
+        ref_mask = real[cls][1]
+        ref = real[cls][0][0][ndimage.binary_erosion(ref_mask) if cls == 1 else ref_mask]  # class 1: its 2^3 interior
+        assert abs(core_values.mean() - ref.mean()) < 0.1  # the texture is the real interior's level ...
+        if cls == 1:  # class 2 is a constant cube in tissue of its own value: nothing more to tell apart
+            assert 0.2 * ref.std() < core_values.std() < 1.5 * ref.std() + 0.05  # a texture, not a constant
+            # the rim is partial volume: between the interior and the surroundings
+            assert real[cls][3] < rim_values.mean() < core_values.mean() - 0.1 * (core_values.mean() - real[cls][3])
+            assert all(img[0][mask].min() > real[cls][3] for img, mask, _, _ in syn)  # a solid object in its tissue
+        else:
+            assert np.allclose(core_values, TISSUE, atol=1e-5) and np.allclose(rim_values, TISSUE, atol=1e-5)
+        for img, mask, _, context in syn:
+            assert img.shape == (1,) + mask.shape and np.all(img[0][~mask] == context)
+            # equivalent-sphere diameter in mm within the range, widened by the axis factors and the lobulation
+            d = (6.0 * mask.sum() * np.prod(spacing) / np.pi) ** (1 / 3)
+            assert 6.0 * 0.6 <= d <= 24.0 * 1.4
+            # physical extent: the z axis (3 mm voxels) spans about half the voxels of x (1.5 mm)
+        ext = np.array([[np.ptp(np.nonzero(m)[a]) + 1 for a in range(3)] for _, m, _, _ in syn], dtype=float)
+        ratio = np.median(ext[:, 2] / ext[:, 0])
+        assert 0.35 <= ratio <= 0.75
+        vols = sorted(int(m.sum()) for _, m, _, _ in syn)
+        assert vols[-1] > 8 * vols[0]  # sizes spread over the range, not one size
+    # seeded: the same seed draws the same objects, another seed others
+    again = ObjectBank([case], [1, 2])
+    again.add_synthetic(40, spacing, [6.0, 24.0], seed=0)
+    assert all(np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0]) for a, b in zip(bank.objects, again.objects))
+    other = ObjectBank([case], [1, 2])
+    other.add_synthetic(40, spacing, [6.0, 24.0], seed=1)
+    assert any(a[1].shape != b[1].shape or not np.array_equal(a[1], b[1]) for a, b in zip(bank.objects[2:], other.objects[2:]))
+    # nothing real to copy: nothing added
+    empty = ObjectBank([case], [3])
+    assert empty.add_synthetic(10, spacing, [6.0, 24.0]) == 0 and len(empty) == 0
+
+
+def test_synthetic_objects_are_pasted_into_matching_tissue():
+    bank = ObjectBank([_textured_case()], [1])
+    bank.add_synthetic(20, [3.0, 3.0, 3.0], [6.0, 15.0], seed=0)
+    bank.objects = bank.objects[1:]  # synthetic ones only
+    region = np.full((1, 32, 32, 32), TISSUE, dtype=np.float32)
+    region[0, :16] = LUNG
+    label = np.zeros((1, 32, 32, 32), dtype=np.uint8)
+    pasted = 0
+    for seed in range(10):
+        t = RandCopyPasted(bank, inner=[20, 20, 20], prob=1.0, scale_range=(1.0, 1.0))
+        t.set_random_state(seed=seed)
+        out = t({"image": torch.from_numpy(region.copy()), "label": torch.from_numpy(label.copy())})
+        new = out["label"][0].numpy() == 1
+        if t.pasted is None:
+            continue
+        pasted += 1
+        assert new.any() and np.nonzero(new)[0].max() < 16  # in the lung only
+        values = out["image"][0].numpy()[new]  # solid (the lesion's 0.2 .. 0.8), its rim blurred towards the lung
+        assert values.min() > LUNG and values.max() <= 0.8 + 0.3 and values.mean() > LUNG + 1.0
+    assert pasted >= 6
+
+
+def test_patch_dataset_adds_synthetic_objects_to_the_bank(preprocessed_phantoms):
+    from medseg.train import data as tdata
+
+    pre = preprocessed_phantoms
+    cases = tdata.case_dataset(pre, tdata.list_cases(pre), "ram")
+    base = ["data.patch_size=[16,16,16]", "train.batch_size=2", "train.augment.p_copy_paste=1",
+            "train.augment.copy_paste_classes=[4]"]
+    real = tdata.PatchDataset(cases, [16, 16, 16], load_config(None, base))
+    syn = tdata.PatchDataset(cases, [16, 16, 16], load_config(None, base + ["train.augment.copy_paste_synthetic=7"]))
+    assert len(syn.bank) == len(real.bank) + 7 and {o[2] for o in syn.bank.objects} == {4}
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(real.bank.objects, syn.bank.objects))  # the real ones first

@@ -73,6 +73,9 @@ def check_config(cfg: Config) -> None:
              "factors are slice thickness over the target spacing: >= 1", a.thick_slice_factor)
     _require(a.noise_std >= 0, "train.augment.noise_std", "must be >= 0", a.noise_std)
     _pair(a.copy_paste_scale, "train.augment.copy_paste_scale")
+    _pair(a.copy_paste_synthetic_diameter_mm, "train.augment.copy_paste_synthetic_diameter_mm")
+    _require(isinstance(a.copy_paste_synthetic, int) and a.copy_paste_synthetic >= 0, "train.augment.copy_paste_synthetic",
+             "expected an integer >= 0 (objects per class)", a.copy_paste_synthetic)
     _require(a.copy_paste_context_tol >= 0, "train.augment.copy_paste_context_tol", "must be >= 0", a.copy_paste_context_tol)
     _require(isinstance(a.copy_paste_classes, list) and all(isinstance(c, int) and c > 0 for c in a.copy_paste_classes),
              "train.augment.copy_paste_classes", "expected a list of label values > 0", a.copy_paste_classes)

@@ -212,6 +212,12 @@ class PatchDataset(torch.utils.data.Dataset):
         self.bank, self.inside = None, None
         if aug.p_copy_paste > 0:
             self.bank = ObjectBank(cases, aug.copy_paste_classes)
+            real = len(self.bank)
+            if aug.copy_paste_synthetic > 0 and real:
+                added = self.bank.add_synthetic(aug.copy_paste_synthetic, cases[0]["spacing"],
+                                                aug.copy_paste_synthetic_diameter_mm, seed=self.seed)
+                log.info("copy-paste: %d synthetic object(s) added to the %d real one(s) (diameters %s mm)",
+                         added, real, aug.copy_paste_synthetic_diameter_mm)
             if len(self.bank):
                 self.inside = [inside_body(np.asarray(cases[i]["image"][0]))[None]
                                for i in range(len(cases))]
