@@ -440,9 +440,11 @@ class ObjectBank:
         for cls in sorted({o[2] for o in self.objects}):
             real = [o for o in self.objects if o[2] == cls]
             # the interior (the mask eroded by a voxel) gives the texture; the rim is partial volume, made below
-            cores = [(img, ndimage.binary_erosion(mask)) for img, mask, _, _ in real]
-            cores = [(img, core) if core.sum() >= 8 else (img, mask) for (img, core), (_, mask, _, _) in zip(cores, real)]
-            values = np.concatenate([img[:, core] for img, core in cores], axis=1)  # (C, N)
+            inner = []
+            for img, mask, _, _ in real:
+                core = ndimage.binary_erosion(mask)
+                inner.append(img[:, core if core.sum() >= 8 else mask])
+            values = np.concatenate(inner, axis=1)  # (C, N)
             mean, std = values.mean(axis=1), values.std(axis=1)
             context = float(np.median([o[3] for o in real]))
             made = 0
