@@ -40,10 +40,12 @@ def test_scores_and_choice_follow_the_dice():
     assert choice["largest_component_classes"] == [1]  # a strict gain for 1 only; 2 loses, 3 never seen
     assert choice["dice_after"]["1"] > choice["dice_before"]["1"] and choice["num_cases"] == 2
     assert choice["single_structure"] == {"1": True, "2": False, "3": False}
+    assert choice["multi_structure"] == {"1": False, "2": True, "3": False}  # two lesions of 27 voxels: half outside
+    assert scores["2"][3] == 0.5 and scores["1"][3] == 0.0
     # the ignore label is not scored: an island on ignored voxels is no false positive
     ref_ign = ref.copy()
     ref_ign[20:23, 2:4, 2:4] = 9
-    assert largest_component_scores(pred, ref_ign, [1], ignore_label=9)["1"] == [1.0, 1.0, 1]
+    assert largest_component_scores(pred, ref_ign, [1], ignore_label=9)["1"] == [1.0, 1.0, 1, 0.0]
 
 
 def test_a_tie_chooses_the_largest_component_only_for_a_single_structure_class():
@@ -74,6 +76,36 @@ def test_a_tie_chooses_the_largest_component_only_for_a_single_structure_class()
 
 
 
+def test_a_gain_never_chooses_the_largest_component_for_a_class_seen_as_several_structures():
+    """The organ study's lung: on the abdominal validation CT the two lung bases plus a few false-positive
+    islands score higher reduced to the larger base, and a chest CT then lost a whole lung. A reference
+    with >= 10% of the class outside its largest component vetoes the step; a reference with a small
+    stray island (below that share) does not."""
+    ref = np.zeros((32, 32, 32), np.uint8)
+    ref[2:10, 2:12, 2:12] = 1                    # right lung base: 800 voxels
+    ref[2:6, 20:25, 20:25] = 1                   # left lung base: 100 voxels (11% of the class)
+    pred = ref.copy()
+    pred[20:26, 20:26, 2:8] = 1                  # a 216-voxel false-positive island
+    scores = largest_component_scores(pred, ref, [1])
+    assert scores["1"][2] == 2 and math.isclose(scores["1"][3], 100 / 900)
+    assert scores["1"][1] > scores["1"][0]       # the step raises the Dice on this case ...
+    choice = choose_largest_component([scores])
+    assert choice["largest_component_classes"] == [] and choice["multi_structure"] == {"1": True}  # ... yet is refused
+    # with the smaller part a stray bit of the reference (4 of 804 voxels, 0.5%) the gain chooses it, as before
+    small = ref.copy()
+    small[2:6, 20:25, 20:25] = 0
+    small[2:4, 20:22, 20] = 1
+    pred_small = small.copy()
+    pred_small[20:26, 20:26, 2:8] = 1
+    scores_small = largest_component_scores(pred_small, small, [1])
+    assert scores_small["1"][3] < 0.1 and scores_small["1"][1] > scores_small["1"][0]
+    assert choose_largest_component([scores_small])["largest_component_classes"] == [1]
+    # one validation case showing several structures is enough, whatever the others say
+    assert choose_largest_component([scores_small, scores])["largest_component_classes"] == []
+    # three-value entries (without the share) are not read as several structures
+    assert choose_largest_component([{"1": [0.9, 0.95, 2]}])["largest_component_classes"] == [1]
+
+
 def test_classes_no_validation_reference_holds_fall_back_on_the_training_references():
     """The heart of a study validated on an abdominal CT: no validation evidence either way, so the
     training labels decide (one component in every training label that holds it)."""
@@ -102,7 +134,7 @@ def test_classes_no_validation_reference_holds_fall_back_on_the_training_referen
     stray = pred.copy()
     stray[16:18, 16:18, 16:18] = 3               # a few heart voxels predicted where the reference has none
     scores = largest_component_scores(stray, ref, [1, 2, 3])
-    assert scores["3"] == [0.0, 0.0, 0]
+    assert scores["3"] == [0.0, 0.0, 0, 0.0]
     assert choose_largest_component([scores], training)["largest_component_classes"] == [1, 3]
     assert choose_largest_component([scores], {**training, "3": False})["largest_component_classes"] == [1]
     assert choose_largest_component([scores])["largest_component_classes"] == [1]  # no fallback without training labels
@@ -124,11 +156,12 @@ def test_training_records_the_choice_and_infer_auto_applies_it(preprocessed_phan
     summary = json.loads((run / "validation" / "summary.json").read_text())
     assert recorded == summary["postprocessing"]
     assert set(recorded["dice_before"]) == {str(c) for c in range(1, json.loads((run / "plans.json").read_text())["num_classes"])}
-    gain = {c for c, b in recorded["dice_before"].items() if recorded["dice_after"][c] > b + 1e-9}
+    multi = {c for c, m in recorded["multi_structure"].items() if m}
+    gain = {c for c, b in recorded["dice_before"].items() if recorded["dice_after"][c] > b + 1e-9} - multi
     tie = {c for c, b in recorded["dice_before"].items() if recorded["single_structure"][c]
            and abs(recorded["dice_after"][c] - b) <= 1e-9}
     fallback = {str(c) for c in recorded["from_training_references"]}
-    assert not fallback & (gain | tie)
+    assert not fallback & (gain | tie) and not multi & (tie | fallback)
     assert recorded["largest_component_classes"] == sorted((int(c) for c in gain | tie | fallback))
     assert "largest_component" not in summary["metric_per_case"][0]  # nnU-Net's summary layout unchanged
 

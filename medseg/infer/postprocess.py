@@ -16,7 +16,10 @@ single-structure class: liver, spleen, heart). The tie is what a validation case
 components gives -- always, when the validation case is a training case, as in a study that
 trains on every case of a tiny dataset -- and nnU-Net's strict rule then leaves a far-away false
 positive on new data in place. Multi-focal classes (lesions, two kidneys) keep their components
-unless removing them raised the validation Dice. A class that no validation reference contains (the
+unless removing them raised the validation Dice, and never when a validation reference shows the
+class as several structures (10% or more of its voxels outside its largest component): on the
+abdominal validation CT of the real-CT study the two lung bases were dropped to one with a few
+false-positive islands for a higher Dice, which on a chest CT threw away a whole lung. A class that no validation reference contains (the
 heart, when the validation case is an abdominal CT) cannot be judged there; it falls back on the
 training references (:func:`single_structure_classes`): kept to its largest component when it is one
 connected component in every training label that holds it, else left alone.
@@ -39,6 +42,7 @@ __all__ = ["POSTPROCESSORS", "apply_postprocess", "choose_largest_component", "k
            "load_run_postprocessing", "write_run_postprocessing"]
 
 RUN_FILE = "postprocessing.json"
+MULTI_STRUCTURE_SHARE = 0.1  # a reference with >= 10% of a class's voxels outside its largest component: several structures
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
@@ -97,18 +101,30 @@ def apply_postprocess(mask: np.ndarray, name: str | dict | None) -> np.ndarray:
     return POSTPROCESSORS.get(name or "none")(mask)
 
 
+def _reference_components(r: np.ndarray) -> tuple[int, float]:
+    """``(count, share)`` of a reference mask: its 26-connected components and the share of its voxels
+    outside the largest one (``(0, 0.0)`` when empty)."""
+    if not r.any():
+        return 0, 0.0
+    _, comp, n = _components(r)
+    sizes = np.bincount(comp.ravel())[1:]
+    return n, float(1.0 - sizes.max() / sizes.sum())
+
+
 def largest_component_scores(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int], *,
                              ignore_label: int | None = None) -> dict[str, list[float]]:
     """One validation case: ``{class: [Dice without, Dice with largest-component, reference
-    components]}`` (Dice NaN when the class is absent from both prediction and reference; the count
-    of 26-connected components of the class in ``ref``, 0 when absent); reference voxels equal to
+    components, reference share outside its largest component]}`` (Dice NaN when the class is absent
+    from both prediction and reference; the count of 26-connected components of the class in ``ref``
+    and the share of its voxels outside the largest of them, 0 when absent); reference voxels equal to
     ``ignore_label`` are not scored."""
     ign = (ref == ignore_label) if ignore_label is not None else None
     out = {}
     for c in classes:
         r = ref == c
+        n, share = _reference_components(r)
         out[str(int(c))] = [dice(pred == c, r, ign), dice(keep_largest_component(pred, [int(c)]) == c, r, ign),
-                            _components(r)[2] if r.any() else 0]
+                            n, share]
     return out
 
 
@@ -137,38 +153,50 @@ def choose_largest_component(per_case: Sequence[dict[str, list[float]]],
     chosen on a strict improvement. Added: a tie (within 1e-9) chooses it too when the class's
     reference is exactly one component in every counted case -- the validation data then say the
     class is a single structure, and a stray island on new data can only be a false positive. A
-    loss never chooses it. A class absent from every validation reference (never counted, or only
+    loss never chooses it. Nor does a gain for a class that some validation reference shows as
+    several structures (>= ``MULTI_STRUCTURE_SHARE`` of its voxels outside its largest component: two
+    lungs, two kidneys, several lesions): there the gain comes from removing false-positive islands
+    that outweigh the smaller true part on that case, and on a case that shows both parts in full
+    (a chest CT's lungs, after an abdominal validation CT's lung bases) the step drops a whole organ.
+    A class absent from every validation reference (never counted, or only
     predicted where the reference has none) has no validation evidence: it is chosen when
     ``training_single`` says it is one structure in every training reference that holds it
     (:func:`single_structure_classes`), and listed under ``"from_training_references"``.
 
     Args:
         per_case: :func:`largest_component_scores` of each validation case (``[before, after]``
-            entries, without the component count, read as "not one structure").
+            entries, without the component count, read as "not one structure"; without the share
+            outside the largest component, as "not several structures").
         training_single: :func:`single_structure_classes` of the training labels (``None``: no fallback).
 
     Returns:
         ``{"largest_component_classes": [c, ...], "dice_before": {c: d}, "dice_after": {c: d},
-        "single_structure": {c: bool}, "from_training_references": [c, ...], "num_cases": n}`` (class
+        "single_structure": {c: bool}, "multi_structure": {c: bool}, "from_training_references": [c, ...],
+        "num_cases": n}`` (class
         keys as strings; a class never seen reads NaN and is chosen only by the fallback).
     """
     classes = sorted({c for case in per_case for c in case}, key=int)
     before: dict[str, float] = {}
     after: dict[str, float] = {}
     single: dict[str, bool] = {}
+    multi: dict[str, bool] = {}
     chosen, fallback = [], []
     for c in classes:
         valid = [case[c] for case in per_case if c in case and not any(np.isnan(v) for v in case[c][:2])]
         before[c] = float(np.mean([v[0] for v in valid])) if valid else float("nan")
         after[c] = float(np.mean([v[1] for v in valid])) if valid else float("nan")
         single[c] = bool(valid) and all(len(v) > 2 and v[2] == 1 for v in valid)
+        multi[c] = any(len(v) > 3 and v[3] >= MULTI_STRUCTURE_SHARE for v in valid)
+        if multi[c]:
+            continue  # two lungs, two kidneys, several lesions: the largest component alone drops real structure
         if valid and (after[c] > before[c] + 1e-9 or (single[c] and after[c] >= before[c] - 1e-9)):
             chosen.append(int(c))
         elif training_single and training_single.get(c) and all(len(v) > 2 and v[2] == 0 for v in valid):
             chosen.append(int(c))  # no validation reference holds the class: the training references decide
             fallback.append(int(c))
     return {"largest_component_classes": chosen, "dice_before": before, "dice_after": after,
-            "single_structure": single, "from_training_references": fallback, "num_cases": len(per_case)}
+            "single_structure": single, "multi_structure": multi, "from_training_references": fallback,
+            "num_cases": len(per_case)}
 
 
 def write_run_postprocessing(run_dir: str | Path, choice: dict) -> Path:
