@@ -104,6 +104,33 @@ def test_a_gain_never_chooses_the_largest_component_for_a_class_seen_as_several_
     assert choose_largest_component([scores_small, scores])["largest_component_classes"] == []
     # three-value entries (without the share) are not read as several structures
     assert choose_largest_component([{"1": [0.9, 0.95, 2]}])["largest_component_classes"] == [1]
+    # the training labels can say it too: a validation CT with one lung base in view cannot
+    assert choose_largest_component([scores_small], training_multi=["1"])["largest_component_classes"] == []
+    assert choose_largest_component([scores_small], training_multi=["2"])["largest_component_classes"] == [1]
+
+
+def test_preprocessing_records_each_class_share_outside_its_largest_component(preprocessed_phantoms):
+    """``class_component_share`` in every labelled case's properties, equal to the share computed on the
+    stored label; training reads the several-structure classes from it without opening a label."""
+    from medseg.data.pipeline import load_case
+    from medseg.data.preprocess import component_shares, reference_components
+    from medseg.train.engine import _training_multi
+
+    names = sorted(p.name[: -len(".json")] for p in (preprocessed_phantoms / "cases").glob("*.json"))
+    seen = set()
+    for name in names:
+        _, lab, props = load_case(preprocessed_phantoms, name)
+        shares = props["class_component_share"]
+        assert shares and set(shares) == {str(c) for c in np.unique(lab[0]) if c}
+        for c, v in shares.items():
+            assert math.isclose(v, reference_components(lab[0] == int(c))[1])
+            seen |= {c} if v >= 0.1 else set()
+    assert _training_multi(preprocessed_phantoms, names) == sorted(seen, key=int)
+    two = np.zeros((12, 12, 12), np.uint8)
+    two[1:4, 1:4, 1:4] = 1                       # 27 voxels
+    two[8:11, 8:11, 8:10] = 1                    # 18 voxels, apart
+    two[5:7, 5:7, 5:7] = 2
+    assert component_shares(two, [1, 2, 3]) == {"1": 18 / 45, "2": 0.0}  # 3 absent: left out
 
 
 def test_classes_no_validation_reference_holds_fall_back_on_the_training_references():

@@ -29,7 +29,7 @@ from medseg.errors import GeometryError, InputError
 from medseg.io import Volume, _inverse_ornt, reorient, same_space, spacing_from_affine, strip_volume_suffix
 
 __all__ = ["body_bbox", "normalize", "preprocess_volume", "reorient_to_original", "restore_to_original",
-           "sample_class_locations"]
+           "sample_class_locations", "component_shares", "reference_components"]
 
 CROP_MARGIN = 3  # voxels added around the body box (the "dilated a little")
 MAX_CLASS_LOCATIONS = 10_000
@@ -94,6 +94,35 @@ def body_bbox(image: np.ndarray, label: np.ndarray | None, *, threshold: float =
 def _crop(a: np.ndarray, bbox: Sequence[Sequence[int]]) -> np.ndarray:
     sl = tuple(slice(lo, hi) for lo, hi in bbox)
     return np.ascontiguousarray(a[(...,) + sl])
+
+
+def reference_components(mask: np.ndarray) -> tuple[int, float]:
+    """``(count, share)`` of a boolean mask: its 26-connected components and the share of its voxels
+    outside the largest one (``(0, 0.0)`` when empty; ``share`` 0.0: one structure, ~0.4-0.5: two lungs)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return 0, 0.0
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    comp, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(comp.ravel())[1:]
+    return int(n), float(1.0 - sizes.max() / sizes.sum())
+
+
+def component_shares(label: np.ndarray, classes: Sequence[int]) -> dict[str, float]:
+    """Per class present in ``label`` (``(I, J, K)`` integer map), the share of its voxels outside its largest
+    26-connected component (:func:`reference_components`). Recorded per case at preprocessing
+    (``class_component_share``) so that training tells several-structure classes (two lungs, two kidneys) from
+    every training label without reading them: the post-processing choice never keeps only their largest
+    component (:func:`medseg.infer.postprocess.choose_largest_component`)."""
+    label = np.asarray(label)
+    out = {}
+    for c in classes:
+        n, share = reference_components(label == c)
+        if n:
+            out[str(int(c))] = share
+    return out
 
 
 def sample_class_locations(label: np.ndarray, values: Sequence[int], *, max_per_class: int = MAX_CLASS_LOCATIONS,
@@ -193,6 +222,10 @@ def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volu
         "spacing": spacing_from_affine(final_affine).tolist(),
         "class_locations": (sample_class_locations(lab, [v for v in values or present if v != plans.get("ignore_label")])
                             if lab is not None else {}),
+        # per class, the share outside its largest component (two lungs ~0.4): the post-processing choice's veto
+        "class_component_share": (component_shares(lab, [v for v in values or present
+                                                         if v not in (0, plans.get("ignore_label"))])
+                                  if lab is not None else {}),
     }
     return img, (lab[None] if lab is not None else None), props
 

@@ -16,10 +16,11 @@ single-structure class: liver, spleen, heart). The tie is what a validation case
 components gives -- always, when the validation case is a training case, as in a study that
 trains on every case of a tiny dataset -- and nnU-Net's strict rule then leaves a far-away false
 positive on new data in place. Multi-focal classes (lesions, two kidneys) keep their components
-unless removing them raised the validation Dice, and never when a validation reference shows the
-class as several structures (10% or more of its voxels outside its largest component): on the
-abdominal validation CT of the real-CT study the two lung bases were dropped to one with a few
-false-positive islands for a higher Dice, which on a chest CT threw away a whole lung. A class that no validation reference contains (the
+unless removing them raised the validation Dice, and never when a validation reference or a training
+label (its preprocessing properties' ``class_component_share``) shows the class as several structures
+(10% or more of its voxels outside its largest component): on the abdominal validation CT of the
+real-CT study the two lung bases were dropped to one with a few false-positive islands for a higher
+Dice, which on a chest CT threw away a whole lung. A class that no validation reference contains (the
 heart, when the validation case is an abdominal CT) cannot be judged there; it falls back on the
 training references (:func:`single_structure_classes`): kept to its largest component when it is one
 connected component in every training label that holds it, else left alone.
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from medseg.data.preprocess import reference_components
 from medseg.evaluate.metrics import dice
 from medseg.registry import Registry
 
@@ -101,16 +103,6 @@ def apply_postprocess(mask: np.ndarray, name: str | dict | None) -> np.ndarray:
     return POSTPROCESSORS.get(name or "none")(mask)
 
 
-def _reference_components(r: np.ndarray) -> tuple[int, float]:
-    """``(count, share)`` of a reference mask: its 26-connected components and the share of its voxels
-    outside the largest one (``(0, 0.0)`` when empty)."""
-    if not r.any():
-        return 0, 0.0
-    _, comp, n = _components(r)
-    sizes = np.bincount(comp.ravel())[1:]
-    return n, float(1.0 - sizes.max() / sizes.sum())
-
-
 def largest_component_scores(pred: np.ndarray, ref: np.ndarray, classes: Sequence[int], *,
                              ignore_label: int | None = None) -> dict[str, list[float]]:
     """One validation case: ``{class: [Dice without, Dice with largest-component, reference
@@ -122,7 +114,7 @@ def largest_component_scores(pred: np.ndarray, ref: np.ndarray, classes: Sequenc
     out = {}
     for c in classes:
         r = ref == c
-        n, share = _reference_components(r)
+        n, share = reference_components(r)
         out[str(int(c))] = [dice(pred == c, r, ign), dice(keep_largest_component(pred, [int(c)]) == c, r, ign),
                             n, share]
     return out
@@ -143,7 +135,8 @@ def single_structure_classes(labels: Iterable[np.ndarray], classes: Sequence[int
 
 
 def choose_largest_component(per_case: Sequence[dict[str, list[float]]],
-                             training_single: dict[str, bool] | None = None) -> dict:
+                             training_single: dict[str, bool] | None = None,
+                             training_multi: Iterable[str] | None = None) -> dict:
     """Per class, keep the largest component where that raises the mean validation Dice, or leaves
     it unchanged for a class that is one structure in every validation reference.
 
@@ -168,6 +161,10 @@ def choose_largest_component(per_case: Sequence[dict[str, list[float]]],
             entries, without the component count, read as "not one structure"; without the share
             outside the largest component, as "not several structures").
         training_single: :func:`single_structure_classes` of the training labels (``None``: no fallback).
+        training_multi: classes (strings) some training label shows as several structures (share
+            outside the largest component >= ``MULTI_STRUCTURE_SHARE``, from the cases'
+            ``class_component_share``): vetoed as a validation reference showing it would (a validation
+            CT with one lung base in view cannot say the lungs are two).
 
     Returns:
         ``{"largest_component_classes": [c, ...], "dice_before": {c: d}, "dice_after": {c: d},
@@ -176,6 +173,7 @@ def choose_largest_component(per_case: Sequence[dict[str, list[float]]],
         keys as strings; a class never seen reads NaN and is chosen only by the fallback).
     """
     classes = sorted({c for case in per_case for c in case}, key=int)
+    train_multi = {str(c) for c in (training_multi or ())}
     before: dict[str, float] = {}
     after: dict[str, float] = {}
     single: dict[str, bool] = {}
@@ -186,7 +184,7 @@ def choose_largest_component(per_case: Sequence[dict[str, list[float]]],
         before[c] = float(np.mean([v[0] for v in valid])) if valid else float("nan")
         after[c] = float(np.mean([v[1] for v in valid])) if valid else float("nan")
         single[c] = bool(valid) and all(len(v) > 2 and v[2] == 1 for v in valid)
-        multi[c] = any(len(v) > 3 and v[3] >= MULTI_STRUCTURE_SHARE for v in valid)
+        multi[c] = any(len(v) > 3 and v[3] >= MULTI_STRUCTURE_SHARE for v in valid) or c in train_multi
         if multi[c]:
             continue  # two lungs, two kidneys, several lesions: the largest component alone drops real structure
         if valid and (after[c] > before[c] + 1e-9 or (single[c] and after[c] >= before[c] - 1e-9)):

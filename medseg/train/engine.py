@@ -185,11 +185,26 @@ def _training_single(pre_dir: Path, train_cases: list[str], val_cases: list[str]
     return single_structure_classes(labels, sorted(unjudged))
 
 
+def _training_multi(pre_dir: Path, train_cases: list[str]) -> list[str]:
+    """Classes (strings) some training case shows as several structures (``class_component_share`` of its
+    preprocessing properties >= ``MULTI_STRUCTURE_SHARE``): never reduced to their largest component.
+    Only the cases' property files are read; cases preprocessed before medseg recorded the share add nothing."""
+    from medseg.data.pipeline import load_case
+    from medseg.infer.postprocess import MULTI_STRUCTURE_SHARE
+
+    multi = set()
+    for name in train_cases:
+        props = load_case(pre_dir, name, mmap=True)[2]
+        multi |= {str(c) for c, v in (props.get("class_component_share") or {}).items() if v >= MULTI_STRUCTURE_SHARE}
+    return sorted(multi, key=int)
+
+
 def _validate(ctx: Context, epoch: int) -> float:
     t0 = time.perf_counter()
     res = validate(ctx.model, ctx.val_cases, ctx.pre_dir, ctx.cfg, patch_size=ctx.patch,
                    num_classes=int(ctx.plans["num_classes"]), labels=ctx.plans.get("labels", {}), info=ctx.info,
-                   amp_dtype=ctx.amp_dtype, draw=ctx.cfg.train.tb_num_cases, training_single=ctx.training_single)
+                   amp_dtype=ctx.amp_dtype, draw=ctx.cfg.train.tb_num_cases, training_single=ctx.training_single,
+                   training_multi=ctx.training_multi)
     score, summary = res.mean_fg_dice, res.summary
     summary["epoch"] = epoch + 1
     ctx.final_summary = summary
@@ -342,6 +357,7 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
             hard_negative_file(run_dir, info.rank).unlink(missing_ok=True)
         loader = train_loader(ctx, train_cases)
         ctx.training_single = _training_single(ctx.pre_dir, train_cases, ctx.val_cases, int(ctx.plans["num_classes"]))
+        ctx.training_multi = _training_multi(ctx.pre_dir, train_cases)
         ctx.ddp = wrap_ddp(ctx.model, info)
         ctx.loss_fn = ctx.loss_fn.to(info.device)
         if info.is_main:

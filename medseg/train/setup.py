@@ -54,6 +54,7 @@ class Context:
     train_cases: list[str] = field(default_factory=list)
     val_cases: list[str] = field(default_factory=list)
     training_single: dict[str, bool] | None = None  # per class: one structure in every training label (post-processing fallback)
+    training_multi: list[str] | None = None  # classes some training label shows as several structures (post-processing veto)
     writer: SummaryWriter | None = None
     total_epochs: int = 1  # may shrink under train.max_minutes
     train_s: float = 0.0  # training wall time before this session (restored on resume)

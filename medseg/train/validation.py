@@ -106,7 +106,8 @@ def _score(pred: np.ndarray, label: np.ndarray, classes: Sequence[int], spacing,
 def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, cfg: Config, *,
              patch_size: Sequence[int], num_classes: int, labels: dict[str, int], info: DistInfo,
              amp_dtype: torch.dtype | None, draw: int = 0,
-             training_single: dict[str, bool] | None = None) -> ValidationResult:
+             training_single: dict[str, bool] | None = None,
+             training_multi: list[str] | None = None) -> ValidationResult:
     """Predict and score ``cases``; returns the gathered summary and (on rank 0) ``draw`` case views.
 
     Args:
@@ -118,6 +119,8 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
         training_single: per class, one structure in every training label that holds it
             (:func:`medseg.infer.postprocess.single_structure_classes`): the post-processing choice
             for classes no validation reference contains.
+        training_multi: classes some training label shows as several structures
+            (:func:`medseg.train.engine._training_multi`): never reduced to their largest component.
     """
     mine = list(cases)[info.rank::info.world_size]
     classes = list(range(1, num_classes))
@@ -141,7 +144,8 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
                                                    ignore_label=ignore_label_of(labels))
     gathered = [c for part in all_gather_objects(per_case, info) for c in part]
     gathered.sort(key=lambda c: c["case"])
-    postprocessing = choose_largest_component([c.pop("largest_component") for c in gathered], training_single)
+    postprocessing = choose_largest_component([c.pop("largest_component") for c in gathered], training_single,
+                                              training_multi)
     mean, fg_mean = summarize(gathered)
     names = {str(v): k for k, v in labels.items() if int(v) != 0}
     summary = {"metric_per_case": gathered, "mean": mean, "foreground_mean": fg_mean, "label_names": names,
