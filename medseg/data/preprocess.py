@@ -29,7 +29,7 @@ from medseg.errors import GeometryError, InputError
 from medseg.io import Volume, _inverse_ornt, reorient, same_space, spacing_from_affine, strip_volume_suffix
 
 __all__ = ["body_bbox", "normalize", "preprocess_volume", "reorient_to_original", "restore_to_original",
-           "sample_class_locations", "component_shares", "reference_components"]
+           "sample_class_locations", "component_shares", "components", "reference_components"]
 
 CROP_MARGIN = 3  # voxels added around the body box (the "dilated a little")
 MAX_CLASS_LOCATIONS = 10_000
@@ -96,18 +96,25 @@ def _crop(a: np.ndarray, bbox: Sequence[Sequence[int]]) -> np.ndarray:
     return np.ascontiguousarray(a[(...,) + sl])
 
 
+def components(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray, int]:
+    """26-connected components of a non-empty boolean mask, labelled within its bounding box:
+    ``(box, labels in the box, count)``."""
+    from scipy import ndimage
+
+    box = ndimage.find_objects(np.asarray(mask).astype(np.uint8))[0]
+    comp, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
+    return box, comp, int(n)
+
+
 def reference_components(mask: np.ndarray) -> tuple[int, float]:
     """``(count, share)`` of a boolean mask: its 26-connected components and the share of its voxels
     outside the largest one (``(0, 0.0)`` when empty; ``share`` 0.0: one structure, ~0.4-0.5: two lungs)."""
-    from scipy import ndimage
-
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return 0, 0.0
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]
-    comp, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
+    _, comp, n = components(mask)
     sizes = np.bincount(comp.ravel())[1:]
-    return int(n), float(1.0 - sizes.max() / sizes.sum())
+    return n, float(1.0 - sizes.max() / sizes.sum())
 
 
 def component_shares(label: np.ndarray, classes: Sequence[int]) -> dict[str, float]:

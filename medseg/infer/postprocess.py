@@ -33,9 +33,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
-from medseg.data.preprocess import reference_components
+from medseg.data.preprocess import components as _components, reference_components
 from medseg.evaluate.metrics import dice
 from medseg.registry import Registry
 
@@ -45,16 +44,6 @@ __all__ = ["POSTPROCESSORS", "apply_postprocess", "choose_largest_component", "k
 
 RUN_FILE = "postprocessing.json"
 MULTI_STRUCTURE_SHARE = 0.1  # a reference with >= 10% of a class's voxels outside its largest component: several structures
-
-_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
-
-
-def _components(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray, int]:
-    """26-connected components of a non-empty boolean mask, labelled within its bounding box:
-    ``(box, labels in the box, count)``."""
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]
-    comp, n = ndimage.label(mask[box], structure=_FULL_CONNECTIVITY)
-    return box, comp, int(n)
 
 
 def keep_largest_component(mask: np.ndarray, labels: Sequence[int] | None = None) -> np.ndarray:
