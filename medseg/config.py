@@ -205,7 +205,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     # channels_last_3d memory format for the net in training: "auto" = on for 3D nets on the CPU (oneDNN's layout;
     # benchmarks/train_speed.py --layouts: 1.05-1.12x patches/s in fp32 on 2 cores), off on CUDA (slower on the H200)
-    # and for 2D / 2.5D nets (medseg.runtime.resolve_channels_last); true | false force it
+    # and for 2D / 2.5D nets (medseg.runtime.resolve_channels_last); true | false force it. config.yaml keeps the
+    # setting ("auto" resolves again where a run resumes), log.txt the resolved value
     channels_last: Union[bool, str] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:i
     seed: int = 0

@@ -114,7 +114,7 @@ def test_preprocessing_records_each_class_share_outside_its_largest_component(pr
     stored label; training reads the several-structure classes from it without opening a label."""
     from medseg.data.pipeline import load_case
     from medseg.data.preprocess import component_shares, reference_components
-    from medseg.train.engine import _training_multi
+    from medseg.train.engine import _training_structures
 
     names = sorted(p.name[: -len(".json")] for p in (preprocessed_phantoms / "cases").glob("*.json"))
     seen = set()
@@ -125,7 +125,7 @@ def test_preprocessing_records_each_class_share_outside_its_largest_component(pr
         for c, v in shares.items():
             assert math.isclose(v, reference_components(lab[0] == int(c))[1])
             seen |= {c} if v >= 0.1 else set()
-    assert _training_multi(preprocessed_phantoms, names) == sorted(seen, key=int)
+    assert _training_structures(preprocessed_phantoms, names, [], 1) == ({}, sorted(seen, key=int))
     two = np.zeros((12, 12, 12), np.uint8)
     two[1:4, 1:4, 1:4] = 1                       # 27 voxels
     two[8:11, 8:11, 8:10] = 1                    # 18 voxels, apart
@@ -133,10 +133,26 @@ def test_preprocessing_records_each_class_share_outside_its_largest_component(pr
     assert component_shares(two, [1, 2, 3]) == {"1": 18 / 45, "2": 0.0}  # 3 absent: left out
 
 
-def test_classes_no_validation_reference_holds_fall_back_on_the_training_references():
+def _write_cases(pre_dir, labels: dict, *, shares: bool = True) -> None:
+    """Minimal preprocessed cases: ``<name>_{image,label}.npy`` and properties with ``class_locations``
+    (and ``class_component_share`` unless ``shares=False``: data preprocessed before medseg recorded it)."""
+    from medseg.data.preprocess import component_shares
+
+    cases = pre_dir / "cases"
+    cases.mkdir(parents=True, exist_ok=True)
+    for name, lab in labels.items():
+        np.save(cases / f"{name}_image.npy", lab[None].astype(np.float32))
+        np.save(cases / f"{name}_label.npy", lab[None])
+        props = {"class_locations": {str(c): np.argwhere(lab == c)[:2].tolist() for c in range(1, 5)}}
+        if shares:
+            props["class_component_share"] = component_shares(lab, range(1, 5))
+        (cases / f"{name}.json").write_text(json.dumps(props))
+
+
+def test_classes_no_validation_reference_holds_fall_back_on_the_training_references(tmp_path):
     """The heart of a study validated on an abdominal CT: no validation evidence either way, so the
     training labels decide (one component in every training label that holds it)."""
-    from medseg.infer.postprocess import single_structure_classes
+    from medseg.train.engine import _training_structures
 
     a = np.zeros((20, 20, 20), np.uint8)
     a[2:6, 2:6, 2:6] = 1                         # liver: one structure
@@ -146,7 +162,11 @@ def test_classes_no_validation_reference_holds_fall_back_on_the_training_referen
     b = np.zeros_like(a)
     b[3:9, 3:9, 3:9] = 1                         # liver again one; no kidney, no heart
     b[12:14, 12:14, 12:14] = 2
-    assert single_structure_classes([a, b], [1, 2, 3, 4]) == {"1": True, "2": False, "3": True}  # 4: nowhere
+    for shares in (True, False):                 # from the recorded shares, or (older data) from the labels
+        pre = tmp_path / str(shares)
+        _write_cases(pre, {"a": a, "b": b, "v": np.zeros_like(a)}, shares=shares)  # v: validates nothing
+        single, multi = _training_structures(pre, ["a", "b"], ["v"], 5)
+        assert single == {"1": True, "2": False, "3": True} and multi == ["2"]  # 4: in no label, left out
 
     ref = np.zeros((20, 20, 20), np.uint8)       # the validation case: liver and kidneys, no heart
     ref[2:6, 2:6, 2:6] = 1
@@ -213,30 +233,32 @@ def test_training_records_the_choice_and_infer_auto_applies_it(preprocessed_phan
     assert np.array_equal(read_volume(next((tmp_path / "none").glob("*.nii.gz"))).array, raw)
 
 
-def test_training_fallback_reads_only_the_labels_of_classes_no_validation_case_holds(tmp_path, monkeypatch):
-    """The trainer's fallback input: classes every validation case lacks, judged on the training
-    labels that hold them; no label is read when the validation cases hold every class."""
+def test_training_structures_open_no_label_when_the_shares_are_recorded(tmp_path, monkeypatch):
+    """The trainer's post-processing inputs come from the cases' properties; only data preprocessed
+    before ``class_component_share`` existed has labels read, and only those holding a class no
+    validation case holds."""
     from medseg.data import pipeline
-    from medseg.train.engine import _training_single
+    from medseg.train.engine import _training_structures
 
-    cases = tmp_path / "cases"
-    cases.mkdir()
     one, two = np.zeros((12, 12, 12), np.uint8), np.zeros((12, 12, 12), np.uint8)
     one[1:4, 1:4, 1:4] = 1
     one[6:9, 6:9, 6:9] = 3                        # class 3: one structure here ...
     two[1:4, 1:4, 1:4] = 1
     two[1:3, 8:10, 8:10] = 3
-    two[8:10, 1:3, 1:3] = 3                       # ... two there
+    two[8:10, 1:3, 1:3] = 3                       # ... two there (half of it outside the largest)
     two[6:9, 6:9, 6:9] = 2
-    for name, lab in (("a", one), ("b", two), ("v", one * (one == 1))):
-        np.save(cases / f"{name}_image.npy", lab[None].astype(np.float32))
-        np.save(cases / f"{name}_label.npy", lab[None])
-        locs = {str(c): np.argwhere(lab == c)[:2].tolist() for c in (1, 2, 3)}
-        (cases / f"{name}.json").write_text(json.dumps({"class_locations": locs}))
-    assert _training_single(tmp_path, ["a", "b"], ["v"], 4) == {"2": True, "3": False}  # v holds class 1 only
-    assert _training_single(tmp_path, ["a"], ["v"], 4) == {"3": True}  # class 2 in no training label: left out
-    assert _training_single(tmp_path, ["a", "b"], [], 4) == {}  # nothing validated, nothing to decide
     read = []
     real = pipeline.load_case
     monkeypatch.setattr(pipeline, "load_case", lambda *a, **k: read.append(a[1]) or real(*a, **k))
-    assert _training_single(tmp_path, ["a", "b"], ["b"], 4) == {} and read == ["b"]  # b holds 1-3: no training case opened
+    for shares in (True, False):
+        pre = tmp_path / str(shares)
+        _write_cases(pre, {"a": one, "b": two, "v": one * (one == 1)}, shares=shares)
+        read.clear()
+        assert _training_structures(pre, ["a", "b"], ["v"], 4) == ({"2": True, "3": False}, ["3"])  # v: class 1
+        assert read == ([] if shares else ["a", "b"])
+        assert _training_structures(pre, ["a"], ["v"], 4) == ({"3": True}, [])  # class 2 in no training label
+        assert _training_structures(pre, ["a", "b"], [], 4)[0] == {}  # nothing validated, nothing to decide
+        read.clear()
+        # b holds 1-3: every class judged on validation data, no label opened (old data: the veto then
+        # comes from the validation references alone)
+        assert _training_structures(pre, ["a", "b"], ["b"], 4) == ({}, ["3"] if shares else []) and read == []

@@ -58,9 +58,11 @@ def test_one_iteration_writes_the_run_directory(variant, preprocessed_phantoms, 
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["data"]["patch_size"] == load_config(None, TINY + VARIANTS[variant]).data.patch_size
     assert resolved["data"]["preprocessed"] == str(preprocessed_phantoms.resolve())
-    # train.channels_last "auto" (the default) resolves on the CPU: channels_last_3d for 3D nets, not for 2.5D ones
-    assert load_config(None, TINY).train.channels_last == "auto"
-    assert resolved["train"]["channels_last"] is (variant != "unet25d")
+    # train.channels_last "auto" (the default) resolves on the CPU: channels_last_3d for 3D nets, not for 2.5D ones;
+    # config.yaml keeps "auto", so that a run resumed on a GPU resolves it there
+    assert load_config(None, TINY).train.channels_last == "auto" == resolved["train"]["channels_last"]
+    on = "on" if variant != "unet25d" else "off"
+    assert f"channels_last_3d {on} (auto)" in (run / "log.txt").read_text()
 
     ckpt = torch.load(run / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "rng", "config", "plans"} <= set(ckpt)

@@ -32,7 +32,7 @@ from medseg.data.splits import make_splits, read_splits, write_splits
 from medseg.errors import ConfigError, InputError
 from medseg.io import atomic_write, atomic_write_text, read_volume
 
-__all__ = ["PreprocessReport", "case_file", "load_case", "load_plans", "preprocess_dataset"]
+__all__ = ["PreprocessReport", "case_file", "load_case", "load_plans", "load_props", "preprocess_dataset"]
 
 
 @dataclass
@@ -96,6 +96,19 @@ def case_file(cases_dir: str | Path, name: str, suffix: str) -> Path:
     return safe_child(cases_dir, f"{name}{suffix}")
 
 
+def load_props(pre_dir: str | Path, name: str) -> dict:
+    """The preprocessing properties of one case (``cases/<name>.json``: spacing, crop box, ``class_locations``,
+    ``class_component_share``, ...) without opening its arrays.
+
+    Raises:
+        InputError: the case is not (completely) preprocessed, or its name is not a safe file name.
+    """
+    pj = case_file(Path(pre_dir) / "cases", name, ".json")
+    if not pj.is_file():
+        raise InputError(f"{pj}: case '{name}' is not (completely) preprocessed")
+    return json.loads(pj.read_text())
+
+
 def load_case(pre_dir: str | Path, name: str, *, mmap: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """One preprocessed case: ``image (C, X, Y, Z) float32``, ``label (1, X, Y, Z) uint8 | None``, properties.
 
@@ -105,10 +118,7 @@ def load_case(pre_dir: str | Path, name: str, *, mmap: bool = False) -> tuple[np
         InputError: the case is not (completely) preprocessed, or its name is not a safe file name.
     """
     cases = Path(pre_dir) / "cases"
-    pj = case_file(cases, name, ".json")
-    if not pj.is_file():
-        raise InputError(f"{pj}: case '{name}' is not (completely) preprocessed")
-    props = json.loads(pj.read_text())
+    props = load_props(pre_dir, name)
     mode = "r" if mmap else None
     image = np.load(case_file(cases, name, "_image.npy"), mmap_mode=mode)
     lp = case_file(cases, name, "_label.npy")

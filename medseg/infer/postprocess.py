@@ -22,7 +22,7 @@ label (its preprocessing properties' ``class_component_share``) shows the class 
 real-CT study the two lung bases were dropped to one with a few false-positive islands for a higher
 Dice, which on a chest CT threw away a whole lung. A class that no validation reference contains (the
 heart, when the validation case is an abdominal CT) cannot be judged there; it falls back on the
-training references (:func:`single_structure_classes`): kept to its largest component when it is one
+training references (``class_component_share`` of their preprocessing properties): kept to its largest component when it is one
 connected component in every training label that holds it, else left alone.
 """
 
@@ -39,7 +39,7 @@ from medseg.evaluate.metrics import dice
 from medseg.registry import Registry
 
 __all__ = ["POSTPROCESSORS", "apply_postprocess", "choose_largest_component", "keep_largest_component",
-           "largest_component_scores", "single_structure_classes",
+           "largest_component_scores",
            "load_run_postprocessing", "write_run_postprocessing"]
 
 RUN_FILE = "postprocessing.json"
@@ -109,20 +109,6 @@ def largest_component_scores(pred: np.ndarray, ref: np.ndarray, classes: Sequenc
     return out
 
 
-def single_structure_classes(labels: Iterable[np.ndarray], classes: Sequence[int]) -> dict[str, bool]:
-    """Per class, whether it is exactly one 26-connected component in every label map of ``labels``
-    that contains it (classes in none of them are left out): the training references' say for
-    :func:`choose_largest_component`'s fallback. Keys are class strings."""
-    counts: dict[str, list[int]] = {}
-    for lab in labels:
-        lab = np.asarray(lab)
-        for c in classes:
-            m = lab == c
-            if m.any():
-                counts.setdefault(str(int(c)), []).append(_components(m)[2])
-    return {c: all(n == 1 for n in ns) for c, ns in counts.items()}
-
-
 def choose_largest_component(per_case: Sequence[dict[str, list[float]]],
                              training_single: dict[str, bool] | None = None,
                              training_multi: Iterable[str] | None = None) -> dict:
@@ -143,13 +129,14 @@ def choose_largest_component(per_case: Sequence[dict[str, list[float]]],
     A class absent from every validation reference (never counted, or only
     predicted where the reference has none) has no validation evidence: it is chosen when
     ``training_single`` says it is one structure in every training reference that holds it
-    (:func:`single_structure_classes`), and listed under ``"from_training_references"``.
+    (:func:`medseg.train.engine._training_structures`), and listed under ``"from_training_references"``.
 
     Args:
         per_case: :func:`largest_component_scores` of each validation case (``[before, after]``
             entries, without the component count, read as "not one structure"; without the share
             outside the largest component, as "not several structures").
-        training_single: :func:`single_structure_classes` of the training labels (``None``: no fallback).
+        training_single: per class, one 26-connected component in every training label holding it
+            (:func:`medseg.train.engine._training_structures`; ``None``: no fallback).
         training_multi: classes (strings) some training label shows as several structures (share
             outside the largest component >= ``MULTI_STRUCTURE_SHARE``, from the cases'
             ``class_component_share``): vetoed as a validation reference showing it would (a validation

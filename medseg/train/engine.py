@@ -35,7 +35,7 @@ from medseg.config import Config, config_from_dict, config_to_dict
 from medseg.data.datasets import label_names_of
 from medseg.errors import MedsegError
 from medseg.evaluate.report import write_summary
-from medseg.infer.postprocess import single_structure_classes, write_run_postprocessing
+from medseg.infer.postprocess import write_run_postprocessing
 from medseg.runtime import autocast, get_logger, progress_enabled
 from medseg.train import data as tdata
 from medseg.train.checkpoint import capture_rng, save_checkpoint
@@ -165,38 +165,45 @@ def _log_epoch(ctx: Context, rec: dict) -> None:
     w.add_scalar("time/epoch_s", rec["time_s"], e)
 
 
-def _training_single(pre_dir: Path, train_cases: list[str], val_cases: list[str], num_classes: int) -> dict[str, bool]:
-    """Per class that no validation case holds (the only classes the post-processing fallback decides),
-    whether it is one connected component in every training label holding it. Which classes a case
-    holds comes from its ``class_locations``, so only the training labels holding such a class are
-    read (memory-mapped); with every class in some validation case, none is."""
-    from medseg.data.pipeline import load_case
+def _training_structures(pre_dir: Path, train_cases: list[str], val_cases: list[str],
+                         num_classes: int) -> tuple[dict[str, bool], list[str]]:
+    """What the training labels say about each class's shape, for the post-processing choice
+    (:func:`medseg.infer.postprocess.choose_largest_component`), from one pass over the training cases'
+    property files: ``(single, multi)``.
+
+    - ``single``: per class that no validation case holds (the only classes the choice's fallback decides),
+      whether it is one 26-connected component in every training label holding it (classes in no
+      training label are left out; ``{}`` without validation cases).
+    - ``multi``: classes (strings) some training label shows as several structures (>=
+      ``MULTI_STRUCTURE_SHARE`` of its voxels outside its largest component): never reduced to it.
+
+    Both come from each case's ``class_component_share`` (recorded at preprocessing; share 0.0: one
+    component), so no label is opened. A case preprocessed before medseg recorded the share has its label
+    read (memory-mapped), and only when it holds a class no validation case holds.
+    """
+    from medseg.data.pipeline import load_case, load_props
+    from medseg.data.preprocess import component_shares
+    from medseg.infer.postprocess import MULTI_STRUCTURE_SHARE
 
     def held(props: dict) -> set[int]:
         return {int(k) for k, v in (props.get("class_locations") or {}).items() if v}
 
-    if not val_cases:
-        return {}
-    unjudged = set(range(1, num_classes)).difference(*(held(load_case(pre_dir, n, mmap=True)[2]) for n in val_cases))
-    if not unjudged:
-        return {}
-    cases = (load_case(pre_dir, n, mmap=True) for n in train_cases)
-    labels = (lab[0] for _, lab, props in cases if lab is not None and unjudged & held(props))
-    return single_structure_classes(labels, sorted(unjudged))
-
-
-def _training_multi(pre_dir: Path, train_cases: list[str]) -> list[str]:
-    """Classes (strings) some training case shows as several structures (``class_component_share`` of its
-    preprocessing properties >= ``MULTI_STRUCTURE_SHARE``): never reduced to their largest component.
-    Only the cases' property files are read; cases preprocessed before medseg recorded the share add nothing."""
-    from medseg.data.pipeline import load_case
-    from medseg.infer.postprocess import MULTI_STRUCTURE_SHARE
-
-    multi = set()
+    unjudged = (set(range(1, num_classes)).difference(*(held(load_props(pre_dir, n)) for n in val_cases))
+                if val_cases else set())
+    one: dict[str, list[bool]] = {}
+    multi: set[str] = set()
     for name in train_cases:
-        props = load_case(pre_dir, name, mmap=True)[2]
-        multi |= {str(c) for c, v in (props.get("class_component_share") or {}).items() if v >= MULTI_STRUCTURE_SHARE}
-    return sorted(multi, key=int)
+        props = load_props(pre_dir, name)
+        shares = props.get("class_component_share")
+        if shares is None:  # preprocessed before the share was recorded: the label says it
+            todo = sorted(unjudged & held(props))
+            label = load_case(pre_dir, name, mmap=True)[1] if todo else None
+            shares = component_shares(label[0], todo) if label is not None else {}
+        multi |= {c for c, v in shares.items() if v >= MULTI_STRUCTURE_SHARE}
+        for c, v in shares.items():
+            if int(c) in unjudged:
+                one.setdefault(c, []).append(v == 0.0)
+    return {c: all(v) for c, v in sorted(one.items(), key=lambda kv: int(kv[0]))}, sorted(multi, key=int)
 
 
 def _validate(ctx: Context, epoch: int) -> float:
@@ -252,7 +259,7 @@ def _state(ctx: Context) -> dict:
     rngs = all_gather_objects(capture_rng(), ctx.info)
     return {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
             "scheduler": ctx.scheduler.state_dict(), "scaler": ctx.scaler.state_dict(), "epoch": ctx.epoch,
-            "step": ctx.step, "best_metric": ctx.best, "rng": rngs, "config": config_to_dict(ctx.cfg),
+            "step": ctx.step, "best_metric": ctx.best, "rng": rngs, "config": config_to_dict(ctx.recorded_config()),
             "plans": ctx.plans, "history": ctx.history, "budget": budget_state(ctx, time.perf_counter()),
             "epoch_end_pending": ctx.epoch_end_pending}
 
@@ -356,8 +363,8 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False) -> dict:
         if not resume:  # a table left by an earlier run in this folder is not this run's
             hard_negative_file(run_dir, info.rank).unlink(missing_ok=True)
         loader = train_loader(ctx, train_cases)
-        ctx.training_single = _training_single(ctx.pre_dir, train_cases, ctx.val_cases, int(ctx.plans["num_classes"]))
-        ctx.training_multi = _training_multi(ctx.pre_dir, train_cases)
+        ctx.training_single, ctx.training_multi = _training_structures(ctx.pre_dir, train_cases, ctx.val_cases,
+                                                                       int(ctx.plans["num_classes"]))
         ctx.ddp = wrap_ddp(ctx.model, info)
         ctx.loss_fn = ctx.loss_fn.to(info.device)
         if info.is_main:

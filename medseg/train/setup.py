@@ -67,6 +67,18 @@ class Context:
     history: list[dict] = field(default_factory=list)
     epoch_end_pending: bool = False  # the last epoch ended with a stop: its validation / checkpoint not done yet
     final_summary: dict | None = None
+    # train.channels_last as set (before "auto" resolved for this device): what config.yaml records, so that a
+    # run resumed on another device (CPU -> GPU) resolves it again there
+    channels_last_setting: bool | str = "auto"
+
+    def recorded_config(self) -> Config:
+        """The run's config as config.yaml and the checkpoints record it: resolved, but with
+        ``train.channels_last`` as set (``"auto"`` stays ``"auto"``)."""
+        import copy
+
+        cfg = copy.deepcopy(self.cfg)
+        cfg.train.channels_last = self.channels_last_setting
+        return cfg
 
     @property
     def iters(self) -> int:
@@ -113,19 +125,21 @@ def build_context(cfg: Config, run_dir: Path, info: DistInfo) -> Context:
     patch = resolve_patch_size(cfg, plans, getattr(model, "patch_divisor", None))
     cfg.data.patch_size, cfg.data.preprocessed = patch, str(pre_dir)
     model = model.to(info.device)
-    # "auto" -> on for 3D nets on the CPU; the resolved value is what config.yaml records and training, validation and
-    # hard-negative mining read
-    cfg.train.channels_last = resolve_channels_last(cfg.train.channels_last, info.device, model)
+    # "auto" -> on for 3D nets on the CPU; the resolved value is what training, validation and hard-negative mining
+    # read; config.yaml keeps the setting (Context.recorded_config)
+    setting = cfg.train.channels_last
+    cfg.train.channels_last = resolve_channels_last(setting, info.device, model)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = build_optimizer(model, cfg.train)
-    log.info("model %s: %.2f M parameters; device %s, autocast %s, %s", cfg.model.arch,
-             sum(p.numel() for p in model.parameters()) / 1e6, info.device, amp_dtype or "off (fp32)", cfg.train.optimizer)
+    log.info("model %s: %.2f M parameters; device %s, autocast %s, channels_last_3d %s (%s), %s", cfg.model.arch,
+             sum(p.numel() for p in model.parameters()) / 1e6, info.device, amp_dtype or "off (fp32)",
+             "on" if cfg.train.channels_last else "off", setting, cfg.train.optimizer)
     ctx = Context(cfg=cfg, info=info, run_dir=run_dir, pre_dir=pre_dir, plans=plans, patch=patch, model=model,
                   ddp=model, optimizer=optimizer, scheduler=None,
                   scaler=torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16),
                   loss_fn=build_loss(cfg.train, ignore_label=plans.get("ignore_label"), z_halo=z_halo(model)),
-                  amp_dtype=amp_dtype, total_epochs=cfg.train.epochs)
+                  amp_dtype=amp_dtype, total_epochs=cfg.train.epochs, channels_last_setting=setting)
     ctx.scheduler = build_scheduler(optimizer, cfg.train, lambda: ctx.total_epochs * ctx.iters)
     return ctx
 
@@ -189,7 +203,7 @@ def resume_from_latest(ctx: Context) -> None:
 def write_run_files(ctx: Context) -> None:
     if not ctx.info.is_main:
         return
-    save_config(ctx.cfg, ctx.run_dir / "config.yaml")
+    save_config(ctx.recorded_config(), ctx.run_dir / "config.yaml")
     import json
 
     from medseg.data.pipeline import load_plans

@@ -117,10 +117,10 @@ def validate(model: torch.nn.Module, cases: Sequence[str], pre_dir: str | Path, 
         num_classes: K, background included; classes ``1..K-1`` are scored.
         labels: ``plans["labels"]`` (name -> value), for the summary's ``label_names``.
         training_single: per class, one structure in every training label that holds it
-            (:func:`medseg.infer.postprocess.single_structure_classes`): the post-processing choice
+            (:func:`medseg.train.engine._training_structures`): the post-processing choice
             for classes no validation reference contains.
         training_multi: classes some training label shows as several structures
-            (:func:`medseg.train.engine._training_multi`): never reduced to their largest component.
+            (:func:`medseg.train.engine._training_structures`): never reduced to their largest component.
     """
     mine = list(cases)[info.rank::info.world_size]
     classes = list(range(1, num_classes))
