@@ -3,7 +3,7 @@
 On a CPU of <= 2 cores per rank medseg loads training batches in the main process
 (``data.num_workers: auto`` -> 0, :func:`medseg.train.data.resolve_num_workers`), so every millisecond
 the augmentation chain takes is added to the step; the budget planner's step timer
-(:func:`medseg.data.budget.make_step_seconds`) times the net only. This script measures the difference.
+(:func:`medseg.train.budget.make_step_seconds`) times the net only. This script measures the difference.
 
 For a real-CT study dataset (``--dataset``: ``organs`` -> ``configs/real_organs.yaml``, ``lung_lesion``
 -> ``configs/real_lung_lesion.yaml``, with the attention settings of ``--variant`` as
@@ -165,7 +165,7 @@ def markdown(s: dict, *, dataset: str, variant: str, patch, patches: int, repeat
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     set_threads(args.threads)
-    from medseg.data.budget import make_step_seconds
+    from medseg.train.budget import make_step_seconds
     from medseg.nn import build_model
     from medseg.nn.slice25d import z_halo
     from medseg.train import data as tdata

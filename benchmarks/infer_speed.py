@@ -364,13 +364,13 @@ def prepare(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict[str, Path],
 
 def ours_overrides(model: str, channels) -> list[str]:
     """Config overrides of our ``model`` (``OURS_MODELS``): the widths, 6 classes and, for the
-    ``*_stem`` nets, the strided stem the budget planner gives a net (``medseg.data.budget.stem_model``:
+    ``*_stem`` nets, the strided stem the budget planner gives a net (``medseg.train.budget.stem_model``:
     ``strides[0] = 2``, no conv at the input resolution, the logits upsampled; the architecture of
     ``configs/real_organs.yaml``, the real-CT CPU recipe)."""
     out = [f"model.channels={list(channels)}", f"model.num_classes={len(LABELS)}"]
     if OURS_MODELS[model][1]:
         from medseg.config import load_config
-        from medseg.data.budget import stem_model
+        from medseg.train.budget import stem_model
 
         out.append(f"model.strides={stem_model(load_config(OURS_CONFIGS[OURS_MODELS[model][0]], out)).strides}")
     return out

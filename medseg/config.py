@@ -52,7 +52,7 @@ class DataConfig:
     target_spacing: Optional[list[float]] = None  # mm, (x, y, z); None = nnU-Net's rule
     patch_size: Optional[list[int]] = None  # voxels, (x, y, z); None = from the plan
     memory_budget_gb: float = 8.0  # GPU memory a suggested patch size may use
-    # Under train.max_minutes, plan spacing and patch for the budget (medseg.data.budget): the finest
+    # Under train.max_minutes, plan spacing and patch for the budget (medseg.train.budget): the finest
     # spacing whose patch (budget_fov_mm of view, capped by the median case) still allows
     # budget_min_steps measured training steps. "auto" | "off" (YAML's bare off / on: false / true, the same);
     # explicit target_spacing / patch_size win.

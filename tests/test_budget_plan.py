@@ -1,4 +1,4 @@
-"""The budget planner (medseg.data.budget): spacing and patch for train.max_minutes, and its hooks in
+"""The budget planner (medseg.train.budget): spacing and patch for train.max_minutes, and its hooks in
 `medseg run` (before preprocessing) and `medseg train` (the patch at the preprocessed spacing)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from medseg.config import Config, load_config
-from medseg.data import budget
-from medseg.data.budget import candidate_spacings, fov_patch, make_step_seconds, median_extent_mm, plan_for_budget
+from medseg.train import budget
+from medseg.train.budget import candidate_spacings, fov_patch, make_step_seconds, median_extent_mm, plan_for_budget
 from medseg.data.phantoms import make_phantom_dataset
 from medseg.errors import ConfigError
 from medseg.pipelines.job import run_job

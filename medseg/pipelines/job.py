@@ -3,7 +3,7 @@
 ``run_job(data_dir, out_dir, cfg)`` (``medseg run``) writes, under ``out_dir``::
 
     job.json       the job's record: dataset, resolved config, each finished step (time, seconds) and,
-                   under ``--minutes``, the budget plan (:mod:`medseg.data.budget`: spacing and patch
+                   under ``--minutes``, the budget plan (:mod:`medseg.train.budget`: spacing and patch
                    chosen for the budget before preprocessing, when the config leaves them unset)
     preprocessed/  plans.json, splits.json, cases/                  (medseg preprocess)
     run/           config.yaml, plans.json, checkpoints/, tensorboard/, log.txt, validation/   (medseg train)
@@ -80,7 +80,7 @@ def _open_record(out: Path, data_dir: Path, cfg: Config) -> dict:
     A continued job whose record holds a budget plan (``budget_plan``) gets that plan's spacing and
     patch written into ``cfg`` first (when the budget would plan them), so that the same call
     compares equal and the job goes on with the recipe it started with."""
-    from medseg.data import budget
+    from medseg.train import budget
 
     path = out / JOB_RECORD
     if not path.is_file():
@@ -140,7 +140,7 @@ def run_job(data_dir: str | Path, out_dir: str | Path, cfg: Config, *, workers: 
         InputError: the dataset cannot be read, or preprocessing failed for some case.
         ConfigError: ``out_dir`` holds a job made with another dataset or other settings.
     """
-    from medseg.data import budget
+    from medseg.train import budget
     from medseg.data.pipeline import preprocess_dataset
 
     data, out = Path(data_dir), Path(out_dir)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from medseg.config import Config, save_config
-from medseg.data.budget import plan_train_patch
+from medseg.train.budget import plan_train_patch
 from medseg.errors import ConfigError, InputError
 from medseg.io import atomic_write_text
 from medseg.nn.slice25d import z_halo
@@ -210,7 +210,7 @@ def write_run_files(ctx: Context) -> None:
     from medseg.infer.sliding import allowed_mirror_axes
 
     plans = load_plans(ctx.pre_dir)
-    if "budget_plan" in ctx.plans:  # the patch chosen for train.max_minutes (medseg.data.budget)
+    if "budget_plan" in ctx.plans:  # the patch chosen for train.max_minutes (medseg.train.budget)
         plans["budget_plan"] = ctx.plans["budget_plan"]
     # the axes training mirrors: all that --tta may flip (nnU-Net's inference_allowed_mirroring_axes)
     plans["inference_allowed_mirroring_axes"] = allowed_mirror_axes(ctx.cfg.train.augment)
