@@ -213,6 +213,7 @@ def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volu
         normalize(img[c], scheme)
 
     name = case or (strip_volume_suffix(Path(ref.path).name) if ref.path else "case")
+    fg = [v for v in values or present if v not in (0, plans.get("ignore_label"))]  # the classes the props describe
     props = {
         "case": name,
         "source": [str(ch.path) for ch in chans] if len(chans) > 1 else str(ref.path),
@@ -227,12 +228,9 @@ def preprocess_volume(image: Volume | Sequence[Volume], plans: dict, label: Volu
         "shape": list(img.shape[1:]),
         "affine": final_affine.tolist(),
         "spacing": spacing_from_affine(final_affine).tolist(),
-        "class_locations": (sample_class_locations(lab, [v for v in values or present if v != plans.get("ignore_label")])
-                            if lab is not None else {}),
+        "class_locations": sample_class_locations(lab, fg) if lab is not None else {},
         # per class, the share outside its largest component (two lungs ~0.4): the post-processing choice's veto
-        "class_component_share": (component_shares(lab, [v for v in values or present
-                                                         if v not in (0, plans.get("ignore_label"))])
-                                  if lab is not None else {}),
+        "class_component_share": component_shares(lab, fg) if lab is not None else {},
     }
     return img, (lab[None] if lab is not None else None), props
 
